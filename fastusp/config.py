@@ -1,0 +1,122 @@
+"""Parallel degrees and the process groups they imply, validated in one place.
+
+World ranks are laid out as a (ring, ulysses) grid with ulysses innermost: ranks r*ulysses .. r*ulysses+ulysses-1
+form one Ulysses group, so its all-to-alls stay on the fastest links (inside a node), and ring point-to-point
+traffic is what crosses nodes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of Unified Sequence Parallelism.
+
+    ulysses: ranks that exchange sequence shards for head shards by all-to-all (1 = off).
+    ring:    ranks that rotate key/value chunks point to point (1 = off).
+    fp8_comm: quantize the payload of collectives to float8_e4m3fn with per-token, per-head scales that travel
+              with the data. False (default) keeps communication lossless. True quantizes q/k/v and the ring
+              key/value exchange; "all" also quantizes the attention output on its way back.
+    """
+
+    ulysses: int = 1
+    ring: int = 1
+    fp8_comm: bool | str = False
+    _mesh: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        for name in ("ulysses", "ring"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.fp8_comm not in (False, True, "all"):
+            raise ValueError(f"fp8_comm must be False, True or 'all', got {self.fp8_comm!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def fp8_qkv(self) -> bool:
+        return bool(self.fp8_comm)
+
+    @property
+    def fp8_out(self) -> bool:
+        return self.fp8_comm == "all"
+
+    def validate_world(self, world_size: int) -> None:
+        """Raise ValueError naming every factor when the degrees do not multiply to the number of processes."""
+        if self.world_size != world_size:
+            raise ValueError(
+                f"ulysses ({self.ulysses}) * ring ({self.ring}) = {self.world_size} must equal the number of "
+                f"processes ({world_size}); launch with `torchrun --nproc-per-node {self.world_size}` or change "
+                f"the degrees"
+            )
+
+    def validate_heads(self, num_heads: int) -> None:
+        """Raise ValueError listing the valid Ulysses degrees when ulysses does not divide the head count."""
+        if num_heads % self.ulysses != 0:
+            divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+            raise ValueError(
+                f"ulysses ({self.ulysses}) must divide the number of attention heads ({num_heads}); "
+                f"valid ulysses degrees: {divisors}. Move the rest of the parallelism to ring"
+            )
+
+    # --- process groups -----------------------------------------------------------------------------------------
+
+    @property
+    def mesh(self):
+        if self._mesh is None:
+            raise RuntimeError("ParallelConfig.build_mesh() has not been called")
+        return self._mesh
+
+    def build_mesh(self, device_type: str):
+        """Build the (ring, ulysses) DeviceMesh over the default process group (once)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if self._mesh is None:
+            self._mesh = init_device_mesh(device_type, (self.ring, self.ulysses), mesh_dim_names=("ring", "ulysses"))
+        return self._mesh
+
+    @property
+    def ulysses_group(self):
+        return self.mesh.get_group("ulysses")
+
+    @property
+    def ring_group(self):
+        return self.mesh.get_group("ring")
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.rank % self.ulysses
+
+    @property
+    def ring_rank(self) -> int:
+        return self.rank // self.ulysses
+
+
+def maybe_init_distributed(device: torch.device) -> None:
+    """Initialize torch.distributed from the torchrun environment if nobody has (NCCL on CUDA, gloo on CPU)."""
+    if dist.is_initialized():
+        return
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(
+            f"torch.distributed is not initialized and the torchrun environment is missing {missing}; "
+            f"launch the script with `torchrun --nproc-per-node N script.py` or call "
+            f"torch.distributed.init_process_group yourself first"
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")

@@ -1,0 +1,195 @@
+"""parallelize(): patch a diffusers FLUX / Qwen-Image transformer (or the pipeline holding it) for USP.
+
+After it the transformer takes the same full inputs on every rank and returns the full output on every rank:
+  apply_usp_processors      swap each attention processor for the fastusp one (diffusers' math, USP attention)
+  apply_sequence_sharding   wrap forward: cut inputs along the sequence, run diffusers' forward, gather the output
+  apply_rank_consistency    pipelines only: same initial noise on every rank, progress bar on rank 0
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from .config import ParallelConfig, maybe_init_distributed
+from .distributed.gather import gather_seq
+from .processors.context import USPContext
+from .processors.flux import FastUSPFluxAttnProcessor
+from .processors.qwen_image import FastUSPQwenImageAttnProcessor
+from .sharding import SeqLayout, key_bias_from_text_mask
+
+logger = logging.getLogger("fastusp")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which forward inputs live on the text / image token axis (as a dim counted from the end)."""
+
+    processor_cls: type
+    default_processor: str
+    text_inputs: dict[str, int]
+    image_inputs: dict[str, int]
+    text_mask: str | None = None
+
+
+def _model_specs() -> dict[type, ModelSpec]:
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+
+    return {
+        FluxTransformer2DModel: ModelSpec(
+            FastUSPFluxAttnProcessor, "FluxAttnProcessor",
+            text_inputs={"encoder_hidden_states": -2, "txt_ids": -2},
+            image_inputs={"hidden_states": -2, "img_ids": -2, "controlnet_block_samples": -2,
+                          "controlnet_single_block_samples": -2},
+        ),
+        QwenImageTransformer2DModel: ModelSpec(
+            FastUSPQwenImageAttnProcessor, "QwenDoubleStreamAttnProcessor2_0",
+            text_inputs={"encoder_hidden_states": -2, "encoder_hidden_states_mask": -1},
+            image_inputs={"hidden_states": -2, "controlnet_block_samples": -2},
+            text_mask="encoder_hidden_states_mask",
+        ),
+    }
+
+
+def parallelize(obj, *, ulysses: int = 1, ring: int = 1, fp8_comm: bool | str = False):
+    """Shard a FLUX / Qwen-Image transformer's token sequence across all ranks, in place; returns `obj`.
+
+    obj: a diffusers pipeline with a `transformer`, or a FluxTransformer2DModel / QwenImageTransformer2DModel.
+    ulysses * ring must equal the number of processes (torchrun --nproc-per-node), and ulysses must divide the
+    number of attention heads. fp8_comm: see ParallelConfig.
+    """
+    config = ParallelConfig(ulysses=ulysses, ring=ring, fp8_comm=fp8_comm)
+    transformer = getattr(obj, "transformer", obj)
+    spec = _spec_for(transformer)
+    config.validate_heads(transformer.config.num_attention_heads)
+    device = transformer.device
+    maybe_init_distributed(device)
+    config.validate_world(dist.get_world_size())
+    config.build_mesh(device.type)
+
+    context = USPContext(config)
+    apply_usp_processors(transformer, spec, context)
+    apply_sequence_sharding(transformer, spec, context)
+    if obj is not transformer:
+        apply_rank_consistency(obj)
+    transformer._fastusp_config = config
+    if dist.get_rank() == 0:
+        logger.info("fastusp: %s parallelized with ulysses=%d ring=%d fp8_comm=%s",
+                    type(transformer).__name__, config.ulysses, config.ring, config.fp8_comm)
+    return obj
+
+
+def _spec_for(transformer) -> ModelSpec:
+    specs = _model_specs()
+    spec = specs.get(type(transformer))
+    if spec is None:
+        names = ", ".join(cls.__name__ for cls in specs)
+        raise ValueError(f"fastusp supports {names} (or a pipeline holding one), got {type(transformer).__name__}")
+    if getattr(transformer, "_fastusp_config", None) is not None:
+        raise ValueError("this transformer is already parallelized by fastusp")
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise ValueError("this transformer already uses diffusers' context parallelism; use one or the other")
+    cfg = transformer.config
+    if getattr(cfg, "zero_cond_t", False) or getattr(cfg, "use_layer3d_rope", False):
+        raise NotImplementedError("Qwen-Image variants with zero_cond_t or layer-3D RoPE are not supported yet")
+    others = {type(p).__name__ for p in transformer.attn_processors.values()} - {spec.default_processor}
+    if others:
+        raise NotImplementedError(f"attention processors {sorted(others)} are not supported (IP-Adapter?); "
+                                  f"fastusp replaces only diffusers' default {spec.default_processor}")
+    return spec
+
+
+def apply_usp_processors(transformer, spec: ModelSpec, context: USPContext) -> None:
+    transformer.set_attn_processor(spec.processor_cls(context))
+
+
+def _shard(value, index: slice, dim: int):
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return type(value)(_shard(v, index, dim) for v in value)
+    return value.narrow(dim, index.start, index.stop - index.start)
+
+
+def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -> None:
+    """Wrap forward so it takes full inputs, runs on this rank's tokens and returns the full output."""
+    original = transformer.forward
+    signature = inspect.signature(original)
+    world, rank = context.config.world_size, dist.get_rank()
+    if hasattr(transformer, "pos_embed") and spec.text_mask is not None:
+        _shard_qwen_rope(transformer.pos_embed, context, rank)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        inputs = signature.bind(*args, **kwargs).arguments
+        return_dict = inputs.pop("return_dict", True)
+        context.layout = layout = _layout_for(inputs, spec, world)
+        for name, dim in spec.text_inputs.items():
+            if name in inputs:
+                inputs[name] = _shard(inputs[name], layout.text_slice(rank), dim)
+        for name, dim in spec.image_inputs.items():
+            if name in inputs:
+                inputs[name] = _shard(inputs[name], layout.image_slice(rank), dim)
+        try:
+            sample = original(**inputs, return_dict=False)[0]
+        finally:
+            context.layout = None
+        sample = gather_seq(sample, list(layout.image), dist.group.WORLD, dim=1)
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    transformer.forward = forward
+
+
+def _layout_for(inputs: dict, spec: ModelSpec, world: int) -> SeqLayout:
+    image_len = inputs["hidden_states"].shape[1]
+    text = inputs.get("encoder_hidden_states")
+    text_len = 0 if text is None else text.shape[1]
+    if image_len < world:
+        raise ValueError(f"{image_len} image tokens cannot be split over {world} ranks; use a larger image")
+    layout = SeqLayout.even(text_len, image_len, world)
+    mask = inputs.get(spec.text_mask) if spec.text_mask else None
+    # An all-ones mask is what the single-device model treats as no mask: skip the bias so attention can use its
+    # fastest unmasked kernel (the Qwen-Image pipeline drops such masks itself).
+    if mask is not None and not bool(mask.all()):
+        bias = key_bias_from_text_mask(mask, layout.text, layout.image, inputs["hidden_states"].dtype)
+        layout = SeqLayout(layout.text, layout.image, bias)
+    return layout
+
+
+def _shard_qwen_rope(pos_embed, context: USPContext, rank: int) -> None:
+    """Qwen-Image builds RoPE tables from shapes, not ids: build the full tables, keep this rank's rows."""
+    original = pos_embed.forward
+
+    @functools.wraps(original)
+    def forward(video_fhw, device=None, max_txt_seq_len=None):
+        layout = context.current_layout()
+        image_freqs, text_freqs = original(video_fhw, device=device, max_txt_seq_len=sum(layout.text))
+        return image_freqs[layout.image_slice(rank)], text_freqs[layout.text_slice(rank)]
+
+    pos_embed.forward = forward
+
+
+def apply_rank_consistency(pipe) -> None:
+    """Every rank must denoise the same latents: broadcast rank 0's initial noise; show progress on rank 0 only.
+
+    Without this a pipeline called without a generator (or with per-rank seeds) would feed each rank different
+    noise, and the gathered outputs would silently mix into garbage.
+    """
+    if dist.get_rank() != 0:
+        pipe.set_progress_bar_config(disable=True)
+    original = pipe.prepare_latents
+
+    @functools.wraps(original)
+    def prepare_latents(*args, **kwargs):
+        out = original(*args, **kwargs)
+        for t in out if isinstance(out, tuple) else (out,):
+            if isinstance(t, torch.Tensor):
+                dist.broadcast(t, src=0)
+        return out
+
+    pipe.prepare_latents = prepare_latents

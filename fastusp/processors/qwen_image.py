@@ -1,0 +1,74 @@
+"""Qwen-Image attention processor: diffusers' QwenDoubleStreamAttnProcessor2_0 math, attention call replaced by USP.
+
+The text padding mask is not rebuilt here from the local `encoder_hidden_states_mask`: keys come from every rank,
+so the sharded forward turns the full mask into a key bias in the global key order (SeqLayout.key_bias) once per
+forward, and every layer reuses it.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+from ..attention.usp import usp_attention
+from .context import USPContext
+
+
+class FastUSPQwenImageAttnProcessor:
+    def __init__(self, context: USPContext):
+        self.context = context
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor = None,
+        encoder_hidden_states_mask: torch.Tensor = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        if encoder_hidden_states is None:
+            raise ValueError("FastUSPQwenImageAttnProcessor requires encoder_hidden_states (text stream)")
+        if attention_mask is not None:
+            raise ValueError("Pass encoder_hidden_states_mask, not attention_mask, to the Qwen-Image transformer")
+        seq_txt = encoder_hidden_states.shape[1]
+        head_dim = attn.inner_dim // attn.heads
+
+        img_query = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))
+        img_key = attn.to_k(hidden_states).unflatten(-1, (-1, head_dim))
+        img_value = attn.to_v(hidden_states).unflatten(-1, (-1, head_dim))
+        txt_query = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+        txt_key = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+        txt_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+
+        if attn.norm_q is not None:
+            img_query = attn.norm_q(img_query)
+        if attn.norm_k is not None:
+            img_key = attn.norm_k(img_key)
+        if attn.norm_added_q is not None:
+            txt_query = attn.norm_added_q(txt_query)
+        if attn.norm_added_k is not None:
+            txt_key = attn.norm_added_k(txt_key)
+
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_query = apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
+            img_key = apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
+            txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
+            txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
+
+        # encoder_hidden_states_mask is deliberately unused: the layout carries it as a global key bias.
+        joint = usp_attention(
+            torch.cat([txt_query, img_query], dim=1),
+            torch.cat([txt_key, img_key], dim=1),
+            torch.cat([txt_value, img_value], dim=1),
+            self.context.current_layout(),
+            self.context.config,
+        )
+        joint = joint.flatten(2, 3).to(img_query.dtype)
+        txt_attn_output, img_attn_output = joint[:, :seq_txt], joint[:, seq_txt:]
+
+        img_attn_output = attn.to_out[0](img_attn_output.contiguous())
+        if len(attn.to_out) > 1:
+            img_attn_output = attn.to_out[1](img_attn_output)
+        txt_attn_output = attn.to_add_out(txt_attn_output.contiguous())
+        return img_attn_output, txt_attn_output

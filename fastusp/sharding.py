@@ -1,0 +1,77 @@
+"""How a sequence is cut across ranks, and the per-forward layout the attention needs to know.
+
+Every rank holds a contiguous chunk of the text tokens and a contiguous chunk of the image tokens. Chunk sizes
+differ by at most one token when the world size does not divide a length: nothing is padded, so results are
+unchanged. Inside attention each rank's tokens are ordered [text chunk, image chunk] (diffusers' own joint order),
+so the keys seen by attention are, globally, the concatenation over ranks of those local pairs. Attention is
+invariant to the order of keys, so this permutation needs no undoing; only a key mask must follow it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def split_sizes(length: int, parts: int) -> list[int]:
+    """Near-even sizes of `parts` contiguous chunks of `length` items (the first `length % parts` get one more)."""
+    base, extra = divmod(length, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def offsets(sizes: list[int]) -> list[int]:
+    out, total = [], 0
+    for s in sizes:
+        out.append(total)
+        total += s
+    return out
+
+
+@dataclass(frozen=True)
+class SeqLayout:
+    """Token counts of every rank for one forward (identical on all ranks, since inputs are).
+
+    text[g], image[g]: text and image tokens held by world rank g.
+    key_bias: None, or an additive float mask [batch, total tokens] in the global key order
+              (rank 0 text, rank 0 image, rank 1 text, ...): 0 for keys to attend, a large negative number for
+              padded text tokens.
+    """
+
+    text: tuple[int, ...]
+    image: tuple[int, ...]
+    key_bias: torch.Tensor | None = None
+
+    @classmethod
+    def even(cls, text_len: int, image_len: int, world: int, key_bias: torch.Tensor | None = None) -> "SeqLayout":
+        return cls(tuple(split_sizes(text_len, world)), tuple(split_sizes(image_len, world)), key_bias)
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """Joint tokens (text + image) per rank: the sequence each rank feeds to attention."""
+        return tuple(t + i for t, i in zip(self.text, self.image))
+
+    def text_slice(self, rank: int) -> slice:
+        start = sum(self.text[:rank])
+        return slice(start, start + self.text[rank])
+
+    def image_slice(self, rank: int) -> slice:
+        start = sum(self.image[:rank])
+        return slice(start, start + self.image[rank])
+
+
+def key_bias_from_text_mask(text_mask: torch.Tensor, layout_text: tuple[int, ...], layout_image: tuple[int, ...],
+                            dtype: torch.dtype) -> torch.Tensor:
+    """Additive key mask [B, S_total] in the global key order from a [B, S_text] mask (True/1 = keep).
+
+    A large finite negative value (not -inf) keeps a key chunk that is entirely padding from producing NaN in a
+    ring step: its log-sum-exp is then hugely negative and its merge weight is exactly zero.
+    """
+    keep = text_mask.to(torch.bool)
+    neg = torch.finfo(dtype).min / 2
+    text_bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, neg)
+    pieces, start = [], 0
+    for t, i in zip(layout_text, layout_image):
+        pieces.append(text_bias[:, start:start + t])
+        pieces.append(text_bias.new_zeros(keep.shape[0], i))
+        start += t
+    return torch.cat(pieces, dim=1)

@@ -1,0 +1,58 @@
+"""Tiny random FLUX / Qwen-Image transformers and their inputs, identical in every process that builds them."""
+from __future__ import annotations
+
+import torch
+
+HEADS = 4  # divisible by every Ulysses degree the tests use (1, 2, 4)
+
+
+def tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=HEADS, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def tiny_qwen():
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=HEADS, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def flux_inputs(batch=1, height=4, width=5, text_len=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    img_ids = torch.zeros(height, width, 3)
+    img_ids[..., 1] = torch.arange(height)[:, None]
+    img_ids[..., 2] = torch.arange(width)[None, :]
+    return dict(
+        hidden_states=torch.randn(batch, height * width, 16, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, 32, generator=g),
+        pooled_projections=torch.randn(batch, 24, generator=g),
+        timestep=torch.full((batch,), 0.5),
+        guidance=torch.full((batch,), 3.5),
+        img_ids=img_ids.reshape(-1, 3),
+        txt_ids=torch.zeros(text_len, 3),
+    )
+
+
+def qwen_inputs(batch=1, height=4, width=5, text_len=7, valid_lens=None, seed=1):
+    """valid_lens: per-sample count of real text tokens (the rest is padding), or None for no mask."""
+    g = torch.Generator().manual_seed(seed)
+    mask = None
+    if valid_lens is not None:
+        mask = (torch.arange(text_len)[None, :] < torch.tensor(valid_lens)[:, None]).long()
+    return dict(
+        hidden_states=torch.randn(batch, height * width, 16, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, 32, generator=g),
+        encoder_hidden_states_mask=mask,
+        timestep=torch.full((batch,), 0.5),
+        img_shapes=[[(1, height, width)]] * batch,
+    )
