@@ -7,23 +7,18 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import time
 import traceback
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, fn, args, queue):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # As under torchrun, the store is hosted outside the ranks (here by the parent), so every rank is a client.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     try:
         buf = io.BytesIO()
@@ -32,8 +27,6 @@ def _worker(rank, world, port, fn, args, queue):
     except BaseException:  # report everything, including assertion errors, to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -42,7 +35,9 @@ def run_distributed(fn, world: int, *args, timeout: float = 120.0) -> list:
     """Call fn(*args) on `world` ranks; returns [result of rank 0, rank 1, ...]."""
     ctx = mp.get_context("fork")
     queue = ctx.SimpleQueue()
-    port = _free_port()
+    # The parent binds the store on a free port itself: no window in which another process can take the port.
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+    port = store.port
     procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
@@ -65,9 +60,10 @@ def run_distributed(fn, world: int, *args, timeout: float = 120.0) -> list:
         p.join(timeout=5)
         if p.is_alive():
             p.kill()
+    del store
     if errors:
-        rank, tb = sorted(errors)[0]
-        raise AssertionError(f"rank {rank} failed:\n{tb}")
+        # Every failing rank's traceback: the first one is often only a peer noticing that another rank crashed.
+        raise AssertionError("\n".join(f"rank {rank} failed:\n{tb}" for rank, tb in sorted(errors)))
     if len(results) < world:
         raise AssertionError(f"only ranks {sorted(results)} of {world} finished within {timeout}s (hang?)")
     return [results[r] for r in range(world)]

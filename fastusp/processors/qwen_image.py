@@ -13,6 +13,12 @@ from ..attention.usp import usp_attention
 from .context import USPContext
 
 
+def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    # diffusers' RoPE reshapes with -1, which fails on a rank holding no tokens of a stream (text shorter than the
+    # world size); such a rank has nothing to rotate.
+    return apply_rotary_emb_qwen(x, freqs, use_real=False) if x.shape[1] else x
+
+
 class FastUSPQwenImageAttnProcessor:
     def __init__(self, context: USPContext):
         self.context = context
@@ -51,10 +57,8 @@ class FastUSPQwenImageAttnProcessor:
 
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
-            img_query = apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
-            img_key = apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
-            txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
-            txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
+            img_query, img_key = _rope(img_query, img_freqs), _rope(img_key, img_freqs)
+            txt_query, txt_key = _rope(txt_query, txt_freqs), _rope(txt_key, txt_freqs)
 
         # encoder_hidden_states_mask is deliberately unused: the layout carries it as a global key bias.
         joint = usp_attention(

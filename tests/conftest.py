@@ -1,0 +1,9 @@
+import os
+import sys
+
+import torch
+
+# Workers are forked from the test process: keep it single-threaded so fork never copies a busy OpenMP pool, and
+# the suite does not oversubscribe CI's 2 cores.
+torch.set_num_threads(1)
+sys.path.insert(0, os.path.dirname(__file__))

@@ -1,0 +1,116 @@
+"""Ring attention, the LSE merge, the Ulysses all-to-all and the uneven gather, against single-device math."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from _dist import run_distributed
+from fastusp.attention.local import attention_with_lse
+from fastusp.attention.merge import merge_attention
+from fastusp.attention.ring import ring_attention
+from fastusp.distributed.gather import gather_seq
+from fastusp.distributed.ulysses import head_to_seq_shard, seq_to_head_shard
+from fastusp.sharding import SeqLayout, key_bias_from_text_mask, split_sizes
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_split_sizes_cover_length_unevenly():
+    assert split_sizes(10, 4) == [3, 3, 2, 2]
+    assert split_sizes(3, 4) == [1, 1, 1, 0]
+    assert sum(split_sizes(4097, 8)) == 4097
+
+
+def test_attention_with_lse_matches_logsumexp_of_scores():
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    bias = torch.zeros(2, 7)
+    bias[1, 4:] = -1e30
+    out, lse = attention_with_lse(q, k, v, bias)
+    scores = q @ k.transpose(-1, -2) / 8 ** 0.5 + bias[:, None, None, :]
+    assert rel_err(lse, torch.logsumexp(scores, -1)) < 1e-6
+    assert rel_err(out, torch.softmax(scores, -1) @ v) < 1e-6
+
+
+def test_merge_of_key_blocks_equals_full_attention():
+    q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 11, 8), torch.randn(1, 2, 11, 8)
+    out = lse = None
+    for start, stop in [(0, 4), (4, 5), (5, 11)]:  # uneven blocks, one of a single key
+        out, lse = merge_attention(out, lse, *attention_with_lse(q, k[:, :, start:stop], v[:, :, start:stop]))
+    assert rel_err(out, F.scaled_dot_product_attention(q, k, v)) < 1e-6
+
+
+def test_merge_ignores_a_fully_masked_block():
+    q, k, v = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4)
+    bias = torch.tensor([[0.0, 0.0, 0.0] + [torch.finfo(torch.float32).min / 2] * 3])
+    out, lse = merge_attention(None, None, *attention_with_lse(q, k[:, :, :3], v[:, :, :3]))
+    out, lse = merge_attention(out, lse, *attention_with_lse(q, k[:, :, 3:], v[:, :, 3:], bias[:, 3:]))
+    assert torch.isfinite(out).all()
+    assert rel_err(out, F.scaled_dot_product_attention(q, k[:, :, :3], v[:, :, :3])) < 1e-6
+
+
+def _ring_worker(q, k, v, bias, lens):
+    dist.init_process_group("gloo")
+    rank, starts = dist.get_rank(), [sum(lens[:i]) for i in range(len(lens))]
+    mine = slice(starts[rank], starts[rank] + lens[rank])
+    kv = torch.stack([k[:, :, mine], v[:, :, mine]]).permute(3, 0, 1, 2, 4).contiguous()  # [S, 2, B, H, D]
+    return ring_attention(q[:, :, mine], kv, lens, dist.group.WORLD, bias)
+
+
+@pytest.mark.parametrize("lens", [[4, 4], [5, 3, 4], [3, 1, 2, 2]])
+@pytest.mark.parametrize("masked", [False, True])
+def test_ring_attention_equals_full_attention(lens, masked):
+    total = sum(lens)
+    q, k, v = torch.randn(2, 3, total, 8), torch.randn(2, 3, total, 8), torch.randn(2, 3, total, 8)
+    bias = None
+    if masked:  # batch 1 masks its first three keys: a whole chunk is padding when the first chunk is short
+        bias = torch.zeros(2, total)
+        bias[1, :3] = torch.finfo(torch.float32).min / 2
+    outs = run_distributed(_ring_worker, len(lens), q, k, v, bias, lens)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias[:, None, None, :])
+    assert rel_err(torch.cat(outs, dim=2), ref) < 1e-5
+
+
+def _all_to_all_worker(xs_per_rank, lens):
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    q, k = xs_per_rank[0][rank], xs_per_rank[1][rank]
+    packed = seq_to_head_shard([q, k], lens, dist.group.WORLD)
+    back = head_to_seq_shard(packed[:, 1].permute(1, 2, 0, 3), lens, rank, dist.group.WORLD)
+    return packed, back
+
+
+def test_ulysses_all_to_all_round_trip_with_uneven_chunks():
+    lens, heads = [3, 2, 2, 1], 8
+    q_full, k_full = torch.randn(2, sum(lens), heads, 4), torch.randn(2, sum(lens), heads, 4)
+    split = lambda x: list(x.split(lens, dim=1))
+    outs = run_distributed(_all_to_all_worker, 4, (split(q_full), split(k_full)), lens)
+    for rank, (packed, back) in enumerate(outs):
+        heads_of_rank = slice(2 * rank, 2 * rank + 2)
+        # seq -> head shard: every token, this rank's heads, sequence-major [S, n, B, h, D]
+        assert torch.equal(packed[:, 0], q_full[:, :, heads_of_rank].permute(1, 0, 2, 3))
+        assert torch.equal(packed[:, 1], k_full[:, :, heads_of_rank].permute(1, 0, 2, 3))
+        # head -> seq shard returns this rank's tokens with all heads
+        assert torch.equal(back, split(k_full)[rank])
+
+
+def _gather_worker(parts):
+    dist.init_process_group("gloo")
+    return gather_seq(parts[dist.get_rank()], [p.shape[1] for p in parts], dist.group.WORLD, dim=1)
+
+
+def test_gather_seq_uneven():
+    full = torch.randn(2, 7, 3)
+    parts = list(full.split([3, 2, 2], dim=1))
+    for out in run_distributed(_gather_worker, 3, parts):
+        assert torch.equal(out, full)
+
+
+def test_key_bias_follows_the_global_key_order():
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    layout = SeqLayout.even(text_len=5, image_len=4, world=2)  # text [3, 2], image [2, 2]
+    bias = key_bias_from_text_mask(mask, layout.text, layout.image, torch.float32)
+    kept = bias[0] == 0
+    # rank 0: text 0..2 (kept), image x2; rank 1: text 3..4 (padding), image x2
+    assert kept.tolist() == [True, True, True, True, True, False, False, True, True]

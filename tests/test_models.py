@@ -1,0 +1,82 @@
+"""Parallel FLUX / Qwen-Image transformers equal the single-process model (float32, CPU, gloo)."""
+import pytest
+import torch
+
+import fastusp
+from _dist import run_distributed
+from tiny_models import flux_inputs, qwen_inputs, tiny_flux, tiny_qwen
+
+LAYOUTS = [(2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]  # (ulysses, ring)
+MODELS = {"flux": (tiny_flux, flux_inputs), "qwen": (tiny_qwen, qwen_inputs)}
+
+
+def _parallel_forward(build, inputs, ulysses, ring, fp8_comm=False, return_dict=False):
+    model = build()
+    fastusp.parallelize(model, ulysses=ulysses, ring=ring, fp8_comm=fp8_comm)
+    with torch.no_grad():
+        out = model(**inputs, return_dict=return_dict)
+    return out.sample if return_dict else out[0]
+
+
+def assert_parallel_matches_single(name, layout, tol=1e-4, fp8_comm=False, **input_kw):
+    build, make_inputs = MODELS[name]
+    inputs = make_inputs(**input_kw)
+    with torch.no_grad():
+        ref = build()(**inputs, return_dict=False)[0]
+    outs = run_distributed(_parallel_forward, layout[0] * layout[1], build, inputs, *layout, fp8_comm)
+    for rank, out in enumerate(outs):
+        assert out.shape == ref.shape
+        err = ((out - ref).norm() / ref.norm()).item()
+        assert err < tol, f"rank {rank}: relative error {err:.2e} >= {tol}"
+    return outs
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"u{l[0]}r{l[1]}")
+@pytest.mark.parametrize("name", ["flux", "qwen"])
+def test_uneven_tokens_batch2(name, layout):
+    # 3x5 = 15 image tokens and 5 text tokens: neither divides 2 nor 4, so every layout splits unevenly.
+    assert_parallel_matches_single(name, layout, batch=2, height=3, width=5, text_len=5)
+
+
+@pytest.mark.parametrize("layout", [(2, 1), (1, 2), (2, 2)], ids=lambda l: f"u{l[0]}r{l[1]}")
+def test_qwen_padded_text_mask(layout):
+    # Sample 0 keeps 2 of 6 text tokens: under (1, 2) and (2, 2) whole text chunks of some ranks are padding.
+    assert_parallel_matches_single("qwen", layout, batch=2, text_len=6, valid_lens=[2, 6])
+
+
+def test_qwen_mask_changes_the_output():
+    """Guards the test above: a padded mask must matter, or the mask tests could not fail."""
+    inputs = qwen_inputs(batch=2, text_len=6, valid_lens=[2, 6])
+    model = tiny_qwen()
+    with torch.no_grad():
+        masked = model(**inputs, return_dict=False)[0]
+        unmasked = model(**{**inputs, "encoder_hidden_states_mask": None}, return_dict=False)[0]
+    assert not torch.allclose(masked[0], unmasked[0], atol=1e-4)
+    assert torch.allclose(masked[1], unmasked[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["flux", "qwen"])
+def test_text_shorter_than_world_and_return_dict(name):
+    # 3 text tokens over 4 ranks: one rank holds no text at all. return_dict=True returns the diffusers output class.
+    build, make_inputs = MODELS[name]
+    inputs = make_inputs(text_len=3, height=2, width=3)
+    with torch.no_grad():
+        ref = build()(**inputs).sample
+    for out in run_distributed(_parallel_forward, 4, build, inputs, 2, 2, False, True):
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def _flux_with_deprecated_3d_ids(inputs):
+    model = tiny_flux()
+    fastusp.parallelize(model, ulysses=2)
+    inputs = {**inputs, "img_ids": inputs["img_ids"][None], "txt_ids": inputs["txt_ids"][None]}
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def test_flux_accepts_deprecated_batched_ids():
+    inputs = flux_inputs()
+    with torch.no_grad():
+        ref = tiny_flux()(**inputs, return_dict=False)[0]
+    for out in run_distributed(_flux_with_deprecated_3d_ids, 2, inputs):
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-4

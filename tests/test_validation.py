@@ -1,0 +1,111 @@
+"""Every configuration error is a clear ValueError (or NotImplementedError) raised before any collective."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fastusp
+from _dist import run_distributed
+from fastusp import ParallelConfig
+from tiny_models import HEADS, tiny_flux, tiny_qwen
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ulysses=0), "ulysses must be an integer >= 1"),
+    (dict(ring=-2), "ring must be an integer >= 1"),
+    (dict(ulysses=1.5), "ulysses must be an integer >= 1"),
+    (dict(ring=True), "ring must be an integer >= 1"),
+    (dict(fp8_comm="yes"), "fp8_comm must be False, True or 'all'"),
+])
+def test_bad_degrees(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ParallelConfig(**kwargs)
+
+
+def test_world_size_mismatch_names_every_factor():
+    with pytest.raises(ValueError, match=r"ulysses \(2\) \* ring \(3\) = 6 must equal the number of processes \(4\)"):
+        ParallelConfig(ulysses=2, ring=3).validate_world(4)
+
+
+def test_heads_not_divisible_lists_valid_degrees():
+    with pytest.raises(ValueError, match=r"ulysses \(5\) must divide the number of attention heads \(24\).*"
+                                         r"\[1, 2, 3, 4, 6, 8, 12, 24\]"):
+        ParallelConfig(ulysses=5).validate_heads(24)
+
+
+def test_unsupported_model():
+    with pytest.raises(ValueError, match="fastusp supports FluxTransformer2DModel, QwenImageTransformer2DModel"):
+        fastusp.parallelize(torch.nn.Linear(2, 2), ulysses=2)
+
+
+def test_unsupported_processor():
+    model = tiny_flux()
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    model.set_attn_processor(AttnProcessor2_0())
+    with pytest.raises(NotImplementedError, match="AttnProcessor2_0"):
+        fastusp.parallelize(model, ulysses=2)
+
+
+def test_unsupported_qwen_variant():
+    from diffusers import QwenImageTransformer2DModel
+
+    model = QwenImageTransformer2DModel(num_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                        joint_attention_dim=8, axes_dims_rope=(4, 6, 6), zero_cond_t=True)
+    with pytest.raises(NotImplementedError, match="zero_cond_t"):
+        fastusp.parallelize(model, ulysses=2)
+
+
+def test_missing_torchrun_environment(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node"):
+        fastusp.parallelize(tiny_flux(), ulysses=2)
+
+
+def _parallelize_expecting_error(build, kwargs):
+    try:
+        fastusp.parallelize(build(), **kwargs)
+    except (ValueError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ulysses=2, ring=2), "= 4 must equal the number of processes (2)"),
+    (dict(ulysses=3, ring=1), f"must divide the number of attention heads ({HEADS})"),
+])
+def test_bad_config_fails_fast_on_every_rank(kwargs, message):
+    # run_distributed fails on a hang (timeout), so returning at all proves no rank waits on a collective.
+    for result in run_distributed(_parallelize_expecting_error, 2, tiny_qwen, kwargs, timeout=60):
+        assert message in result
+
+
+def _parallelize_twice():
+    model = fastusp.parallelize(tiny_flux(), ulysses=2)
+    try:
+        fastusp.parallelize(model, ulysses=2)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_parallelize_twice_is_refused():
+    assert all("already parallelized" in r for r in run_distributed(_parallelize_twice, 2))
+
+
+def _too_few_image_tokens():
+    from tiny_models import flux_inputs
+
+    model = fastusp.parallelize(tiny_flux(), ulysses=2, ring=2)
+    try:
+        model(**flux_inputs(height=1, width=3))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_fewer_image_tokens_than_ranks_is_refused_on_every_rank():
+    assert all("3 image tokens cannot be split over 4 ranks" in r for r in run_distributed(_too_few_image_tokens, 4))
