@@ -1,8 +1,9 @@
 """fastusp: Unified Sequence Parallelism (Ulysses + Ring) for diffusers' FLUX and Qwen-Image transformers."""
+from .compile import CompileReport, compile_pipeline, compile_report
 from .config import ParallelConfig
 from .parallelize import parallelize
 from .processors.flux import FastUSPFluxAttnProcessor
 from .processors.qwen_image import FastUSPQwenImageAttnProcessor
 
-__all__ = ["ParallelConfig", "parallelize", "FastUSPFluxAttnProcessor", "FastUSPQwenImageAttnProcessor"]
+__all__ = ["ParallelConfig", "parallelize", "compile_pipeline", "compile_report", "CompileReport", "FastUSPFluxAttnProcessor", "FastUSPQwenImageAttnProcessor"]
 __version__ = "0.1.0"

@@ -28,6 +28,8 @@ class ParallelConfig:
     ring: int = 1
     fp8_comm: bool | str = False
     _mesh: object = field(default=None, init=False, repr=False)
+    _groups: dict = field(default_factory=dict, init=False, repr=False)
+    _rank: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
         for name in ("ulysses", "ring"):
@@ -69,39 +71,38 @@ class ParallelConfig:
 
     # --- process groups -----------------------------------------------------------------------------------------
 
-    @property
-    def mesh(self):
-        if self._mesh is None:
-            raise RuntimeError("ParallelConfig.build_mesh() has not been called")
-        return self._mesh
-
     def build_mesh(self, device_type: str):
-        """Build the (ring, ulysses) DeviceMesh over the default process group (once)."""
+        """Build the (ring, ulysses) DeviceMesh over the default process group (once) and cache its groups.
+
+        Groups and rank are looked up here, not per attention call: mesh look-ups cost host time on every layer.
+        """
         from torch.distributed.device_mesh import init_device_mesh
 
         if self._mesh is None:
             self._mesh = init_device_mesh(device_type, (self.ring, self.ulysses), mesh_dim_names=("ring", "ulysses"))
+            self._groups = {name: self._mesh.get_group(name) for name in ("ring", "ulysses")}
+            self._rank = dist.get_rank()
         return self._mesh
 
     @property
     def ulysses_group(self):
-        return self.mesh.get_group("ulysses")
+        return self._groups["ulysses"]
 
     @property
     def ring_group(self):
-        return self.mesh.get_group("ring")
+        return self._groups["ring"]
 
     @property
     def rank(self) -> int:
-        return dist.get_rank()
+        return self._rank
 
     @property
     def ulysses_rank(self) -> int:
-        return self.rank % self.ulysses
+        return self._rank % self.ulysses
 
     @property
     def ring_rank(self) -> int:
-        return self.rank // self.ulysses
+        return self._rank // self.ulysses
 
 
 def maybe_init_distributed(device: torch.device) -> None:

@@ -12,7 +12,7 @@ from ..config import ParallelConfig
 from ..distributed.ulysses import head_to_seq_shard, seq_to_head_shard
 from ..sharding import SeqLayout
 from .local import attention
-from .ring import ring_attention
+from .ring_op import maybe_traceable_ring_attention
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SeqLayout,
@@ -30,6 +30,6 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seq
         k_h, v_h = qkv[:, 1].permute(1, 2, 0, 3), qkv[:, 2].permute(1, 2, 0, 3)
         out = attention(q_h, k_h, v_h, layout.key_bias)
     else:
-        out = ring_attention(q_h, qkv[:, 1:].contiguous(), chunk_lens, config.ring_group, layout.key_bias,
-                             fp8=config.fp8_qkv)
+        out = maybe_traceable_ring_attention(q_h, qkv[:, 1:].contiguous(), chunk_lens, config.ring_group,
+                                             layout.key_bias, fp8=config.fp8_qkv)
     return head_to_seq_shard(out, group_lens, config.ulysses_rank, ulysses_group, fp8=config.fp8_out)
