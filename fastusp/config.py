@@ -22,11 +22,14 @@ class ParallelConfig:
     fp8_comm: quantize the payload of collectives to float8_e4m3fn with per-token, per-head scales that travel
               with the data. False (default) keeps communication lossless. True quantizes q/k/v and the ring
               key/value exchange; "all" also quantizes the attention output on its way back.
+    ring_overlap: post the next key/value transfer before computing on the current chunk (the pipelined ring).
+              False waits for each transfer first; it exists to measure what the overlap buys.
     """
 
     ulysses: int = 1
     ring: int = 1
     fp8_comm: bool | str = False
+    ring_overlap: bool = True
     _mesh: object = field(default=None, init=False, repr=False)
     _groups: dict = field(default_factory=dict, init=False, repr=False)
     _rank: int = field(default=0, init=False, repr=False)

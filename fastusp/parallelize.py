@@ -180,16 +180,24 @@ def apply_rank_consistency(pipe) -> None:
     Without this a pipeline called without a generator (or with per-rank seeds) would feed each rank different
     noise, and the gathered outputs would silently mix into garbage.
     """
-    if dist.get_rank() != 0:
-        pipe.set_progress_bar_config(disable=True)
+    if dist.get_rank() != 0:  # merged, so settings the user gave (desc, ...) survive
+        pipe.set_progress_bar_config(**{**getattr(pipe, "_progress_bar_config", {}), "disable": True})
     original = pipe.prepare_latents
 
     @functools.wraps(original)
     def prepare_latents(*args, **kwargs):
         out = original(*args, **kwargs)
-        for t in out if isinstance(out, tuple) else (out,):
-            if isinstance(t, torch.Tensor):
-                dist.broadcast(t, src=0)
-        return out
+        synced = tuple(_broadcast_copy(t) for t in (out if isinstance(out, tuple) else (out,)))
+        return synced if isinstance(out, tuple) else synced[0]
 
     pipe.prepare_latents = prepare_latents
+
+
+def _broadcast_copy(value):
+    # A copy: prepare_latents may return the caller's own `latents` tensor, which must not change under them
+    # (and NCCL needs a contiguous buffer).
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.clone(memory_format=torch.contiguous_format)
+    dist.broadcast(value, src=0)
+    return value

@@ -19,11 +19,12 @@ def _as_bhsd(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def ring_attention(q: torch.Tensor, kv: torch.Tensor, chunk_lens: list[int], group,
-                   key_bias: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor:
+                   key_bias: torch.Tensor | None = None, fp8: bool = False, overlap: bool = True) -> torch.Tensor:
     """Attend q [B, H, S_q, D] to the keys/values of every rank in `group`.
 
     kv: this rank's chunk [S_kv, 2, B, H, D] (contiguous). chunk_lens[r]: S_kv of ring rank r.
     key_bias: None or [B, sum(chunk_lens)], the keys of ring rank r at offset sum(chunk_lens[:r]).
+    overlap=False waits for each transfer before computing (the unpipelined ring, kept to measure the overlap).
     Returns [B, H, S_q, D] in q.dtype.
     """
     comm = RingComm(group)
@@ -36,11 +37,14 @@ def ring_attention(q: torch.Tensor, kv: torch.Tensor, chunk_lens: list[int], gro
         if step + 1 < comm.size:
             incoming = (comm.rank - step - 1) % comm.size
             next_wire = comm.send_recv(wire, (chunk_lens[incoming],) + tuple(wire.shape[1:]))
+            if not overlap:
+                comm.wait()
         chunk = kv if step == 0 else (dequantize_fp8(wire, q.dtype) if fp8 else wire)
         k, v = _as_bhsd(chunk)
         bias = None if key_bias is None else key_bias[:, starts[src]: starts[src] + chunk_lens[src]]
         out, lse = merge_attention(out, lse, *attention_with_lse(q, k, v, bias))
         if step + 1 < comm.size:
-            comm.wait()
+            if overlap:
+                comm.wait()
             wire = next_wire
     return out.to(q.dtype)

@@ -31,5 +31,5 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seq
         out = attention(q_h, k_h, v_h, layout.key_bias)
     else:
         out = maybe_traceable_ring_attention(q_h, qkv[:, 1:].contiguous(), chunk_lens, config.ring_group,
-                                             layout.key_bias, fp8=config.fp8_qkv)
+                                             layout.key_bias, config.fp8_qkv, config.ring_overlap)
     return head_to_seq_shard(out, group_lens, config.ulysses_rank, ulysses_group, fp8=config.fp8_out)

@@ -7,17 +7,23 @@ Usage, so that transfer overlaps compute:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
+
+
+@functools.lru_cache(maxsize=None)
+def _ring_peers(group) -> tuple[int, int, int, int]:
+    """(size, rank in group, global rank of next, global rank of previous): looked up once per group."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    return size, rank, dist.get_global_rank(group, (rank + 1) % size), dist.get_global_rank(group, (rank - 1) % size)
 
 
 class RingComm:
     def __init__(self, group):
         self.group = group
-        self.size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        self.next_rank = dist.get_global_rank(group, (self.rank + 1) % self.size)
-        self.prev_rank = dist.get_global_rank(group, (self.rank - 1) % self.size)
+        self.size, self.rank, self.next_rank, self.prev_rank = _ring_peers(group)
         self._reqs = None
 
     def send_recv(self, buf: torch.Tensor, recv_shape: tuple[int, ...]) -> torch.Tensor:

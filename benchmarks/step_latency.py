@@ -1,0 +1,398 @@
+"""Per-step latency of one transformer forward: one GPU vs diffusers' context parallel vs fastusp.
+
+The model is diffusers' own FLUX / Qwen-Image transformer at full size with random bf16 weights (built on the
+meta device, filled on the GPU), so no checkpoint is needed. Every run prints one JSON record on rank 0, also
+when it fails (`err` is then set), and appends it to $OUT/results.jsonl when $OUT is set.
+
+    torchrun --nproc-per-node 2 benchmarks/step_latency.py --model flux --impl fastusp --config u2r1 --compile 1
+    torchrun --nproc-per-node 2 benchmarks/step_latency.py --model qwen --impl diffusers --config ulysses2 \
+        --backend _native_cudnn
+    python benchmarks/step_latency.py --model flux --impl single --compile 1 --compile-mode whole
+    torchrun --nproc-per-node 2 benchmarks/step_latency.py --tiny --model flux --impl single   # CPU smoke test
+
+--impl single     world 1; --config is ignored ("-").
+--impl diffusers  ContextParallelConfig from --config: ulysses2 | ring2 | ulysses2xring2; --backend picks the
+                  attention backend (native | _native_cudnn | _native_flash ...).
+--impl fastusp    fastusp.parallelize(model, ulysses=U, ring=R, fp8_comm=...) from --config: u2r1 | u1r2 |
+                  u2r2 | u2r1-fp8 | u2r1-fp8all; compiled with fastusp.compile_pipeline.
+--compile 1       --compile-mode auto (default): fastusp -> fastusp.compile_pipeline, others -> regional
+                  (diffusers' compile_repeated_blocks(fullgraph=True)); regional | whole (torch.compile(model))
+                  force one of those for any impl.
+--tiny            CPU + gloo, float32, a one-layer model and a 256x256 image: checks the harness, not speed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import faulthandler
+import json
+import os
+import re
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+# Run from a checkout without installing: the repo root goes last, so an installed or PYTHONPATH fastusp wins.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)
+
+TINY = dict(num_layers=1, attention_head_dim=16, num_attention_heads=4)
+MODEL_NAMES = {"flux": "flux", "qwen": "qwen-image", "qwen-image": "qwen-image"}
+DEFAULT_TXT = {"flux": 512, "qwen-image": 128}  # FLUX pads T5 to 512; Qwen-Image prompts are short
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="flux", choices=sorted(MODEL_NAMES))
+    ap.add_argument("--impl", default="single", choices=["single", "diffusers", "fastusp"])
+    ap.add_argument("--config", default="-", help="ulysses2xring2 (diffusers), u2r2[-fp8] (fastusp), - (single)")
+    ap.add_argument("--compile", type=int, default=0, choices=[0, 1])
+    ap.add_argument("--compile-mode", default="auto", choices=["auto", "regional", "whole"])
+    ap.add_argument("--fullgraph", type=int, default=1, choices=[0, 1], help="for regional compile")
+    ap.add_argument("--backend", default="native", help="diffusers attention backend (single / diffusers)")
+    ap.add_argument("--cp-anything", type=int, default=0, choices=[0, 1],
+                    help="diffusers ulysses_anything / ring_anything: allow sequences not divisible by the degree")
+    ap.add_argument("--inductor-overlap", type=int, default=0, choices=[0, 1],
+                    help="torch._inductor.config.reorder_for_compute_comm_overlap (the anchors used 1)")
+    ap.add_argument("--height", type=int, default=None, help="default 1024 (256 with --tiny)")
+    ap.add_argument("--width", type=int, default=None, help="default 1024 (256 with --tiny)")
+    ap.add_argument("--txt", type=int, default=None, help="text tokens; default 512 flux, 128 qwen")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--record-failure", default=None, metavar="ERR",
+                    help="don't run: emit the record of a run that died without one (used by run_gpu.sh)")
+    ap.add_argument("--world", type=int, default=None, help="with --record-failure: the world size of that run")
+    a = ap.parse_args(argv)
+    if a.steps < 1 or a.warmup < 1:  # warm-up >= 1 keeps compilation out of the timed steps
+        ap.error("--steps and --warmup must be >= 1")
+    a.model = MODEL_NAMES[a.model]
+    size = 256 if a.tiny else 1024
+    a.height = a.height or size
+    a.width = a.width or size
+    a.txt = a.txt or DEFAULT_TXT[a.model]
+    return a
+
+
+def parse_diffusers_config(text: str) -> tuple[int, int]:
+    """'ulysses2' | 'ring2' | 'ulysses2xring2' -> (ulysses, ring)."""
+    m = re.fullmatch(r"(?:ulysses(\d+))?x?(?:ring(\d+))?", text)
+    if not m or not text:
+        raise ValueError(f"diffusers config {text!r}: expected ulysses<N>, ring<N> or ulysses<N>xring<M>")
+    return int(m.group(1) or 1), int(m.group(2) or 1)
+
+
+def parse_fastusp_config(text: str) -> tuple[int, int, bool | str]:
+    """'u2r1' | 'u2r1-fp8' | 'u2r1-fp8all' -> (ulysses, ring, fp8_comm)."""
+    m = re.fullmatch(r"u(\d+)r(\d+)(-fp8(all)?)?", text)
+    if not m:
+        raise ValueError(f"fastusp config {text!r}: expected u<N>r<M>, optionally -fp8 or -fp8all")
+    fp8 = "all" if m.group(4) else bool(m.group(3))
+    return int(m.group(1)), int(m.group(2)), fp8
+
+
+def resolved_compile_mode(a) -> str | None:
+    if not a.compile:
+        return None
+    if a.compile_mode == "auto":
+        return "pipeline" if a.impl == "fastusp" else "regional"
+    return a.compile_mode
+
+
+# --- processes ----------------------------------------------------------------------------------------------------
+
+def process_layout(tiny: bool):
+    """(world, rank, device) from the torchrun environment. --tiny always runs on CPU, to test without a GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and not tiny:
+        torch.cuda.set_device(local)
+        return world, rank, torch.device("cuda", local)
+    return world, rank, torch.device("cpu")
+
+
+def init_group(world, device):
+    if world > 1:
+        # long timeout: a rank can wait at the first collective while another one is still compiling
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(minutes=30))
+
+
+def phase(rank, name):
+    """Mark progress on stderr: when a run times out, run_gpu.sh reports the last phase rank 0 reached."""
+    if rank == 0:
+        print(f"STEP_LATENCY_PHASE {name} ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- model and inputs (same construction as shared/anchors/dit_anchor.py) -----------------------------------------
+
+def build_model(model_name, device, dtype, tiny=False):
+    """Full-size (or --tiny) transformer with random weights, built on meta and filled in place on `device`."""
+    if model_name == "flux":
+        from diffusers import FluxTransformer2DModel as Model
+        kw = dict(guidance_embeds=True)
+        if tiny:
+            kw.update(TINY, num_single_layers=1, axes_dims_rope=(4, 6, 6))
+    else:
+        from diffusers import QwenImageTransformer2DModel as Model
+        kw = {}
+        if tiny:
+            kw.update(TINY, axes_dims_rope=(4, 6, 6))
+    with torch.device("meta"):
+        model = Model(**kw)
+    # cast while still on meta, so the device only ever holds the model in `dtype`: materializing in float32
+    # first (as shared/anchors did) peaks at 4 bytes/param, 76 GiB for Qwen-Image, the whole of an H100
+    model = model.to(dtype).to_empty(device=device)
+    fill_random_(model, device)
+    if model_name != "flux":  # QwenEmbedRope keeps its frequency tables as plain attributes: rebuild off meta
+        model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(model.config.axes_dims_rope),
+                                                scale_rope=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def fill_random_(model, device):
+    # small weights keep activations finite through 57/60 blocks; norms start at 1 like a trained model
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:
+            p.normal_(0, 0.02, generator=g)
+        elif "norm" in name and "weight" in name:
+            p.fill_(1.0)
+        else:
+            p.normal_(0, 0.01, generator=g)
+
+
+def make_inputs(model_name, device, dtype, height, width, txt_len):
+    """Forward kwargs for one denoising step at height x width (latent /8, packed 2x2) with txt_len text tokens."""
+    g = torch.Generator(device=device).manual_seed(1)
+    h, w = height // 16, width // 16
+    hidden = torch.randn(1, h * w, 64, device=device, dtype=dtype, generator=g)
+    timestep = torch.tensor([0.5], device=device, dtype=dtype)
+    if model_name == "flux":
+        img_ids = torch.zeros(h, w, 3, device=device)
+        img_ids[..., 1] = torch.arange(h, device=device)[:, None]
+        img_ids[..., 2] = torch.arange(w, device=device)[None, :]
+        return dict(hidden_states=hidden,
+                    encoder_hidden_states=torch.randn(1, txt_len, 4096, device=device, dtype=dtype, generator=g),
+                    pooled_projections=torch.randn(1, 768, device=device, dtype=dtype, generator=g),
+                    timestep=timestep, guidance=torch.tensor([3.5], device=device, dtype=dtype),
+                    img_ids=img_ids.reshape(-1, 3).to(dtype),
+                    txt_ids=torch.zeros(txt_len, 3, device=device, dtype=dtype), return_dict=False)
+    return dict(hidden_states=hidden,
+                encoder_hidden_states=torch.randn(1, txt_len, 3584, device=device, dtype=dtype, generator=g),
+                encoder_hidden_states_mask=torch.ones(1, txt_len, device=device, dtype=torch.int64),
+                timestep=timestep, img_shapes=[(1, h, w)], return_dict=False)
+
+
+# --- the three implementations ------------------------------------------------------------------------------------
+
+def apply_single(model, a, world):
+    if world != 1:
+        raise ValueError(f"--impl single runs on one process, got world {world}")
+    if a.backend != "native":
+        model.set_attention_backend(a.backend)
+    return model
+
+
+def apply_diffusers_cp(model, a, world):
+    from diffusers import ContextParallelConfig
+
+    ulysses, ring = parse_diffusers_config(a.config)
+    if ulysses * ring != world:
+        raise ValueError(f"config {a.config}: ulysses {ulysses} * ring {ring} != world {world}")
+    # the backend must be set before enable_parallelism, which checks it supports context parallel
+    if a.backend != "native":
+        model.set_attention_backend(a.backend)
+    kw = {}
+    if a.cp_anything:
+        kw = dict(ulysses_anything=True) if ring == 1 else dict(ring_anything=True)
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring, **kw))
+    return model
+
+
+def apply_fastusp(model, a, world):
+    import fastusp
+
+    ulysses, ring, fp8 = parse_fastusp_config(a.config)
+    if ulysses * ring != world:
+        raise ValueError(f"config {a.config}: ulysses {ulysses} * ring {ring} != world {world}")
+    return fastusp.parallelize(model, ulysses=ulysses, ring=ring, fp8_comm=fp8) or model
+
+
+def maybe_compile(model, a):
+    """Return the callable to time. Compilation itself happens lazily, during the warm-up calls."""
+    mode = resolved_compile_mode(a)
+    if mode and a.inductor_overlap:
+        import torch._inductor.config as inductor_config
+        inductor_config.reorder_for_compute_comm_overlap = True
+    if mode is None:
+        return model
+    if mode == "pipeline":
+        import fastusp
+        return fastusp.compile_pipeline(model) or model
+    if mode == "regional":
+        model.compile_repeated_blocks(fullgraph=bool(a.fullgraph))  # compiles each block class in place
+        return model
+    return torch.compile(model)  # whole model: graph breaks allowed (diffusers' CP hooks sit around it)
+
+
+APPLY = {"single": apply_single, "diffusers": apply_diffusers_cp, "fastusp": apply_fastusp}
+
+
+# --- timing -------------------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def warm_up(fwd, kw, device, calls):
+    """First calls to steady state (compilation happens here); returns their wall time in seconds."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fwd(**kw)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def timed_steps(fwd, kw, device, world, steps):
+    """`steps` timed calls, each started together on all ranks; returns the last output and the times in ms."""
+    times_ms = []
+    for _ in range(steps):
+        if world > 1:
+            dist.barrier()  # so a step's time is not the wait for a slower rank's previous step
+        sync(device)
+        t = time.perf_counter()
+        out = fwd(**kw)[0]
+        sync(device)
+        times_ms.append((time.perf_counter() - t) * 1e3)
+    return out, times_ms
+
+
+# --- records ------------------------------------------------------------------------------------------------------
+
+def versions() -> dict:
+    """Never raises: a package that does not import shows as None, and the run itself records the error."""
+    info = dict(torch=torch.__version__, diffusers=None, fastusp=None)
+    for name in ("diffusers", "fastusp"):
+        try:
+            info[name] = getattr(__import__(name), "__version__", "unknown")
+        except Exception:
+            pass
+    return info
+
+
+def card_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def base_record(a, world, device) -> dict:
+    return dict(model=a.model, world=world, impl=a.impl, config="-" if a.impl == "single" else a.config,
+                compiled=bool(a.compile), compile_mode=resolved_compile_mode(a),
+                backend=None if a.impl == "fastusp" else a.backend,
+                res=f"{a.height}x{a.width}", txt=a.txt, steps=a.steps, warmup=a.warmup,
+                dtype="float32" if device.type == "cpu" else "bfloat16", tiny=a.tiny,
+                card=card_name(device), date=datetime.date.today().isoformat(), **versions(),
+                median_ms=None, min_ms=None, mean_ms=None, compile_s=None, build_s=None,
+                model_mem_gb=None, peak_mem_gb=None, finite=None, err=None)
+
+
+def emit(record: dict):
+    line = json.dumps(record)
+    print(line, flush=True)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "results.jsonl"), "a") as f:
+            f.write(line + "\n")
+
+
+def error_text(ex: BaseException) -> str:
+    """One line: type, message and the innermost frame, enough to tell which layer failed."""
+    text = f"{type(ex).__name__}: {' '.join(str(ex).split())[:500]}"  # one line, even for CUDA's long messages
+    frames = traceback.extract_tb(ex.__traceback__)
+    if frames:
+        last = frames[-1]
+        text += f" (at {os.path.basename(last.filename)}:{last.lineno} in {last.name})"
+    return text
+
+
+# --- main ---------------------------------------------------------------------------------------------------------
+
+def run(a, world, rank, device, record):
+    """Fill `record` in place; exceptions propagate to main so the partial record is still printed."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    init_group(world, device)
+    t0 = time.perf_counter()
+    phase(rank, "build")
+    model = build_model(a.model, device, dtype, tiny=a.tiny)
+    phase(rank, f"apply {a.impl}")
+    model = APPLY[a.impl](model, a, world)
+    fwd = maybe_compile(model, a)
+    kw = make_inputs(a.model, device, dtype, a.height, a.width, a.txt)
+    sync(device)
+    record["build_s"] = round(time.perf_counter() - t0, 2)
+    if device.type == "cuda":  # peak_mem_gb: the steady state (weights + activations), not the build
+        record["model_mem_gb"] = round(torch.cuda.memory_allocated(device) / 2**30, 2)
+        torch.cuda.reset_peak_memory_stats(device)
+    phase(rank, "warm-up" + (" (compiling)" if a.compile else ""))
+    compile_s = warm_up(fwd, kw, device, a.warmup)
+    phase(rank, "timed steps")
+    out, times_ms = timed_steps(fwd, kw, device, world, a.steps)
+    record.update(median_ms=round(statistics.median(times_ms), 3), min_ms=round(min(times_ms), 3),
+                  mean_ms=round(statistics.fmean(times_ms), 3), compile_s=round(compile_s, 2),
+                  finite=bool(torch.isfinite(out.float()).all()))
+    if device.type == "cuda":
+        record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.record_failure is not None:  # the run died without a record (timeout, a crash on another rank)
+        device = torch.device("cuda") if torch.cuda.is_available() and not a.tiny else torch.device("cpu")
+        record = base_record(a, a.world or 1, device)
+        record["err"] = a.record_failure
+        emit(record)
+        return 0
+    dump_after = float(os.environ.get("STEP_LATENCY_DUMP_AFTER_S", "0"))
+    if dump_after > 0:  # just before an outer timeout kills us: every thread's stack, to tell a hang from slowness
+        faulthandler.dump_traceback_later(dump_after, exit=False)
+    world, rank, device = process_layout(a.tiny)
+    record = base_record(a, world, device)
+    try:
+        run(a, world, rank, device, record)
+    except Exception as ex:  # report, don't hide: every run leaves one record
+        record["err"] = error_text(ex)
+        traceback.print_exc()
+        # one greppable line: run_gpu.sh quotes it when no rank-0 record came out
+        print(f"STEP_LATENCY_ERR rank={rank} {record['err']}", file=sys.stderr, flush=True)
+        if rank == 0:
+            emit(record)
+        else:
+            time.sleep(3)  # give rank 0 the time to print its own record before torchrun tears the group down
+        # skip destroy_process_group: peers may be stuck in a collective; a non-zero exit makes torchrun stop them
+        os._exit(1)
+    if rank == 0:
+        emit(record)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""What examples/flux.py and examples/qwen_image.py share: command line, pipeline set-up, reference run, timing.
+
+Every rank holds the whole pipeline; fastusp.parallelize() splits each transformer call's token sequence over
+the ranks. The flow on every rank:
+  1. build the pipeline: real weights (--model PATH, bfloat16, cuda:LOCAL_RANK, NCCL) or the tiny random one from
+     tests/tiny_pipelines.py (CPU, float32, gloo)
+  2. tiny mode or --check: run it once un-parallelized, as the single-process reference
+  3. fastusp.parallelize(pipe, ulysses=, ring=, fp8_comm=) (+ fastusp.compile_pipeline(pipe) with --compile)
+  4. --warmup runs, then one timed run with generator=torch.Generator().manual_seed(--seed)
+  5. rank 0 prints the per-step latency and the max abs difference to the reference (worst over ranks), saves --out
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Example:
+    name: str                  # "flux" | "qwen_image": default --out
+    pipeline_cls: str          # diffusers class for --model
+    tiny_builder: str          # function in tests/tiny_pipelines.py
+    default_steps: int         # with real weights
+    guidance_kwarg: str        # what --guidance sets
+    default_guidance: float
+    real_kwargs: dict = field(default_factory=dict)  # extra pipeline kwargs with real weights
+
+
+DEFAULT_PROMPT = "A cat holding a sign that says hello world, photorealistic, 35mm"
+TINY_SIZE, TINY_STEPS = 64, 4
+
+
+def parse_args(example: Example, argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=f"{example.pipeline_cls} with fastusp (Ulysses x Ring sequence parallelism). Launch with "
+                    f"torchrun --nproc-per-node N; without --model a tiny random pipeline runs on CPU.")
+    ap.add_argument("--model", help="diffusers checkpoint (directory or hub id) for real weights, bfloat16 on "
+                                    "cuda:LOCAL_RANK; default: the tiny random pipeline on CPU (float32, gloo)")
+    ap.add_argument("--ulysses", type=int, help="Ulysses degree (default: nproc / ring)")
+    ap.add_argument("--ring", type=int, help="Ring degree (default: nproc / ulysses, else 1)")
+    ap.add_argument("--steps", type=int, help=f"inference steps (default: {example.default_steps}; tiny: {TINY_STEPS})")
+    ap.add_argument("--height", type=int, help=f"image height (default: the pipeline's; tiny: {TINY_SIZE})")
+    ap.add_argument("--width", type=int, help=f"image width (default: the pipeline's; tiny: {TINY_SIZE})")
+    ap.add_argument("--prompt", help=f"text prompt (real weights only; default {DEFAULT_PROMPT!r})")
+    ap.add_argument("--guidance", type=float,
+                    help=f"{example.guidance_kwarg} (real weights only; default {example.default_guidance})")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fp8-comm", nargs="?", const="qkv", default=None, choices=["qkv", "all"],
+                    help="quantize communication to float8: q/k/v and ring k/v (bare flag or 'qkv'), "
+                         "or also the attention output ('all')")
+    ap.add_argument("--compile", action="store_true", help="fastusp.compile_pipeline(pipe) after parallelize")
+    ap.add_argument("--check", action="store_true",
+                    help="with --model: also run the un-parallelized pipeline first and report the difference "
+                         "(always on in tiny mode)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed parallel runs before the timed one (default: 1 with real weights or --compile, "
+                         "else 0)")
+    ap.add_argument("--out", default=f"out/{example.name}_usp.png", help="PNG written by rank 0")
+    args = ap.parse_args(argv)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.ulysses is None and args.ring is None:
+        args.ulysses, args.ring = world, 1
+    elif args.ulysses is None:
+        args.ulysses = max(1, world // args.ring)
+    elif args.ring is None:
+        args.ring = max(1, world // args.ulysses)
+    if args.ulysses * args.ring != world:
+        ap.error(f"--ulysses {args.ulysses} x --ring {args.ring} = {args.ulysses * args.ring} must equal the number "
+                 f"of processes ({world}); launch with torchrun --nproc-per-node {args.ulysses * args.ring}")
+    if "RANK" not in os.environ:
+        ap.error(f"launch with torchrun, e.g. torchrun --nproc-per-node 2 {sys.argv[0]}")
+    args.tiny = args.model is None
+    if args.tiny and (args.prompt is not None or args.guidance is not None) and os.environ["RANK"] == "0":
+        print("note: --prompt / --guidance only apply with --model; the tiny pipeline uses random prompt embeddings",
+              file=sys.stderr)
+    if args.warmup is None:
+        args.warmup = 1 if (args.compile or not args.tiny) else 0
+    return args
+
+
+def _fastusp():
+    try:
+        import fastusp
+    except ImportError:  # running from a checkout without `pip install -e .`
+        sys.path.insert(0, str(REPO))
+        import fastusp
+    return fastusp
+
+
+# --- set-up --------------------------------------------------------------------------------------------------------
+
+def build(example: Example, args):
+    """-> (pipe, device, call kwargs without generator / steps / size)."""
+    if args.tiny:
+        sys.path.insert(0, str(REPO / "tests"))
+        import tiny_pipelines
+
+        pipe = getattr(tiny_pipelines, example.tiny_builder)()
+        args.height, args.width = args.height or TINY_SIZE, args.width or TINY_SIZE
+        args.steps = args.steps or TINY_STEPS
+        return pipe, torch.device("cpu"), tiny_pipelines.tiny_call_kwargs(pipe)
+
+    import diffusers
+
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    pipe = getattr(diffusers, example.pipeline_cls).from_pretrained(args.model, torch_dtype=torch.bfloat16)
+    pipe.to(device)
+    args.steps = args.steps or example.default_steps
+    guidance = example.default_guidance if args.guidance is None else args.guidance
+    kwargs = dict(prompt=args.prompt or DEFAULT_PROMPT, **{example.guidance_kwarg: guidance}, **example.real_kwargs)
+    return pipe, device, kwargs
+
+
+class StepTimer:
+    """Per-step wall time: from the first transformer call of a pipeline run to each callback_on_step_end."""
+
+    def __init__(self, pipe, device):
+        self.device, self.marks, self.latents = device, [], None
+        self._hook = pipe.transformer.register_forward_pre_hook(self._on_transformer)
+
+    def detach(self):
+        self._hook.remove()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _on_transformer(self, module, args):
+        if not self.marks:
+            self.marks.append(self._now())
+
+    def callback(self, pipe, step, timestep, kwargs):
+        self.marks.append(self._now())
+        self.latents = kwargs["latents"]
+        return {}
+
+    def reset(self):
+        self.marks, self.latents = [], None
+
+    def step_ms(self) -> list[float]:
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def generate(pipe, args, call_kwargs, timer: StepTimer):
+    timer.reset()
+    image = pipe(**call_kwargs, height=args.height, width=args.width, num_inference_steps=args.steps,
+                 generator=torch.Generator().manual_seed(args.seed), output_type="pt",
+                 callback_on_step_end=timer.callback).images
+    return image.float(), timer.latents.float()
+
+
+def _max_over_ranks(value: float, device) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+# --- main ----------------------------------------------------------------------------------------------------------
+
+def main(example: Example, argv=None) -> None:
+    args = parse_args(example, argv)
+    fastusp = _fastusp()
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    pipe, device, call_kwargs = build(example, args)
+    timer = StepTimer(pipe, device)
+
+    reference = None
+    if args.tiny or args.check:
+        if rank != 0:
+            pipe.set_progress_bar_config(disable=True)
+        reference = generate(pipe, args, call_kwargs, timer)
+        ref_ms = timer.step_ms()
+
+    fp8 = {None: False, "qkv": True, "all": "all"}[args.fp8_comm]
+    fastusp.parallelize(pipe, ulysses=args.ulysses, ring=args.ring, fp8_comm=fp8)
+    if args.compile:
+        timer.detach()  # hook the module that is actually called (compile_pipeline may swap it)
+        pipe = fastusp.compile_pipeline(pipe) or pipe
+        timer = StepTimer(pipe, device)
+    for _ in range(args.warmup):
+        generate(pipe, args, call_kwargs, timer)
+    image, latents = generate(pipe, args, call_kwargs, timer)
+    step_ms = timer.step_ms()
+
+    diffs = None
+    if reference is not None:
+        diffs = [_max_over_ranks((a - b).abs().max().item(), device) for a, b in zip((image, latents), reference)]
+
+    if rank == 0:
+        mode = (f"{args.model} (bfloat16, {device.type})" if not args.tiny else "tiny random pipeline (float32, cpu)")
+        print(f"\n{example.pipeline_cls}: {mode}, {args.width}x{args.height}, {args.steps} steps, world "
+              f"{dist.get_world_size()} = ulysses {args.ulysses} x ring {args.ring}, fp8_comm={fp8}, "
+              f"compile={args.compile}")
+        print("per-step latency (ms): " + " ".join(f"{t:.1f}" for t in step_ms))
+        rest = step_ms[1:] or step_ms
+        print(f"  mean {sum(step_ms) / len(step_ms):.1f} ms; excluding step 0: {sum(rest) / len(rest):.1f} ms")
+        if reference is not None:
+            print("single-process reference per-step latency (ms): " + " ".join(f"{t:.1f}" for t in ref_ms))
+            print(f"max abs diff vs single-process reference (worst rank): image {diffs[0]:.3g}, "
+                  f"final latents {diffs[1]:.3g}")
+        _save_png(image[0], args.out)
+        print(f"saved {args.out}")
+    dist.destroy_process_group()
+
+
+def _save_png(image: torch.Tensor, path: str) -> None:
+    """image: (3, H, W) in [0, 1]."""
+    from PIL import Image
+
+    array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)

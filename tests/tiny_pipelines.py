@@ -1,0 +1,113 @@
+"""Tiny random FluxPipeline / QwenImagePipeline (CPU, float32), identical in every process that builds them.
+
+The transformers are tests/tiny_models.py's `tiny_flux()` / `tiny_qwen()`; the VAEs and schedulers are built here.
+There is no text encoder or tokenizer (nothing can be downloaded), so call the pipelines with `prompt_kwargs(pipe)`:
+precomputed `prompt_embeds` (+ `pooled_prompt_embeds` for FLUX, + `prompt_embeds_mask` for Qwen-Image).
+
+Both VAEs downsample by 2 and both pipelines pack 2x2 latent patches, so height and width must be multiples of 4
+and an H x W image has (H/4) * (W/4) image tokens (32 x 48 -> 96).
+
+This module is also what examples/_common.py imports for the examples' tiny mode (it puts tests/ on sys.path), so
+the tiny models exist in one place only.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # imported as tests.tiny_pipelines
+    from .tiny_models import tiny_flux, tiny_qwen
+except ImportError:  # imported as a top-level module (pytest's default rootdir insertion, the examples)
+    from tiny_models import tiny_flux, tiny_qwen
+
+# Real checkpoints' scheduler settings (dynamic shifting is what both pipelines expect: they always pass `mu`).
+FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
+                      use_dynamic_shifting=True)
+QWEN_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+                      shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+
+
+def tiny_flux_pipeline():
+    """FluxPipeline around tiny_flux(): AutoencoderKL with 4 latent channels (in_channels 16 = 4 * 4 after 2x2 packing)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    transformer = tiny_flux()
+    latent_channels = transformer.config.in_channels // 4
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=4, sample_size=32, use_quant_conv=False,
+        use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
+    ).eval()
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, transformer=transformer,
+    )
+    _check_fit(pipe, latent_channels=vae.config.latent_channels)
+    return pipe
+
+
+def tiny_qwen_pipeline():
+    """QwenImagePipeline around tiny_qwen(): AutoencoderKLQwenImage with z_dim 4 (in_channels 16, out_channels 4)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    transformer = tiny_qwen()
+    z_dim = transformer.config.in_channels // 4
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=z_dim, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+        latents_mean=[0.1 * i for i in range(z_dim)], latents_std=[1.0 + 0.1 * i for i in range(z_dim)],
+    ).eval()
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=vae, text_encoder=None, tokenizer=None,
+        transformer=transformer,
+    )
+    _check_fit(pipe, latent_channels=vae.config.z_dim)
+    return pipe
+
+
+def _check_fit(pipe, latent_channels: int) -> None:
+    """Fail loudly if tiny_models' transformer config stops matching the VAE (2x2 packed latents)."""
+    cfg = pipe.transformer.config
+    out_channels = cfg.out_channels or cfg.in_channels
+    if cfg.patch_size == 2:  # Qwen-Image: proj_out emits patch_size**2 * out_channels per token
+        out_channels *= 4
+    if cfg.in_channels != 4 * latent_channels or out_channels != 4 * latent_channels:
+        raise ValueError(f"{type(pipe.transformer).__name__} in/out channels {cfg.in_channels}/{out_channels} do not "
+                         f"match 4 * {latent_channels} VAE latent channels")
+
+
+def prompt_kwargs(pipe, text_len: int = 7, valid_len: int | None = None, batch: int = 1, seed: int = 0,
+                  negative: bool = False) -> dict:
+    """Random stand-ins for encode_prompt's output, shaped for `pipe`'s transformer, as pipeline call kwargs.
+
+    text_len: text tokens. valid_len (Qwen-Image only): real tokens per sample, the rest is padding masked out by
+    `prompt_embeds_mask` (None: no mask). negative: name the keys negative_* (classifier-free guidance).
+    """
+    cfg = pipe.transformer.config
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g)
+    prefix = "negative_" if negative else ""
+    out = {f"{prefix}prompt_embeds": embeds}
+    if type(pipe).__name__.startswith("Flux"):
+        if valid_len is not None:
+            raise ValueError("FluxPipeline takes no prompt mask")
+        out[f"{prefix}pooled_prompt_embeds"] = torch.randn(batch, cfg.pooled_projection_dim, generator=g)
+    else:
+        n = text_len if valid_len is None else valid_len
+        out[f"{prefix}prompt_embeds_mask"] = (torch.arange(text_len) < n).long().expand(batch, text_len).clone()
+    device, dtype = pipe.transformer.device, pipe.transformer.dtype
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in out.items()}
+
+
+def tiny_call_kwargs(pipe, text_len: int = 7) -> dict:
+    """The prompt-side kwargs the tests and the examples' tiny mode call the tiny pipelines with.
+
+    FLUX: `text_len` prompt tokens, guidance 3.5. Qwen-Image: true CFG (scale 2) with a padded positive prompt
+    (`text_len` tokens, the last 2 masked out: the attention-bias path) and a shorter unpadded negative prompt
+    (all-ones mask, which the pipeline drops), so every step makes two transformer calls with different layouts.
+    """
+    if type(pipe).__name__.startswith("Flux"):
+        return dict(prompt_kwargs(pipe, text_len=text_len, seed=0), guidance_scale=3.5)
+    return dict(prompt_kwargs(pipe, text_len=text_len, valid_len=text_len - 2, seed=0),
+                **prompt_kwargs(pipe, text_len=max(1, text_len - 3), seed=1, negative=True), true_cfg_scale=2.0)
