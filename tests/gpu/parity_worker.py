@@ -1,0 +1,93 @@
+"""CUDA + NCCL parity: fastusp's parallel output vs the same model on one GPU, bf16, several layouts.
+
+Launched by tests/gpu/test_gpu_parity.py as `torchrun --nproc-per-node N tests/gpu/parity_worker.py`. Each rank
+computes the single-GPU reference itself, then parallelizes fresh copies of the model per layout. Prints one JSON
+line per check on rank 0 and exits non-zero if any check misses its tolerance.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+import fastusp  # noqa: E402
+
+BF16_TOL, FP8_TOL = 2e-2, 6e-2  # relative L2 error of the transformer output
+
+
+def build(name: str, device):
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+
+    torch.manual_seed(0)  # seeds the CUDA generator too: every rank and every call builds the same weights
+    with torch.device(device):  # initialize on the GPU: CPU init of ~1B parameters takes seconds
+        if name == "flux":  # real widths (24 heads x 128), few layers
+            model = FluxTransformer2DModel(num_layers=2, num_single_layers=2, guidance_embeds=True)
+        else:
+            model = QwenImageTransformer2DModel(num_layers=2)
+    return model.to(torch.bfloat16).eval()
+
+
+def inputs(name: str, device, batch: int, image_hw: tuple[int, int], text_len: int):
+    g = torch.Generator(device=device).manual_seed(1)
+    h, w = image_hw
+    rand = lambda *shape: torch.randn(*shape, device=device, dtype=torch.bfloat16, generator=g)
+    if name == "flux":
+        ids = torch.zeros(h, w, 3, device=device)
+        ids[..., 1], ids[..., 2] = torch.arange(h, device=device)[:, None], torch.arange(w, device=device)[None]
+        return dict(hidden_states=rand(batch, h * w, 64), encoder_hidden_states=rand(batch, text_len, 4096),
+                    pooled_projections=rand(batch, 768), timestep=torch.full((batch,), 0.5, device=device),
+                    guidance=torch.full((batch,), 3.5, device=device), img_ids=ids.reshape(-1, 3),
+                    txt_ids=torch.zeros(text_len, 3, device=device))
+    mask = torch.ones(batch, text_len, dtype=torch.long, device=device)
+    mask[0, text_len // 3:] = 0  # padded prompt in sample 0
+    return dict(hidden_states=rand(batch, h * w, 64), encoder_hidden_states=rand(batch, text_len, 3584),
+                encoder_hidden_states_mask=mask, timestep=torch.full((batch,), 0.5, device=device),
+                img_shapes=[[(1, h, w)]] * batch)
+
+
+def layouts(world: int) -> list[tuple[int, int]]:
+    return [(world // r, r) for r in range(1, world + 1) if world % r == 0]
+
+
+def main() -> int:
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)
+    world, rank, failures = dist.get_world_size(), dist.get_rank(), 0
+    # Uneven on purpose: 33x31 image tokens and 77 / 100 text tokens divide by neither 2 nor 4.
+    cases = {"flux": dict(batch=1, image_hw=(33, 31), text_len=77), "qwen": dict(batch=2, image_hw=(32, 31), text_len=100)}
+    for name, shape in cases.items():
+        x = inputs(name, device, **shape)
+        with torch.no_grad():
+            ref = build(name, device)(**x, return_dict=False)[0].float()
+        checks = [(u, r, False, False) for u, r in layouts(world)] + [(layouts(world)[0] + (True, False))]
+        if world == 2:
+            checks += [(u, r, False, True) for u, r in layouts(world)]  # compiled, CUDA graphs
+        for u, r, fp8, compiled in checks:
+            model = fastusp.parallelize(build(name, device), ulysses=u, ring=r, fp8_comm=fp8)
+            with torch.no_grad():
+                if compiled:
+                    fastusp.compile_pipeline(model)
+                    model(**x, return_dict=False)  # warm-up: compile and record
+                out = model(**x, return_dict=False)[0].float()
+            err = ((out - ref).norm() / ref.norm()).item()
+            ok = err < (FP8_TOL if fp8 else BF16_TOL) and torch.isfinite(out).all().item()
+            failures += not ok
+            report = fastusp.compile_report(model)
+            if rank == 0:
+                print(json.dumps(dict(check="parity", model=name, world=world, ulysses=u, ring=r, fp8=fp8,
+                                      compiled=compiled, rel_err=round(err, 5), ok=ok,
+                                      compile=report.summary() if report else None,
+                                      card=torch.cuda.get_device_name(device))), flush=True)
+            del model
+            torch._dynamo.reset()
+    dist.destroy_process_group()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""GPU parity on CUDA + NCCL (bf16): run on a machine with 2 or more GPUs; skipped elsewhere."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+WORKER = os.path.join(os.path.dirname(__file__), "parity_worker.py")
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 or more CUDA GPUs")
+@pytest.mark.parametrize("world", [w for w in (2, 4) if w <= GPUS])
+def test_parity_on_cuda(world):
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
+               CUDA_VISIBLE_DEVICES=",".join(map(str, range(world))))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={world}", WORKER], env=env, capture_output=True, text=True, timeout=600)
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert records and all(r["ok"] for r in records)
