@@ -67,6 +67,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after timing, profile STEPS steps and print the top kernels and launch counts (stderr)")
     ap.add_argument("--record-failure", default=None, metavar="ERR",
                     help="don't run: emit the record of a run that died without one (used by run_gpu.sh)")
     ap.add_argument("--world", type=int, default=None, help="with --record-failure: the world size of that run")
@@ -358,6 +360,27 @@ def run(a, world, rank, device, record):
                   finite=bool(torch.isfinite(out.float()).all()))
     if device.type == "cuda":
         record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if a.profile:
+        profile_steps(fwd, kw, a, rank)
+
+
+@torch.inference_mode()
+def profile_steps(fwd, kw, a, rank):
+    """Where a step's time goes: top kernels by GPU time, and how many launches the host issued per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.profile):
+            fwd(**kw)
+        torch.cuda.synchronize()
+    if rank != 0:
+        return
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))
+    graphs = sum(e.count for e in events if e.key == "cudaGraphLaunch")
+    print(f"PROFILE {a.model} {a.impl} {a.config} compile={a.compile}: {launches / a.profile:.0f} kernel launches "
+          f"and {graphs / a.profile:.0f} graph launches per step", file=sys.stderr)
+    print(events.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60), file=sys.stderr)
 
 
 def main(argv=None):

@@ -1,23 +1,33 @@
-"""compile_pipeline(): regional torch.compile of the repeated transformer blocks, with CUDA graphs optional.
+"""compile_pipeline(): regional torch.compile of the repeated transformer blocks, plus whole-forward CUDA graphs.
 
 Why regional: the 19 + 38 FLUX blocks (60 Qwen-Image blocks) share one code object, so Dynamo/Inductor compile
-each block kind once and every layer reuses it; whole-model compile spends minutes on the same work. The rest
-of the forward (embeddings, sequence split/gather) stays eager: a few dozen kernels.
+each block kind once and every layer reuses it; whole-model compile spends minutes on the same work.
+Why our own CUDA graphs instead of mode="reduce-overhead": Inductor's CUDA-graph trees record one graph per
+compiled region, and with one region replayed 57 times per step, a replay overwrites outputs the next block
+still reads ("accessing tensor output of CUDAGraphs that has been overwritten", seen on H200). One graph of the
+whole forward (fastusp.cuda_graphs) launches the entire step at once and has no such hazard.
 
 Ring attention cannot be traced (point-to-point sends), so inside a compiled block it runs as the opaque op
-fastusp::ring_attention while Inductor compiles the rest. If compilation fails anyway, every block of the model
-falls back to eager together (so all ranks keep issuing the same collectives), and the report says why.
-Shapes: compiled code is guarded on shapes (dynamic=False), so a new resolution or text length recompiles, and
-CUDA graphs are recorded per shape: a graph is never replayed for a shape it was not recorded for.
+fastusp::ring_attention while Inductor compiles the rest. If compilation fails anyway, every block falls back to
+eager together (so all ranks keep issuing the same collectives), and the report says why; likewise a forward
+that cannot be captured runs without CUDA graphs. Compiled code is guarded on shapes (dynamic=False) and graphs
+are keyed by input shapes, so a new resolution or text length recompiles / recaptures instead of reusing.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from .cuda_graphs import GraphedForward
 
 logger = logging.getLogger("fastusp")
+
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -25,44 +35,47 @@ class CompileReport:
     """What compile_pipeline did: regions compiled, what runs opaque or eager, and why."""
 
     mode: str
+    cuda_graphs: bool = False
     compiled: list[str] = field(default_factory=list)
     opaque: list[str] = field(default_factory=list)
     fell_back: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
-        parts = [f"compiled {', '.join(self.compiled) or 'nothing'} (mode={self.mode})"]
+        parts = [f"compiled {', '.join(self.compiled) or 'nothing'} (inductor mode={self.mode}, "
+                 f"whole-forward CUDA graphs={'on' if self.cuda_graphs else 'off'})"]
         if self.opaque:
             parts.append(f"opaque to Inductor: {', '.join(self.opaque)}")
         for region, reason in self.fell_back.items():
-            parts.append(f"fell back to eager: {region} ({reason})")
+            parts.append(f"fell back: {region} ({reason})")
         return "fastusp: " + "; ".join(parts)
 
 
-def compile_pipeline(obj, *, mode: str | None = None, cuda_graphs: bool | None = None, fullgraph: bool = True,
+def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = None, regional: bool = True,
                      reorder_comm: bool = True, backend: str | object = "inductor"):
-    """Compile a pipeline's (or a transformer's) repeated blocks in place; returns `obj`.
+    """Compile a pipeline's (or a transformer's) forward in place; returns `obj`. Parallelized or not.
 
-    mode: torch.compile mode; default "reduce-overhead" (CUDA graphs) on CUDA, "default" elsewhere.
-    cuda_graphs: shorthand to force CUDA graphs on (True) or off (False); overrides the default mode.
+    mode: Inductor mode for the compiled regions ("default", "max-autotune-no-cudagraphs").
+    cuda_graphs: capture the whole transformer forward as one CUDA graph per input shape (default: on CUDA).
+    regional: compile each repeated block once (default) instead of the whole transformer (slow to compile).
     reorder_comm: let Inductor reorder collectives against compute for overlap.
     The report is available as fastusp.compile_report(obj).
     """
+    if mode in _CUDA_GRAPH_MODES:
+        raise ValueError(f"mode={mode!r} makes Inductor record CUDA graphs per region, which breaks with repeated "
+                         f"blocks; use cuda_graphs=True (whole-forward graphs) with mode='default'")
     transformer = getattr(obj, "transformer", obj)
-    mode = mode or _default_mode(transformer, cuda_graphs)
-    report = CompileReport(mode=mode)
+    if getattr(transformer, "_fastusp_compile_report", None) is not None:
+        raise ValueError("compile_pipeline was already applied to this transformer")
+    use_graphs = transformer.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    if use_graphs and transformer.device.type != "cuda":
+        raise ValueError("cuda_graphs=True needs the transformer on a CUDA device")
+    report = CompileReport(mode=mode, cuda_graphs=use_graphs)
     config = getattr(transformer, "_fastusp_config", None)
     if config is not None and config.ring > 1:
         report.opaque.append("ring attention (fastusp::ring_attention custom op)")
-    options = None
-    if backend == "inductor":  # torch.compile takes mode or options, not both: spell the mode out as options
-        options = dict(torch._inductor.list_mode_options(mode), reorder_for_compute_comm_overlap=reorder_comm)
-    blocks = _repeated_blocks(transformer)
-    fallback = _EagerFallback(report, blocks)
-    for name, block in blocks:
-        compiled = torch.compile(block._call_impl, fullgraph=fullgraph, dynamic=False, backend=backend,
-                                 options=options)
-        block._compiled_call_impl = fallback.guard(name, compiled, block)
-    report.compiled = sorted({type(b).__name__ for _, b in blocks})
+    apply_compile(transformer, report, regional, reorder_comm, backend)
+    if use_graphs:
+        apply_cuda_graphs(transformer, report)
     transformer._fastusp_compile_report = report
     logger.info(report.summary())
     return obj
@@ -73,10 +86,43 @@ def compile_report(obj) -> CompileReport | None:
     return getattr(getattr(obj, "transformer", obj), "_fastusp_compile_report", None)
 
 
-def _default_mode(transformer, cuda_graphs: bool | None) -> str:
-    if cuda_graphs is None:
-        cuda_graphs = transformer.device.type == "cuda"
-    return "reduce-overhead" if cuda_graphs else "default"
+def apply_compile(transformer, report: CompileReport, regional: bool, reorder_comm: bool, backend) -> None:
+    options = None
+    if backend == "inductor":  # torch.compile takes mode or options, not both: spell the mode out as options
+        options = dict(torch._inductor.list_mode_options(report.mode), reorder_for_compute_comm_overlap=reorder_comm)
+    regions = _repeated_blocks(transformer) if regional else [("transformer", transformer)]
+    fallback = _EagerFallback(report, regions)
+    for name, module in regions:
+        compiled = torch.compile(module._call_impl, fullgraph=regional, dynamic=False, backend=backend,
+                                 options=options)
+        module._compiled_call_impl = fallback.guard(name, compiled, module)
+    report.compiled = sorted({type(m).__name__ for _, m in regions})
+
+
+def apply_cuda_graphs(transformer, report: CompileReport) -> None:
+    """Replace forward by one that replays a CUDA graph of the whole forward per input signature."""
+    forward = transformer.forward
+    signature = inspect.signature(forward)
+    state = {"graphed": GraphedForward(lambda **kw: forward(**kw, return_dict=False)[0])}
+
+    @functools.wraps(forward)
+    def graphed_forward(*args, **kwargs):
+        inputs = signature.bind(*args, **kwargs).arguments
+        return_dict = inputs.pop("return_dict", True)
+        if torch.is_grad_enabled() or state["graphed"] is None:  # graphs are for inference only
+            return forward(**inputs, return_dict=return_dict)
+        try:
+            sample = state["graphed"](**inputs)
+        except RuntimeError as e:
+            if "captur" not in str(e).lower():  # only capture failures fall back; real errors propagate
+                raise
+            state["graphed"] = None
+            report.fell_back["cuda graphs"] = " ".join(str(e).split())[:300]
+            logger.warning(report.summary())
+            return forward(**inputs, return_dict=return_dict)
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    transformer.forward = graphed_forward
 
 
 def _repeated_blocks(transformer) -> list[tuple[str, torch.nn.Module]]:
@@ -88,26 +134,26 @@ def _repeated_blocks(transformer) -> list[tuple[str, torch.nn.Module]]:
 
 
 class _EagerFallback:
-    """Runs compiled blocks until one fails to compile, then runs every block eagerly and records why."""
+    """Runs compiled regions until one fails to compile, then runs every region eagerly and records why."""
 
-    def __init__(self, report: CompileReport, blocks):
-        self.report, self.blocks, self.failed = report, blocks, False
+    def __init__(self, report: CompileReport, regions):
+        self.report, self.regions, self.failed = report, regions, False
 
-    def guard(self, name, compiled, block):
+    def guard(self, name, compiled, module):
         def call(*args, **kwargs):
             if not self.failed:
                 try:
                     return compiled(*args, **kwargs)
                 except torch._dynamo.exc.TorchDynamoException as e:  # tracing/compiling, before anything ran
                     self._give_up(name, e)
-            return block._call_impl(*args, **kwargs)
+            return module._call_impl(*args, **kwargs)
 
         return call
 
     def _give_up(self, name, error: Exception) -> None:
         self.failed = True
-        for _, block in self.blocks:
-            block._compiled_call_impl = None
+        for _, module in self.regions:
+            module._compiled_call_impl = None
         reason = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"  # one line for the log
         self.report.fell_back["all blocks"] = f"{name} failed to compile: {reason}"
         logger.warning(self.report.summary())

@@ -35,6 +35,7 @@ class ModelSpec:
     text_inputs: dict[str, int]
     image_inputs: dict[str, int]
     text_mask: str | None = None
+    rope_from_shapes: bool = False  # Qwen-Image builds RoPE from image shapes, not from per-token ids
 
 
 def _model_specs() -> dict[type, ModelSpec]:
@@ -49,9 +50,9 @@ def _model_specs() -> dict[type, ModelSpec]:
         ),
         QwenImageTransformer2DModel: ModelSpec(
             FastUSPQwenImageAttnProcessor, "QwenDoubleStreamAttnProcessor2_0",
-            text_inputs={"encoder_hidden_states": -2, "encoder_hidden_states_mask": -1},
+            text_inputs={"encoder_hidden_states": -2},
             image_inputs={"hidden_states": -2, "controlnet_block_samples": -2},
-            text_mask="encoder_hidden_states_mask",
+            text_mask="encoder_hidden_states_mask", rope_from_shapes=True,
         ),
     }
 
@@ -121,7 +122,7 @@ def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -
     original = transformer.forward
     signature = inspect.signature(original)
     world, rank = context.config.world_size, dist.get_rank()
-    if hasattr(transformer, "pos_embed") and spec.text_mask is not None:
+    if spec.rope_from_shapes:
         _shard_qwen_rope(transformer.pos_embed, context, rank)
 
     @functools.wraps(original)
@@ -129,6 +130,8 @@ def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -
         inputs = signature.bind(*args, **kwargs).arguments
         return_dict = inputs.pop("return_dict", True)
         context.layout = layout = _layout_for(inputs, spec, world)
+        if spec.text_mask in inputs:  # now carried by layout.key_bias; diffusers' own mask code is not needed
+            inputs[spec.text_mask] = None
         for name, dim in spec.text_inputs.items():
             if name in inputs:
                 inputs[name] = _shard(inputs[name], layout.text_slice(rank), dim)
@@ -153,9 +156,9 @@ def _layout_for(inputs: dict, spec: ModelSpec, world: int) -> SeqLayout:
         raise ValueError(f"{image_len} image tokens cannot be split over {world} ranks; use a larger image")
     layout = SeqLayout.even(text_len, image_len, world)
     mask = inputs.get(spec.text_mask) if spec.text_mask else None
-    # An all-ones mask is what the single-device model treats as no mask: skip the bias so attention can use its
-    # fastest unmasked kernel (the Qwen-Image pipeline drops such masks itself).
-    if mask is not None and not bool(mask.all()):
+    # A given mask is always applied, as the single-device model does. Checking for an all-ones mask here would
+    # cost a host sync every step (and break CUDA graph capture); the Qwen-Image pipeline drops such masks itself.
+    if mask is not None:
         bias = key_bias_from_text_mask(mask, layout.text, layout.image, inputs["hidden_states"].dtype)
         layout = SeqLayout(layout.text, layout.image, bias)
     return layout

@@ -60,7 +60,7 @@ class FastUSPQwenImageAttnProcessor:
             img_query, img_key = _rope(img_query, img_freqs), _rope(img_key, img_freqs)
             txt_query, txt_key = _rope(txt_query, txt_freqs), _rope(txt_key, txt_freqs)
 
-        # encoder_hidden_states_mask is deliberately unused: the layout carries it as a global key bias.
+        # The sharded forward passes encoder_hidden_states_mask=None: the layout carries the full mask as a key bias.
         joint = usp_attention(
             torch.cat([txt_query, img_query], dim=1),
             torch.cat([txt_key, img_key], dim=1),

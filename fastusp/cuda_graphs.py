@@ -1,0 +1,73 @@
+"""One CUDA graph per input signature for a whole transformer forward.
+
+A FLUX step launches thousands of kernels; once the work is split over several GPUs the host cannot launch them
+as fast as the GPUs finish them. Replaying a captured graph launches the whole forward (collectives included)
+at once. Graphs are keyed by everything that could change what the forward does: the structure of the inputs,
+every tensor's shape, dtype, device and strides, and every non-tensor value. A call with a new key captures a
+new graph; it never replays a graph recorded for other inputs. Tensor values are copied into the graph's static
+inputs before each replay, so new latents, timesteps or prompts are fine.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils import _pytree as pytree
+
+logger = logging.getLogger("fastusp")
+
+
+class GraphedForward:
+    """Wraps forward(**kwargs) -> Tensor; replays a CUDA graph per input signature, up to `max_graphs`."""
+
+    def __init__(self, forward, max_graphs: int = 8, warmup: int = 2):
+        self.forward, self.max_graphs, self.warmup = forward, max_graphs, warmup
+        self.graphs: dict = {}
+        self.pool = None
+
+    def __call__(self, **kwargs) -> torch.Tensor:
+        leaves, spec = pytree.tree_flatten(kwargs)
+        key = _signature(leaves, spec)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if key is None or len(self.graphs) >= self.max_graphs:  # unhashable inputs, or too many shapes
+                return self.forward(**kwargs)
+            entry = self.graphs[key] = self._capture(leaves, spec)
+        static_inputs, graph, static_output = entry
+        for static, leaf in zip(static_inputs, leaves):
+            if isinstance(leaf, torch.Tensor):
+                static.copy_(leaf)
+        graph.replay()
+        return static_output.clone()  # the next replay overwrites the static output
+
+    def _capture(self, leaves, spec):
+        static_inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        kwargs = pytree.tree_unflatten(static_inputs, spec)
+        # Warm up on a side stream (compiles, creates NCCL communicators and library handles, fills caches):
+        # none of that may happen during capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.forward(**kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()  # shared: graphs for other shapes reuse the memory
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: NCCL's watchdog thread keeps polling while this thread captures
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            static_output = self.forward(**kwargs)
+        logger.info("fastusp: captured CUDA graph %d for new input shapes", len(self.graphs) + 1)
+        return static_inputs, graph, static_output
+
+
+def _signature(leaves, spec):
+    parts = [str(spec)]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            parts.append((tuple(leaf.shape), leaf.dtype, leaf.device, leaf.stride()))
+        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+            parts.append(leaf)
+        else:
+            return None
+    return tuple(parts)
