@@ -1,7 +1,10 @@
 import os
 import sys
 
-import torch
+# Inductor compiles in-process: a pool of compile workers per forked rank would oversubscribe CI's 2 cores.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import torch  # noqa: E402
 
 # Workers are forked from the test process: keep it single-threaded so fork never copies a busy OpenMP pool, and
 # the suite does not oversubscribe CI's 2 cores.

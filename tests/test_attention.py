@@ -51,7 +51,6 @@ def test_merge_ignores_a_fully_masked_block():
 
 
 def _ring_worker(q, k, v, bias, lens):
-    dist.init_process_group("gloo")
     rank, starts = dist.get_rank(), [sum(lens[:i]) for i in range(len(lens))]
     mine = slice(starts[rank], starts[rank] + lens[rank])
     kv = torch.stack([k[:, :, mine], v[:, :, mine]]).permute(3, 0, 1, 2, 4).contiguous()  # [S, 2, B, H, D]
@@ -73,7 +72,6 @@ def test_ring_attention_equals_full_attention(lens, masked):
 
 
 def _all_to_all_worker(xs_per_rank, lens):
-    dist.init_process_group("gloo")
     rank = dist.get_rank()
     q, k = xs_per_rank[0][rank], xs_per_rank[1][rank]
     packed = seq_to_head_shard([q, k], lens, dist.group.WORLD)
@@ -96,7 +94,6 @@ def test_ulysses_all_to_all_round_trip_with_uneven_chunks():
 
 
 def _gather_worker(parts):
-    dist.init_process_group("gloo")
     return gather_seq(parts[dist.get_rank()], [p.shape[1] for p in parts], dist.group.WORLD, dim=1)
 
 

@@ -67,15 +67,21 @@ def test_forced_compile_failure_returns_correct_eager_results():
         assert "fell back: all blocks" in report.summary()
 
 
-def test_compile_single_device_model_without_parallelize():
+def _compile_unparallelized():
     model = tiny_qwen()
     inputs = qwen_inputs(batch=1)
     with torch.no_grad():
         eager = model(**inputs, return_dict=False)[0]
         fastusp.compile_pipeline(model, backend="aot_eager")
         compiled = model(**inputs, return_dict=False)[0]
-    torch._dynamo.reset()
-    assert fastusp.compile_report(model).compiled == ["QwenImageTransformerBlock"]
+    return eager, compiled, fastusp.compile_report(model).compiled
+
+
+def test_compile_single_device_model_without_parallelize():
+    # In a child process like every compiling test: the test process itself never compiles, because forking
+    # from a process that holds compiler worker threads can deadlock the children of later tests.
+    [(eager, compiled, regions)] = run_distributed(_compile_unparallelized, 1)
+    assert regions == ["QwenImageTransformerBlock"]
     assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
@@ -92,3 +98,23 @@ def test_compile_twice_is_refused():
     model = fastusp.compile_pipeline(tiny_flux(), backend="aot_eager")
     with pytest.raises(ValueError, match="already applied"):
         fastusp.compile_pipeline(model)
+
+
+def test_cuda_graph_signature_separates_everything_a_graph_depends_on():
+    from torch.utils import _pytree as pytree
+
+    from fastusp.cuda_graphs import _signature
+
+    def key(**kwargs):
+        return _signature(*pytree.tree_flatten(kwargs))
+
+    base = key(x=torch.zeros(2, 3), shapes=[(1, 4, 4)], scale=1.0, mask=None)
+    assert base == key(x=torch.ones(2, 3), shapes=[(1, 4, 4)], scale=1.0, mask=None)  # values are copied in
+    for other in (key(x=torch.zeros(2, 4), shapes=[(1, 4, 4)], scale=1.0, mask=None),  # shape
+                  key(x=torch.zeros(2, 3, dtype=torch.float64), shapes=[(1, 4, 4)], scale=1.0, mask=None),
+                  key(x=torch.zeros(3, 2).t(), shapes=[(1, 4, 4)], scale=1.0, mask=None),  # strides
+                  key(x=torch.zeros(2, 3), shapes=[(1, 4, 5)], scale=1.0, mask=None),  # image shape
+                  key(x=torch.zeros(2, 3), shapes=[(1, 4, 4)], scale=2.0, mask=None),  # python value
+                  key(x=torch.zeros(2, 3), shapes=[(1, 4, 4)], scale=1.0, mask=torch.ones(2))):  # mask given
+        assert other != base
+    assert key(x=torch.zeros(1), extra=object()) is None  # unknown objects: never graphed

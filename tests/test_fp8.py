@@ -38,7 +38,6 @@ def test_bf16_round_trip():
 
 
 def _exchange_with_rank_dependent_ranges(seq_lens):
-    dist.init_process_group("gloo")
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(rank)
     scale = [1e-3, 1e3][rank]  # ranks differ by six orders of magnitude
@@ -57,7 +56,6 @@ def test_receiver_decodes_with_the_senders_scales():
 
 
 def _bytes_on_the_wire(fp8):
-    dist.init_process_group("gloo")
     sent = []
     original = ulysses_mod.fc.all_to_all_single
 
@@ -74,7 +72,6 @@ def _bytes_on_the_wire(fp8):
 def _ring_bytes(fp8):
     from fastusp.attention.ring import ring_attention
 
-    dist.init_process_group("gloo")
     sent = []
     original = RingComm.send_recv
 
