@@ -93,6 +93,8 @@ def _spec_for(transformer) -> ModelSpec:
         raise ValueError(f"fastusp supports {names} (or a pipeline holding one), got {type(transformer).__name__}")
     if getattr(transformer, "_fastusp_config", None) is not None:
         raise ValueError("this transformer is already parallelized by fastusp")
+    if getattr(transformer, "_fastusp_compile_report", None) is not None:
+        raise ValueError("call fastusp.parallelize before fastusp.compile_pipeline, not after")
     if getattr(transformer, "_parallel_config", None) is not None:
         raise ValueError("this transformer already uses diffusers' context parallelism; use one or the other")
     cfg = transformer.config

@@ -57,6 +57,12 @@ def test_unsupported_qwen_variant():
         fastusp.parallelize(model, ulysses=2)
 
 
+def test_parallelize_after_compile_is_refused():
+    model = fastusp.compile_pipeline(tiny_flux(), backend="aot_eager")  # wraps only; nothing compiles here
+    with pytest.raises(ValueError, match="before fastusp.compile_pipeline"):
+        fastusp.parallelize(model, ulysses=2)
+
+
 def test_missing_torchrun_environment(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
