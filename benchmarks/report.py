@@ -217,7 +217,8 @@ def plot(card, records, path):
 
     groups = defaultdict(list)
     for r in records:
-        groups[workload(r)].append(r)
+        if ok(r):  # failed runs stay in the table with their error; a plot can only show measurements
+            groups[workload(r)].append(r)
     fig, axes = plt.subplots(len(groups), 2, figsize=(15, 4.5 * len(groups)), squeeze=False)
     for row, ((model, res, txt, tiny), rows) in zip(axes, sorted(groups.items())):
         plot_workload(row, rows, f"{model} {res}, txt {txt}{' (tiny)' if tiny else ''}")
