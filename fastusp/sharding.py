@@ -19,14 +19,6 @@ def split_sizes(length: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def offsets(sizes: list[int]) -> list[int]:
-    out, total = [], 0
-    for s in sizes:
-        out.append(total)
-        total += s
-    return out
-
-
 @dataclass(frozen=True)
 class SeqLayout:
     """Token counts of every rank for one forward (identical on all ranks, since inputs are).

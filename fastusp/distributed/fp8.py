@@ -30,7 +30,3 @@ def dequantize_fp8(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     payload = packed[..., :-SCALE_BYTES].contiguous().view(torch.float8_e4m3fn)
     scale = packed[..., -SCALE_BYTES:].contiguous().view(torch.float32)
     return (payload.float() * scale).to(dtype)
-
-
-def packed_dim(head_dim: int, fp8: bool) -> int:
-    return head_dim + SCALE_BYTES if fp8 else head_dim
