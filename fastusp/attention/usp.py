@@ -24,12 +24,15 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seq
     group_lens = list(tokens[config.ring_rank * u:(config.ring_rank + 1) * u])
     ulysses_group = config.ulysses_group if u > 1 else None
 
-    qkv = seq_to_head_shard([q, k, v], group_lens, ulysses_group, fp8=config.fp8_qkv)  # [S_chunk, 3, B, h, D]
-    q_h = qkv[:, 0].permute(1, 2, 0, 3)
-    if r == 1:
-        k_h, v_h = qkv[:, 1].permute(1, 2, 0, 3), qkv[:, 2].permute(1, 2, 0, 3)
-        out = attention(q_h, k_h, v_h, layout.key_bias)
+    if u == 1:  # no all-to-all: q is used in place, only k|v are packed (the ring sends them)
+        q_h = q.transpose(1, 2)
+        kv = seq_to_head_shard([k, v], group_lens, None)  # [S_chunk, 2, B, H, D], contiguous
     else:
-        out = maybe_traceable_ring_attention(q_h, qkv[:, 1:].contiguous(), chunk_lens, config.ring_group,
+        qkv = seq_to_head_shard([q, k, v], group_lens, ulysses_group, fp8=config.fp8_qkv)  # [S_chunk, 3, B, h, D]
+        q_h, kv = qkv[:, 0].permute(1, 2, 0, 3), qkv[:, 1:]
+    if r == 1:
+        out = attention(q_h, kv[:, 0].permute(1, 2, 0, 3), kv[:, 1].permute(1, 2, 0, 3), layout.key_bias)
+    else:
+        out = maybe_traceable_ring_attention(q_h, kv.contiguous(), chunk_lens, config.ring_group,
                                              layout.key_bias, config.fp8_qkv, config.ring_overlap)
     return head_to_seq_shard(out, group_lens, config.ulysses_rank, ulysses_group, fp8=config.fp8_out)
