@@ -15,14 +15,12 @@ are keyed by input shapes, so a new resolution or text length recompiles / recap
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+from ._forward import wrap_forward
 from .cuda_graphs import GraphedForward
 
 logger = logging.getLogger("fastusp")
@@ -102,27 +100,23 @@ def apply_compile(transformer, report: CompileReport, regional: bool, reorder_co
 def apply_cuda_graphs(transformer, report: CompileReport) -> None:
     """Replace forward by one that replays a CUDA graph of the whole forward per input signature."""
     forward = transformer.forward
-    signature = inspect.signature(forward)
     state = {"graphed": GraphedForward(lambda **kw: forward(**kw, return_dict=False)[0])}
 
-    @functools.wraps(forward)
-    def graphed_forward(*args, **kwargs):
-        inputs = signature.bind(*args, **kwargs).arguments
-        return_dict = inputs.pop("return_dict", True)
+    def run_graphed(forward, inputs):
+        eager = lambda: forward(**inputs, return_dict=False)[0]
         if torch.is_grad_enabled() or state["graphed"] is None:  # graphs are for inference only
-            return forward(**inputs, return_dict=return_dict)
+            return eager()
         try:
-            sample = state["graphed"](**inputs)
+            return state["graphed"](**inputs)
         except RuntimeError as e:
             if "captur" not in str(e).lower():  # only capture failures fall back; real errors propagate
                 raise
             state["graphed"] = None
             report.fell_back["cuda graphs"] = " ".join(str(e).split())[:300]
             logger.warning(report.summary())
-            return forward(**inputs, return_dict=return_dict)
-        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+            return eager()
 
-    transformer.forward = graphed_forward
+    wrap_forward(transformer, run_graphed)
 
 
 def _repeated_blocks(transformer) -> list[tuple[str, torch.nn.Module]]:

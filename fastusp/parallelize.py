@@ -8,14 +8,13 @@ After it the transformer takes the same full inputs on every rank and returns th
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+from ._forward import wrap_forward
 from .config import ParallelConfig, maybe_init_distributed
 from .distributed.gather import gather_seq
 from .processors.context import USPContext
@@ -121,16 +120,11 @@ def _shard(value, index: slice, dim: int):
 
 def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -> None:
     """Wrap forward so it takes full inputs, runs on this rank's tokens and returns the full output."""
-    original = transformer.forward
-    signature = inspect.signature(original)
     world, rank = context.config.world_size, dist.get_rank()
     if spec.rope_from_shapes:
         _shard_qwen_rope(transformer.pos_embed, context, rank)
 
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        inputs = signature.bind(*args, **kwargs).arguments
-        return_dict = inputs.pop("return_dict", True)
+    def run_sharded(original, inputs):
         context.layout = layout = _layout_for(inputs, spec, world)
         if spec.text_mask in inputs:  # now carried by layout.key_bias; diffusers' own mask code is not needed
             inputs[spec.text_mask] = None
@@ -144,10 +138,9 @@ def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -
             sample = original(**inputs, return_dict=False)[0]
         finally:
             context.layout = None
-        sample = gather_seq(sample, list(layout.image), dist.group.WORLD, dim=1)
-        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+        return gather_seq(sample, list(layout.image), dist.group.WORLD, dim=1)
 
-    transformer.forward = forward
+    wrap_forward(transformer, run_sharded)
 
 
 def _layout_for(inputs: dict, spec: ModelSpec, world: int) -> SeqLayout:
