@@ -14,10 +14,12 @@ when it fails (`err` is then set), and appends it to $OUT/results.jsonl when $OU
 --impl diffusers  ContextParallelConfig from --config: ulysses2 | ring2 | ulysses2xring2; --backend picks the
                   attention backend (native | _native_cudnn | _native_flash ...).
 --impl fastusp    fastusp.parallelize(model, ulysses=U, ring=R, fp8_comm=...) from --config: u2r1 | u1r2 |
-                  u2r2 | u2r1-fp8 | u2r1-fp8all; compiled with fastusp.compile_pipeline.
+                  u2r2 | u2r1-fp8 | u2r1-fp8all, optionally -c<N> (ulysses_chunks); compiled with
+                  fastusp.compile_pipeline.
 --compile 1       --compile-mode auto (default): fastusp -> fastusp.compile_pipeline, others -> regional
                   (diffusers' compile_repeated_blocks(fullgraph=True)); regional | whole (torch.compile(model))
-                  force one of those for any impl.
+                  force one of those for any impl; graphs: compile_pipeline(backend=None), CUDA graphs of the
+                  eager forward without torch.compile (any impl whose forward fastusp can wrap).
 --tiny            CPU + gloo, float32, a one-layer model and a 256x256 image: checks the harness, not speed.
 """
 from __future__ import annotations
@@ -54,7 +56,7 @@ def parse_args(argv=None):
     ap.add_argument("--impl", default="single", choices=["single", "diffusers", "fastusp"])
     ap.add_argument("--config", default="-", help="ulysses2xring2 (diffusers), u2r2[-fp8] (fastusp), - (single)")
     ap.add_argument("--compile", type=int, default=0, choices=[0, 1])
-    ap.add_argument("--compile-mode", default="auto", choices=["auto", "regional", "whole"])
+    ap.add_argument("--compile-mode", default="auto", choices=["auto", "regional", "whole", "graphs"])
     ap.add_argument("--fullgraph", type=int, default=1, choices=[0, 1], help="for regional compile")
     ap.add_argument("--backend", default="native", help="diffusers attention backend (single / diffusers)")
     ap.add_argument("--cp-anything", type=int, default=0, choices=[0, 1],
@@ -91,13 +93,15 @@ def parse_diffusers_config(text: str) -> tuple[int, int]:
     return int(m.group(1) or 1), int(m.group(2) or 1)
 
 
-def parse_fastusp_config(text: str) -> tuple[int, int, bool | str]:
-    """'u2r1' | 'u2r1-fp8' | 'u2r1-fp8all' -> (ulysses, ring, fp8_comm)."""
-    m = re.fullmatch(r"u(\d+)r(\d+)(-fp8(all)?)?", text)
+def parse_fastusp_config(text: str) -> dict:
+    """'u2r1' | 'u2r1-fp8' | 'u2r1-fp8all', optionally '-c<N>' (ulysses_chunks) -> fastusp.parallelize kwargs."""
+    m = re.fullmatch(r"u(\d+)r(\d+)(-fp8(all)?)?(-c(\d+))?", text)
     if not m:
-        raise ValueError(f"fastusp config {text!r}: expected u<N>r<M>, optionally -fp8 or -fp8all")
-    fp8 = "all" if m.group(4) else bool(m.group(3))
-    return int(m.group(1)), int(m.group(2)), fp8
+        raise ValueError(f"fastusp config {text!r}: expected u<N>r<M>, optionally -fp8 or -fp8all, then -c<N>")
+    kw = dict(ulysses=int(m.group(1)), ring=int(m.group(2)), fp8_comm="all" if m.group(4) else bool(m.group(3)))
+    if m.group(6):
+        kw["ulysses_chunks"] = int(m.group(6))
+    return kw
 
 
 def resolved_compile_mode(a) -> str | None:
@@ -230,10 +234,10 @@ def apply_diffusers_cp(model, a, world):
 def apply_fastusp(model, a, world):
     import fastusp
 
-    ulysses, ring, fp8 = parse_fastusp_config(a.config)
-    if ulysses * ring != world:
-        raise ValueError(f"config {a.config}: ulysses {ulysses} * ring {ring} != world {world}")
-    return fastusp.parallelize(model, ulysses=ulysses, ring=ring, fp8_comm=fp8) or model
+    kw = parse_fastusp_config(a.config)
+    if kw["ulysses"] * kw["ring"] != world:
+        raise ValueError(f"config {a.config}: ulysses {kw['ulysses']} * ring {kw['ring']} != world {world}")
+    return fastusp.parallelize(model, **kw) or model
 
 
 def maybe_compile(model, a):
@@ -244,9 +248,9 @@ def maybe_compile(model, a):
         inductor_config.reorder_for_compute_comm_overlap = True
     if mode is None:
         return model
-    if mode == "pipeline":
+    if mode in ("pipeline", "graphs"):  # graphs: fastusp's CUDA graphs of the eager forward, no torch.compile
         import fastusp
-        return fastusp.compile_pipeline(model) or model
+        return fastusp.compile_pipeline(model, **({"backend": None} if mode == "graphs" else {})) or model
     if mode == "regional":
         model.compile_repeated_blocks(fullgraph=bool(a.fullgraph))  # compiles each block class in place
         return model
@@ -381,6 +385,49 @@ def profile_steps(fwd, kw, a, rank):
     print(f"PROFILE {a.model} {a.impl} {a.config} compile={a.compile}: {launches / a.profile:.0f} kernel launches "
           f"and {graphs / a.profile:.0f} graph launches per step", file=sys.stderr)
     print(events.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60), file=sys.stderr)
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        breakdown = kernel_breakdown(json.load(open(f.name)), a.profile)
+    print(f"BREAKDOWN {a.model} {a.impl} {a.config} compile={a.compile} {json.dumps(breakdown)}", file=sys.stderr)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "breakdown.jsonl"), "a") as f:
+            f.write(json.dumps(dict(model=a.model, world=int(os.environ.get("WORLD_SIZE", "1")), impl=a.impl,
+                                    config=a.config, compiled=bool(a.compile), **breakdown)) + "\n")
+
+
+KERNEL_KINDS = [("nccl", r"nccl"), ("attention", r"flash|fmha|attention|cudnn|sdpa"),
+                ("gemm", r"gemm|nvjet|cutlass|xmma|matmul"), ("other", r"")]
+
+
+def _union_ms(intervals) -> float:
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total / 1e3
+
+
+def kernel_breakdown(trace: dict, steps: int) -> dict:
+    """Per step (ms, rank 0): GPU time by kernel kind, the span, and how much NCCL time no compute kernel hid."""
+    kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel" and "dur" in e]
+    if not kernels:
+        return {}
+    by_kind = {k: [] for k, _ in KERNEL_KINDS}
+    for e in kernels:
+        kind = next(k for k, pat in KERNEL_KINDS if re.search(pat, e["name"], re.I))
+        by_kind[kind].append((e["ts"], e["ts"] + e["dur"]))
+    compute = [iv for k, ivs in by_kind.items() if k != "nccl" for iv in ivs]
+    span = (max(e for _, e in compute + by_kind["nccl"]) - min(s for s, _ in compute + by_kind["nccl"])) / 1e3
+    busy_compute = _union_ms(compute)
+    busy_all = _union_ms(compute + by_kind["nccl"])
+    out = {f"{k}_ms": round(sum(e - s for s, e in ivs) / 1e3 / steps, 3) for k, ivs in by_kind.items()}
+    out.update(kernels_per_step=round(len(kernels) / steps), span_ms=round(span / steps, 3),
+               compute_busy_ms=round(busy_compute / steps, 3),
+               nccl_exposed_ms=round((busy_all - busy_compute) / steps, 3),
+               idle_ms=round((span - busy_all) / steps, 3))
+    return out
 
 
 def main(argv=None):
@@ -413,7 +460,10 @@ def main(argv=None):
         emit(record)
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        # skip destroy_process_group: tearing down NCCL communicators that CUDA graphs captured can hang (H200)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -39,8 +39,9 @@ class CompileReport:
     fell_back: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
-        parts = [f"compiled {', '.join(self.compiled) or 'nothing'} (inductor mode={self.mode}, "
-                 f"whole-forward CUDA graphs={'on' if self.cuda_graphs else 'off'})"]
+        what = f"compiled {', '.join(self.compiled)} (inductor mode={self.mode}, " if self.compiled else \
+            "compiled nothing (eager kernels, "
+        parts = [what + f"whole-forward CUDA graphs={'on' if self.cuda_graphs else 'off'})"]
         if self.opaque:
             parts.append(f"opaque to Inductor: {', '.join(self.opaque)}")
         for region, reason in self.fell_back.items():
@@ -56,6 +57,8 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
     cuda_graphs: capture the whole transformer forward as one CUDA graph per input shape (default: on CUDA).
     regional: compile each repeated block once (default) instead of the whole transformer (slow to compile).
     reorder_comm: let Inductor reorder collectives against compute for overlap.
+    backend: torch.compile's backend; None skips torch.compile and only captures CUDA graphs of the eager
+        forward (no compile time; removes the host launch overhead that bounds an eager step on several GPUs).
     The report is available as fastusp.compile_report(obj).
     """
     if mode in _CUDA_GRAPH_MODES:
@@ -67,11 +70,14 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
     use_graphs = transformer.device.type == "cuda" if cuda_graphs is None else cuda_graphs
     if use_graphs and transformer.device.type != "cuda":
         raise ValueError("cuda_graphs=True needs the transformer on a CUDA device")
+    if backend is None and not use_graphs:
+        raise ValueError("backend=None compiles nothing, so it needs CUDA graphs (a CUDA transformer)")
     report = CompileReport(mode=mode, cuda_graphs=use_graphs)
     config = getattr(transformer, "_fastusp_config", None)
     if config is not None and config.ring > 1:
         report.opaque.append("ring attention (fastusp::ring_attention custom op)")
-    apply_compile(transformer, report, regional, reorder_comm, backend)
+    if backend is not None:
+        apply_compile(transformer, report, regional, reorder_comm, backend)
     if use_graphs:
         apply_cuda_graphs(transformer, report)
     transformer._fastusp_compile_report = report

@@ -24,19 +24,26 @@ class ParallelConfig:
               key/value exchange; "all" also quantizes the attention output on its way back.
     ring_overlap: post the next key/value transfer before computing on the current chunk (the pipelined ring).
               False waits for each transfer first; it exists to measure what the overlap buys.
+    ulysses_chunks: send each rank's heads in this many chunks, so one chunk's all-to-all overlaps another's
+              attention (1 = one exchange, no overlap); rounded down to a divisor of the heads per rank. None
+              (default): 2 where the forward is compiled or captured in a CUDA graph, 1 in plain eager, where
+              every extra launch costs host time the GPUs wait for.
     """
 
     ulysses: int = 1
     ring: int = 1
     fp8_comm: bool | str = False
     ring_overlap: bool = True
+    ulysses_chunks: int | None = None
     _mesh: object = field(default=None, init=False, repr=False)
     _groups: dict = field(default_factory=dict, init=False, repr=False)
     _rank: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
-        for name in ("ulysses", "ring"):
+        for name in ("ulysses", "ring", "ulysses_chunks"):
             value = getattr(self, name)
+            if name == "ulysses_chunks" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.fp8_comm not in (False, True, "all"):
@@ -53,6 +60,13 @@ class ParallelConfig:
     @property
     def fp8_out(self) -> bool:
         return self.fp8_comm == "all"
+
+    def head_chunks(self, num_heads: int, traced: bool) -> int:
+        """How many chunks one rank's heads travel in: the largest divisor of them <= ulysses_chunks (None: 2 if
+        `traced`, i.e. compiled or captured in a CUDA graph, else 1)."""
+        wanted = self.ulysses_chunks or (2 if traced else 1)
+        per_rank = num_heads // self.ulysses
+        return max(c for c in range(1, min(wanted, per_rank) + 1) if per_rank % c == 0)
 
     def validate_world(self, world_size: int) -> None:
         """Raise ValueError naming every factor when the degrees do not multiply to the number of processes."""

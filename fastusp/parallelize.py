@@ -56,14 +56,14 @@ def _model_specs() -> dict[type, ModelSpec]:
     }
 
 
-def parallelize(obj, *, ulysses: int = 1, ring: int = 1, fp8_comm: bool | str = False):
+def parallelize(obj, *, ulysses: int = 1, ring: int = 1, fp8_comm: bool | str = False, **options):
     """Shard a FLUX / Qwen-Image transformer's token sequence across all ranks, in place; returns `obj`.
 
     obj: a diffusers pipeline with a `transformer`, or a FluxTransformer2DModel / QwenImageTransformer2DModel.
     ulysses * ring must equal the number of processes (torchrun --nproc-per-node), and ulysses must divide the
-    number of attention heads. fp8_comm: see ParallelConfig.
+    number of attention heads. fp8_comm and the tuning options (ulysses_chunks, ring_overlap): see ParallelConfig.
     """
-    config = ParallelConfig(ulysses=ulysses, ring=ring, fp8_comm=fp8_comm)
+    config = ParallelConfig(ulysses=ulysses, ring=ring, fp8_comm=fp8_comm, **options)
     transformer = getattr(obj, "transformer", obj)
     spec = _spec_for(transformer)
     config.validate_heads(transformer.config.num_attention_heads)

@@ -9,7 +9,7 @@ from fastusp.attention.local import attention_with_lse
 from fastusp.attention.merge import merge_attention
 from fastusp.attention.ring import ring_attention
 from fastusp.distributed.gather import gather_seq
-from fastusp.distributed.ulysses import head_to_seq_shard, seq_to_head_shard
+from fastusp.distributed import ulysses as a2a
 from fastusp.sharding import SeqLayout, key_bias_from_text_mask, split_sizes
 
 
@@ -71,25 +71,38 @@ def test_ring_attention_equals_full_attention(lens, masked):
     assert rel_err(torch.cat(outs, dim=2), ref) < 1e-5
 
 
-def _all_to_all_worker(xs_per_rank, lens):
+def seq_to_head(tensors, lens, chunks, fp8=False):
+    """Every head chunk's [S, n, B, hc, D] after the q/k/v all-to-all over the world group."""
+    sends = a2a.pack_head_chunks(tensors, dist.get_world_size(), chunks)
+    in_flight = [a2a.start_seq_to_head(s, lens, dist.group.WORLD, fp8) for s in sends]
+    return [a2a.finish_seq_to_head(a2a.wait(x), s, tensors[0].dtype, fp8) for s, x in zip(sends, in_flight)]
+
+
+def _all_to_all_worker(xs_per_rank, lens, chunks):
     rank = dist.get_rank()
     q, k = xs_per_rank[0][rank], xs_per_rank[1][rank]
-    packed = seq_to_head_shard([q, k], lens, dist.group.WORLD)
-    back = head_to_seq_shard(packed[:, 1].permute(1, 2, 0, 3), lens, rank, dist.group.WORLD)
-    return packed, back
+    received = seq_to_head([q, k], lens, chunks)
+    returning = [a2a.start_head_to_seq(r[:, 1].permute(1, 2, 0, 3), lens, rank, dist.group.WORLD) for r in received]
+    back = a2a.join_head_chunks([a2a.wait(x) for x in returning], q.shape[0], q.shape[1], len(lens), q.shape[3],
+                                q.dtype)
+    return received, back
 
 
-def test_ulysses_all_to_all_round_trip_with_uneven_chunks():
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_ulysses_all_to_all_round_trip_with_uneven_chunks(chunks):
     lens, heads = [3, 2, 2, 1], 8
     q_full, k_full = torch.randn(2, sum(lens), heads, 4), torch.randn(2, sum(lens), heads, 4)
     split = lambda x: list(x.split(lens, dim=1))
-    outs = run_distributed(_all_to_all_worker, 4, (split(q_full), split(k_full)), lens)
-    for rank, (packed, back) in enumerate(outs):
-        heads_of_rank = slice(2 * rank, 2 * rank + 2)
-        # seq -> head shard: every token, this rank's heads, sequence-major [S, n, B, h, D]
-        assert torch.equal(packed[:, 0], q_full[:, :, heads_of_rank].permute(1, 0, 2, 3))
-        assert torch.equal(packed[:, 1], k_full[:, :, heads_of_rank].permute(1, 0, 2, 3))
-        # head -> seq shard returns this rank's tokens with all heads
+    outs = run_distributed(_all_to_all_worker, 4, (split(q_full), split(k_full)), lens, chunks)
+    hc = heads // 4 // chunks
+    for rank, (received, back) in enumerate(outs):
+        assert len(received) == chunks
+        for j, packed in enumerate(received):
+            heads_of_chunk = slice(2 * rank + j * hc, 2 * rank + (j + 1) * hc)
+            # seq -> head shard: every token, this rank's heads of chunk j, sequence-major [S, n, B, hc, D]
+            assert torch.equal(packed[:, 0], q_full[:, :, heads_of_chunk].permute(1, 0, 2, 3))
+            assert torch.equal(packed[:, 1], k_full[:, :, heads_of_chunk].permute(1, 0, 2, 3))
+        # head -> seq shard returns this rank's tokens with all heads, in order
         assert torch.equal(back, split(k_full)[rank])
 
 

@@ -7,7 +7,7 @@ import fastusp.distributed.ulysses as ulysses_mod
 from _dist import run_distributed
 from fastusp.distributed.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
 from fastusp.distributed.ring_comm import RingComm
-from fastusp.distributed.ulysses import seq_to_head_shard
+from test_attention import seq_to_head
 from test_models import LAYOUTS, assert_parallel_matches_single
 
 
@@ -42,8 +42,8 @@ def _exchange_with_rank_dependent_ranges(seq_lens):
     g = torch.Generator().manual_seed(rank)
     scale = [1e-3, 1e3][rank]  # ranks differ by six orders of magnitude
     q = torch.randn(1, seq_lens[rank], 4, 32, generator=g) * scale
-    exact = seq_to_head_shard([q], seq_lens, dist.group.WORLD)
-    quantized = seq_to_head_shard([q], seq_lens, dist.group.WORLD, fp8=True)
+    exact = seq_to_head([q], seq_lens, 1)[0]
+    quantized = seq_to_head([q], seq_lens, 1, fp8=True)[0]
     return exact, quantized
 
 
@@ -57,15 +57,15 @@ def test_receiver_decodes_with_the_senders_scales():
 
 def _bytes_on_the_wire(fp8):
     sent = []
-    original = ulysses_mod.fc.all_to_all_single
+    original = ulysses_mod._all_to_all
 
     def spy(x, *args, **kwargs):
         sent.append(x.numel() * x.element_size())
         return original(x, *args, **kwargs)
 
-    ulysses_mod.fc.all_to_all_single = spy
+    ulysses_mod._all_to_all = spy
     qkv = [torch.randn(1, 64, 24, 128, dtype=torch.bfloat16) for _ in range(3)]  # FLUX heads
-    seq_to_head_shard(qkv, [64, 64], dist.group.WORLD, fp8=fp8)
+    seq_to_head(qkv, [64, 64], 1, fp8=fp8)
     return sum(sent)
 
 

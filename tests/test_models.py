@@ -10,20 +10,20 @@ LAYOUTS = [(2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]  # (ulysses, ring)
 MODELS = {"flux": (tiny_flux, flux_inputs), "qwen": (tiny_qwen, qwen_inputs)}
 
 
-def _parallel_forward(build, inputs, ulysses, ring, fp8_comm=False, return_dict=False):
+def _parallel_forward(build, inputs, ulysses, ring, fp8_comm=False, return_dict=False, options=None):
     model = build()
-    fastusp.parallelize(model, ulysses=ulysses, ring=ring, fp8_comm=fp8_comm)
+    fastusp.parallelize(model, ulysses=ulysses, ring=ring, fp8_comm=fp8_comm, **(options or {}))
     with torch.no_grad():
         out = model(**inputs, return_dict=return_dict)
     return out.sample if return_dict else out[0]
 
 
-def assert_parallel_matches_single(name, layout, tol=1e-4, fp8_comm=False, **input_kw):
+def assert_parallel_matches_single(name, layout, tol=1e-4, fp8_comm=False, options=None, **input_kw):
     build, make_inputs = MODELS[name]
     inputs = make_inputs(**input_kw)
     with torch.no_grad():
         ref = build()(**inputs, return_dict=False)[0]
-    outs = run_distributed(_parallel_forward, layout[0] * layout[1], build, inputs, *layout, fp8_comm)
+    outs = run_distributed(_parallel_forward, layout[0] * layout[1], build, inputs, *layout, fp8_comm, False, options)
     for rank, out in enumerate(outs):
         assert out.shape == ref.shape
         err = ((out - ref).norm() / ref.norm()).item()
@@ -36,6 +36,14 @@ def assert_parallel_matches_single(name, layout, tol=1e-4, fp8_comm=False, **inp
 def test_uneven_tokens_batch2(name, layout):
     # 3x5 = 15 image tokens and 5 text tokens: neither divides 2 nor 4, so every layout splits unevenly.
     assert_parallel_matches_single(name, layout, batch=2, height=3, width=5, text_len=5)
+
+
+@pytest.mark.parametrize("layout", [(2, 1), (2, 2)], ids=lambda l: f"u{l[0]}r{l[1]}")
+@pytest.mark.parametrize("name", ["flux", "qwen"])
+def test_heads_in_chunks(name, layout):
+    # Eager defaults to one chunk; force two (one head each on 2 Ulysses ranks), as compiled / graphed forwards use.
+    assert_parallel_matches_single(name, layout, options=dict(ulysses_chunks=2), batch=2, height=3, width=5,
+                                   text_len=5)
 
 
 @pytest.mark.parametrize("layout", [(2, 1), (1, 2), (2, 2)], ids=lambda l: f"u{l[0]}r{l[1]}")

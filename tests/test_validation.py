@@ -17,10 +17,23 @@ from tiny_models import HEADS, tiny_flux, tiny_qwen
     (dict(ulysses=1.5), "ulysses must be an integer >= 1"),
     (dict(ring=True), "ring must be an integer >= 1"),
     (dict(fp8_comm="yes"), "fp8_comm must be False, True or 'all'"),
+    (dict(ulysses_chunks=0), "ulysses_chunks must be an integer >= 1"),
 ])
 def test_bad_degrees(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ParallelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("ulysses, chunks, heads, expected", [
+    (2, 2, 24, 2), (2, 5, 24, 4), (4, 4, 24, 3), (8, 2, 24, 1), (2, 64, 24, 12), (1, 3, 24, 3)])
+def test_head_chunks_round_down_to_a_divisor_of_the_heads_per_rank(ulysses, chunks, heads, expected):
+    for traced in (False, True):
+        assert ParallelConfig(ulysses=ulysses, ulysses_chunks=chunks).head_chunks(heads, traced) == expected
+
+
+def test_head_chunks_default_to_two_only_when_traced():
+    assert ParallelConfig(ulysses=2).head_chunks(24, traced=True) == 2
+    assert ParallelConfig(ulysses=2).head_chunks(24, traced=False) == 1
 
 
 def test_world_size_mismatch_names_every_factor():
@@ -55,6 +68,11 @@ def test_unsupported_qwen_variant():
                                         joint_attention_dim=8, axes_dims_rope=(4, 6, 6), zero_cond_t=True)
     with pytest.raises(NotImplementedError, match="zero_cond_t"):
         fastusp.parallelize(model, ulysses=2)
+
+
+def test_graphs_only_compile_needs_cuda():
+    with pytest.raises(ValueError, match="backend=None compiles nothing, so it needs CUDA graphs"):
+        fastusp.compile_pipeline(tiny_flux(), backend=None)
 
 
 def test_parallelize_after_compile_is_refused():

@@ -1,8 +1,10 @@
 """Attention on one device, with and without the log-sum-exp that ring attention needs to merge partial results.
 
 Layout [B, H, S, D]. key_bias: None or an additive float mask [B, S_k] over keys (see sharding.SeqLayout).
-Backends: CPU uses aten's flash-for-cpu kernel (returns the LSE); CUDA uses flash-attn when it is installed and
-there is no mask, else aten's flash kernel (no mask, fp16/bf16) or the memory-efficient kernel (mask or fp32).
+Backends: CPU uses aten's flash-for-cpu kernel (returns the LSE). On CUDA without a mask in fp16/bf16: cuDNN's
+kernel where torch can use it (on H200 at 12 heads x 4608 tokens 0.27 ms vs 0.47 ms for aten's flash kernel, see
+benchmarks/results), else flash-attn when installed, else aten's flash kernel; with a mask or in fp32 the
+memory-efficient kernel.
 """
 from __future__ import annotations
 
@@ -30,6 +32,11 @@ def _aligned_bias(key_bias: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> t
     return _bias4d(storage, q, q.new_empty(1, 1, padded, 1))[..., :sk]
 
 
+def _cudnn_usable(q, k, v) -> bool:
+    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
+    return torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.can_use_cudnn_attention(params)
+
+
 def attention(q, k, v, key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Plain attention, [B, H, S, D] -> [B, H, S, D]; lets torch pick its fastest kernel."""
     mask = None if key_bias is None else key_bias.to(q.dtype)[:, None, None, :]
@@ -43,6 +50,9 @@ def attention_with_lse(q, k, v, key_bias: torch.Tensor | None = None) -> tuple[t
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask)
         return out, lse
     half = q.dtype in (torch.float16, torch.bfloat16)
+    if key_bias is None and half and _cudnn_usable(q, k, v):
+        out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+        return out, lse.reshape(q.shape[:3])  # cuDNN keeps a trailing 1: [B, H, S, 1]
     if key_bias is None and half and _flash_attn_func is not None:
         out, lse, _ = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), return_attn_probs=True)
         return out.transpose(1, 2), lse

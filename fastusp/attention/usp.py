@@ -3,16 +3,25 @@
 For world = ring x ulysses with ulysses innermost, rank (r, u) after the first all-to-all holds heads group u of
 every token of ring chunk r (the tokens of ranks (r, 0..U-1)); ring attention then rotates those chunks across
 the ring ranks (0..R-1, u) that share its heads.
+
+With Ulysses, the heads can travel in chunks (config.ulysses_chunks): every chunk's q/k/v exchange is issued up
+front, then chunk j's attention runs while chunk j+1 is still arriving and chunk j-1's output is on its way back.
 """
 from __future__ import annotations
 
 import torch
 
 from ..config import ParallelConfig
-from ..distributed.ulysses import head_to_seq_shard, seq_to_head_shard
+from ..distributed import ulysses as a2a
 from ..sharding import SeqLayout
 from .local import attention
 from .ring_op import maybe_traceable_ring_attention
+
+
+def _traced(x: torch.Tensor) -> bool:
+    """Compiled or being captured in a CUDA graph: host launch cost is paid once, not every step.
+    Measured on 2xH200, FLUX 1024^2 eager: 2 head chunks made the step 206 ms instead of 139 ms."""
+    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SeqLayout,
@@ -22,17 +31,25 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seq
     tokens = layout.tokens
     chunk_lens = [sum(tokens[i * u:(i + 1) * u]) for i in range(r)]
     group_lens = list(tokens[config.ring_rank * u:(config.ring_rank + 1) * u])
-    ulysses_group = config.ulysses_group if u > 1 else None
+
+    def attend(q_h: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """q_h [B, h, S_chunk, D], kv [S_chunk, 2, B, h, D] -> [B, h, S_chunk, D]."""
+        if r == 1:
+            return attention(q_h, kv[:, 0].permute(1, 2, 0, 3), kv[:, 1].permute(1, 2, 0, 3), layout.key_bias)
+        return maybe_traceable_ring_attention(q_h, kv.contiguous(), chunk_lens, config.ring_group,
+                                              layout.key_bias, config.fp8_qkv, config.ring_overlap)
 
     if u == 1:  # no all-to-all: q is used in place, only k|v are packed (the ring sends them)
-        q_h = q.transpose(1, 2)
-        kv = seq_to_head_shard([k, v], group_lens, None)  # [S_chunk, 2, B, H, D], contiguous
-    else:
-        qkv = seq_to_head_shard([q, k, v], group_lens, ulysses_group, fp8=config.fp8_qkv)  # [S_chunk, 3, B, h, D]
-        q_h, kv = qkv[:, 0].permute(1, 2, 0, 3), qkv[:, 1:]
-    if r == 1:
-        out = attention(q_h, kv[:, 0].permute(1, 2, 0, 3), kv[:, 1].permute(1, 2, 0, 3), layout.key_bias)
-    else:
-        out = maybe_traceable_ring_attention(q_h, kv.contiguous(), chunk_lens, config.ring_group,
-                                             layout.key_bias, config.fp8_qkv, config.ring_overlap)
-    return head_to_seq_shard(out, group_lens, config.ulysses_rank, ulysses_group, fp8=config.fp8_out)
+        kv = a2a.pack_head_chunks([k, v], 1, 1)[0][0]  # [S_local, 2, B, H, D]
+        return attend(q.transpose(1, 2), kv).transpose(1, 2)
+
+    group, fp8 = config.ulysses_group, config.fp8_qkv
+    sends = a2a.pack_head_chunks([q, k, v], u, config.head_chunks(q.shape[2], _traced(q)))
+    in_flight = [a2a.start_seq_to_head(send, group_lens, group, fp8) for send in sends]
+    returning = []
+    for send, received in zip(sends, in_flight):
+        qkv = a2a.finish_seq_to_head(a2a.wait(received), send, q.dtype, fp8)  # [S_chunk, 3, B, hc, D]
+        out = attend(qkv[:, 0].permute(1, 2, 0, 3), qkv[:, 1:])
+        returning.append(a2a.start_head_to_seq(out, group_lens, config.ulysses_rank, group, config.fp8_out))
+    return a2a.join_head_chunks([a2a.wait(x) for x in returning], q.shape[0], q.shape[1], u, q.shape[3], q.dtype,
+                                config.fp8_out)

@@ -1,59 +1,85 @@
-"""Ulysses: one all-to-all between sequence sharding and head sharding, with uneven sequence chunks.
+"""Ulysses: all-to-all between sequence sharding and head sharding, with uneven sequence chunks, in head chunks.
 
-Layouts (B batch, S_local this rank's tokens, H heads, U group size, h = H / U, D head dim, n packed tensors):
-  seq_to_head_shard:  n x [B, S_local, H, D]  ->  [S_chunk, n, B, h, D]   (S_chunk = sum of the group's S_local)
-  head_to_seq_shard:  [B, h, S_chunk, D]      ->  [B, S_local, H, D]
+Layouts (B batch, S_local this rank's tokens, H heads, U group size, h = H / U heads per rank after the exchange,
+c head chunks of hc = h / c heads, D head dim, n packed tensors):
+  pack_head_chunks:     n x [B, S_local, H, D]  ->  c send buffers [U, S_local, n, B, hc, D]
+  start_seq_to_head:    one send buffer          ->  [S_chunk, n, B, hc, D] in flight (S_chunk: the group's tokens)
+  start_head_to_seq:    [B, hc, S_chunk, D]      ->  [U, S_local, B, hc, D] in flight
+  join_head_chunks:     c received outputs       ->  [B, S_local, H, D]
 Each send block is sequence-major, so the received blocks concatenated in rank order are already the whole chunk:
-the output needs no copy after the collective. q, k and v travel together in one collective. The collectives are
-torch's functional ones, which torch.compile can trace.
+nothing is copied after the collective. q, k and v travel together in one collective per head chunk.
+
+Why head chunks: attention on chunk j can run while chunk j+1's all-to-all is in flight and chunk j-1's output
+travels back, so most of the communication hides behind attention instead of adding to it.
+
+The collectives are torch's functional ops (traceable by torch.compile). start_* only issue them; `wait` before
+use. The NCCL stream serializes them in issue order, which is the order the pipeline needs.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed._functional_collectives as fc
 
 from .fp8 import dequantize_fp8, quantize_fp8
 
+_c10d = torch.ops._c10d_functional
+
 
 def _all_to_all(x: torch.Tensor, send_rows: list[int], recv_rows: list[int], row_numel: int, group) -> torch.Tensor:
-    flat = fc.all_to_all_single(
-        x.reshape(-1), [r * row_numel for r in recv_rows], [r * row_numel for r in send_rows], group
+    # The raw functional op rather than fc.all_to_all_single: that wrapper waits at once while tracing (so Inductor
+    # saw nothing to overlap) and wraps eager results in a Python tensor subclass (host time on every layer).
+    return _c10d.all_to_all_single(
+        x.reshape(-1), [r * row_numel for r in recv_rows], [r * row_numel for r in send_rows], group.group_name
     )
-    return fc.wait_tensor(flat)
 
 
-def seq_to_head_shard(tensors: list[torch.Tensor], group_seq_lens: list[int], group, fp8: bool = False) -> torch.Tensor:
-    """Pack n tensors [B, S_local, H, D] and trade sequence shards for head shards across `group`."""
+def wait(x: torch.Tensor) -> torch.Tensor:
+    """Make the current stream wait for a collective issued by start_*; returns its result."""
+    return _c10d.wait_tensor(x)
+
+
+def pack_head_chunks(tensors: list[torch.Tensor], group_size: int, chunks: int) -> list[torch.Tensor]:
+    """n tensors [B, S_local, H, D] -> `chunks` contiguous send buffers [U, S_local, n, B, hc, D] (one copy)."""
     batch, seq, heads, dim = tensors[0].shape
-    n, u = len(tensors), len(group_seq_lens)
-    h = heads // u
-    # One pass writes every tensor straight into the send layout [U, S_local, n, B, h, D].
-    send = tensors[0].new_empty(u, seq, n, batch, h, dim)
-    for i, t in enumerate(tensors):
-        send[:, :, i] = t.view(batch, seq, u, h, dim).permute(2, 1, 0, 3, 4)
-    if u == 1:
-        return send[0]
+    hc = heads // (group_size * chunks)
+    # [B, S, U, c, hc, D] -> [c, U, S, B, hc, D], stacked on a new dim 3 for the n tensors
+    parts = [t.view(batch, seq, group_size, chunks, hc, dim).permute(3, 2, 1, 0, 4, 5) for t in tensors]
+    return list(torch.stack(parts, dim=3).unbind(0))
+
+
+def start_seq_to_head(send: torch.Tensor, group_seq_lens: list[int], group, fp8: bool = False) -> torch.Tensor:
+    """Issue the exchange of one send buffer [U, S_local, n, B, hc, D]; wait, then finish_seq_to_head."""
     if fp8:
         send = quantize_fp8(send)
-    row = n * batch * h * send.shape[-1]
-    out = _all_to_all(send, [seq] * u, group_seq_lens, row, group)
-    out = out.view(sum(group_seq_lens), n, batch, h, send.shape[-1])
-    return dequantize_fp8(out, tensors[0].dtype) if fp8 else out
+    row = send[0, 0].numel()
+    return _all_to_all(send, [send.shape[1]] * send.shape[0], group_seq_lens, row, group)
 
 
-def head_to_seq_shard(out: torch.Tensor, group_seq_lens: list[int], group_rank: int, group,
+def finish_seq_to_head(received: torch.Tensor, send: torch.Tensor, dtype: torch.dtype,
+                       fp8: bool = False) -> torch.Tensor:
+    """The waited result of start_seq_to_head(send) -> [S_chunk, n, B, hc, D]."""
+    _, _, n, batch, hc, dim = send.shape
+    out = received.view(-1, n, batch, hc, dim + (4 if fp8 else 0))
+    return dequantize_fp8(out, dtype) if fp8 else out
+
+
+def start_head_to_seq(out: torch.Tensor, group_seq_lens: list[int], group_rank: int, group,
                       fp8: bool = False) -> torch.Tensor:
-    """Trade the head shard of the whole chunk [B, h, S_chunk, D] back for all heads of local tokens."""
-    batch, h, _, dim = out.shape
-    u = len(group_seq_lens)
-    if u == 1:
-        return out.transpose(1, 2)
-    send = out.permute(2, 0, 1, 3).contiguous()  # [S_chunk, B, h, D]: rows for rank r are contiguous
+    """Issue the exchange of attention output [B, hc, S_chunk, D] back to sequence shards; wait, then join."""
+    batch, hc, _, dim = out.shape
+    send = out.permute(2, 0, 1, 3).contiguous()  # [S_chunk, B, hc, D]: rows for rank r are contiguous
     if fp8:
         send = quantize_fp8(send)
     seq = group_seq_lens[group_rank]
-    recv = _all_to_all(send, group_seq_lens, [seq] * u, batch * h * send.shape[-1], group)
-    recv = recv.view(u, seq, batch, h, send.shape[-1])
-    if fp8:
-        recv = dequantize_fp8(recv, out.dtype)
-    return recv.permute(2, 1, 0, 3, 4).reshape(batch, seq, u * h, dim)
+    return _all_to_all(send, group_seq_lens, [seq] * len(group_seq_lens), send[0].numel(), group)
+
+
+def join_head_chunks(received: list[torch.Tensor], batch: int, seq: int, group_size: int, dim: int,
+                     dtype: torch.dtype, fp8: bool = False) -> torch.Tensor:
+    """Waited results of start_head_to_seq for every head chunk -> [B, S_local, H, D] (one copy)."""
+    parts = []
+    for r in received:
+        r = r.view(group_size, seq, batch, -1, dim + (4 if fp8 else 0))
+        r = dequantize_fp8(r, dtype) if fp8 else r
+        parts.append(r.permute(2, 1, 0, 3, 4))  # [B, S_local, U, hc, D]
+    joined = torch.stack(parts, dim=3)  # [B, S_local, U, c, hc, D]: head index u*h + j*hc + i
+    return joined.view(batch, seq, -1, dim)

@@ -64,14 +64,15 @@ def main() -> int:
         x = inputs(name, device, **shape)
         with torch.no_grad():
             ref = build(name, device)(**x, return_dict=False)[0].float()
-        checks = [(u, r, False, False) for u, r in layouts(world)] + [(layouts(world)[0] + (True, False))]
-        if world == 2:
-            checks += [(u, r, False, True) for u, r in layouts(world)]  # compiled, CUDA graphs
+        checks = [(u, r, False, None) for u, r in layouts(world)] + [(layouts(world)[0] + (True, None))]
+        if world == 2:  # compiled with CUDA graphs; CUDA graphs of the eager forward (backend=None)
+            checks += [(u, r, False, "inductor") for u, r in layouts(world)]
+            checks += [(u, r, False, "graphs") for u, r in layouts(world)]
         for u, r, fp8, compiled in checks:
             model = fastusp.parallelize(build(name, device), ulysses=u, ring=r, fp8_comm=fp8)
             with torch.no_grad():
                 if compiled:
-                    fastusp.compile_pipeline(model)
+                    fastusp.compile_pipeline(model, **({"backend": None} if compiled == "graphs" else {}))
                     model(**x, return_dict=False)  # warm-up: compile and record
                 out = model(**x, return_dict=False)[0].float()
             err = ((out - ref).norm() / ref.norm()).item()
