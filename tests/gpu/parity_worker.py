@@ -61,6 +61,8 @@ def main() -> int:
     # Uneven on purpose: 33x31 image tokens and 77 / 100 text tokens divide by neither 2 nor 4.
     cases = {"flux": dict(batch=1, image_hw=(33, 31), text_len=77), "qwen": dict(batch=2, image_hw=(32, 31), text_len=100)}
     for name, shape in cases.items():
+        if "--quick" in sys.argv and name != "flux":
+            continue
         x = inputs(name, device, **shape)
         with torch.no_grad():
             ref = build(name, device)(**x, return_dict=False)[0].float()
@@ -68,6 +70,8 @@ def main() -> int:
         if world == 2:  # compiled with CUDA graphs; CUDA graphs of the eager forward (backend=None)
             checks += [(u, r, False, "inductor") for u, r in layouts(world)]
             checks += [(u, r, False, "graphs") for u, r in layouts(world)]
+        if "--quick" in sys.argv:  # one model, the Ulysses layout eager / compiled / graphed: a smoke test
+            checks = [c for c in checks if c[:3] == (world, 1, False)]
         for u, r, fp8, compiled in checks:
             model = fastusp.parallelize(build(name, device), ulysses=u, ring=r, fp8_comm=fp8)
             with torch.no_grad():
