@@ -1,7 +1,7 @@
 """compile_pipeline on CPU: compiled output equals eager, ring is reported opaque, compile failures fall back.
 
-Inductor's CPU code generation takes tens of seconds per block kind on CI's 2 cores, so two configurations run
-through Inductor and the others through "aot_eager" (the same full-graph Dynamo trace, without code generation).
+Every model under Ulysses (2, 1) and Ring (1, 2) goes through Inductor: Ulysses-compiled forwards send the heads
+in two chunks, which eager runs never do by default, so this is also where the chunked exchange meets Inductor.
 """
 import pytest
 import torch
@@ -13,7 +13,7 @@ from tiny_models import flux_inputs, qwen_inputs, tiny_flux, tiny_qwen
 MODELS = {"flux": (tiny_flux, flux_inputs), "qwen": (tiny_qwen, qwen_inputs)}
 
 
-def _eager_then_compiled(name, layout, backend):
+def _eager_then_compiled(name, layout, backend, new_shape):
     build, make_inputs = MODELS[name]
     inputs = make_inputs(batch=2, height=3, width=5, text_len=5)
     model = fastusp.parallelize(build(), ulysses=layout[0], ring=layout[1])
@@ -22,25 +22,24 @@ def _eager_then_compiled(name, layout, backend):
         fastusp.compile_pipeline(model, backend=backend)
         compiled = model(**inputs, return_dict=False)[0]
         # A new text length must recompile, not reuse the graph of the old shape.
-        other = make_inputs(batch=2, height=3, width=5, text_len=6)
-        compiled_other = model(**other, return_dict=False)[0]
+        compiled_other = model(**make_inputs(batch=2, height=3, width=5, text_len=6), return_dict=False)[0] \
+            if new_shape else None
     return eager, compiled, compiled_other, fastusp.compile_report(model)
 
 
-@pytest.mark.parametrize("name, layout, backend", [
-    ("flux", (2, 1), "inductor"),
-    ("qwen", (1, 2), "inductor"),
-    ("flux", (1, 2), "aot_eager"),
-    ("qwen", (2, 1), "aot_eager"),
-])
-def test_compiled_matches_eager(name, layout, backend):
+# Recompiling for a new shape doubles a case's compile time on CI's 2 cores: each model checks it once.
+@pytest.mark.parametrize("name, layout, new_shape", [
+    ("flux", (2, 1), True), ("flux", (1, 2), False), ("qwen", (2, 1), False), ("qwen", (1, 2), True)],
+    ids=["flux-u2r1", "flux-u1r2", "qwen-u2r1", "qwen-u1r2"])
+def test_compiled_matches_eager(name, layout, new_shape, backend="inductor"):
     build, make_inputs = MODELS[name]
     with torch.no_grad():
         ref_other = build()(**make_inputs(batch=2, height=3, width=5, text_len=6), return_dict=False)[0]
     for eager, compiled, compiled_other, report in run_distributed(_eager_then_compiled, 2, name, layout, backend,
-                                                                   timeout=600):
+                                                                   new_shape, timeout=600):
         assert ((compiled - eager).norm() / eager.norm()).item() < 1e-5
-        assert ((compiled_other - ref_other).norm() / ref_other.norm()).item() < 1e-4
+        if new_shape:
+            assert ((compiled_other - ref_other).norm() / ref_other.norm()).item() < 1e-4
         assert report.compiled and not report.fell_back
         assert ("ring attention" in " ".join(report.opaque)) == (layout[1] > 1)
 
