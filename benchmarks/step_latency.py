@@ -32,6 +32,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 
@@ -385,10 +386,9 @@ def profile_steps(fwd, kw, a, rank):
     print(f"PROFILE {a.model} {a.impl} {a.config} compile={a.compile}: {launches / a.profile:.0f} kernel launches "
           f"and {graphs / a.profile:.0f} graph launches per step", file=sys.stderr)
     print(events.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60), file=sys.stderr)
-    import tempfile
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        breakdown = kernel_breakdown(json.load(open(f.name)), a.profile)
+        breakdown = kernel_breakdown(json.load(f), a.profile)
     print(f"BREAKDOWN {a.model} {a.impl} {a.config} compile={a.compile} {json.dumps(breakdown)}", file=sys.stderr)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "breakdown.jsonl"), "a") as f:

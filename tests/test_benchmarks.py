@@ -1,0 +1,30 @@
+"""The step-latency harness's kernel breakdown: the arithmetic behind "NCCL time not hidden by compute"."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from step_latency import kernel_breakdown, parse_fastusp_config  # noqa: E402
+
+
+def _kernel(name, start_us, dur_us):
+    return {"cat": "kernel", "name": name, "ts": start_us, "dur": dur_us}
+
+
+def test_breakdown_counts_only_the_nccl_time_no_compute_kernel_covers():
+    trace = {"traceEvents": [
+        _kernel("ncclDevKernel_SendRecv", 0, 1000),        # 0-1 ms, half under the GEMM
+        _kernel("nvjet_tst_gemm", 500, 1000),              # 0.5-1.5 ms
+        _kernel("cudnn_generated_fort_native_sdpa", 2000, 500),  # after a 0.5 ms gap
+        _kernel("triton_poi_fused_cat_0", 2500, 500),
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 9000},  # host events are not kernels
+    ]}
+    b = kernel_breakdown(trace, steps=1)
+    assert (b["nccl_ms"], b["gemm_ms"], b["attention_ms"], b["other_ms"]) == (1.0, 1.0, 0.5, 0.5)
+    assert b["compute_busy_ms"] == 2.0 and b["nccl_exposed_ms"] == 0.5
+    assert b["span_ms"] == 3.0 and b["idle_ms"] == 0.5 and b["kernels_per_step"] == 4
+    assert kernel_breakdown(trace, steps=2)["nccl_exposed_ms"] == 0.25
+
+
+def test_fastusp_config_names():
+    assert parse_fastusp_config("u2r1") == dict(ulysses=2, ring=1, fp8_comm=False)
+    assert parse_fastusp_config("u2r2-fp8all-c4") == dict(ulysses=2, ring=2, fp8_comm="all", ulysses_chunks=4)
