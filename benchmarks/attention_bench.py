@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from fastusp.attention.usp import usp_attention
 from fastusp.config import ParallelConfig, maybe_init_distributed
+from fastusp.cuda_graphs import capture_graph
 from fastusp.sharding import SeqLayout
 
 
@@ -55,20 +56,6 @@ def time_ms(fn, warmup: int, iters: int, barrier: bool = True) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def graphed(fn):
-    """fn captured as one CUDA graph (after a warm-up on a side stream); returns the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        fn()
-    return graph.replay
 
 
 def time_kernels(q, k, v, world, args, common) -> None:
@@ -143,7 +130,8 @@ def main():
             err = ((out.float() - ref[:, mine].float()).norm() / ref[:, mine].float().norm()).item()
             call = lambda: usp_attention(*local, layout, config)
             ms = time_ms(call, args.warmup, args.iters)
-            graph_ms = time_ms(graphed(call), args.warmup, args.iters)  # GPU time without host launch gaps
+            graph, _ = capture_graph(call)
+            graph_ms = time_ms(graph.replay, args.warmup, args.iters)  # GPU time without host launch gaps
             if rank == 0:
                 emit(dict(impl="fastusp", config=name, seq=seq, world=world, median_ms=ms, graph_ms=graph_ms,
                           rel_err=err, speedup_vs_single=single_ms / ms, **common))

@@ -43,22 +43,30 @@ class GraphedForward:
     def _capture(self, leaves, spec):
         static_inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         kwargs = pytree.tree_unflatten(static_inputs, spec)
-        # Warm up on a side stream (compiles, creates NCCL communicators and library handles, fills caches):
-        # none of that may happen during capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.forward(**kwargs)
-        torch.cuda.current_stream().wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()  # shared: graphs for other shapes reuse the memory
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: NCCL's watchdog thread keeps polling while this thread captures
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            static_output = self.forward(**kwargs)
+        graph, static_output = capture_graph(lambda: self.forward(**kwargs), self.warmup, self.pool)
         logger.info("fastusp: captured CUDA graph %d for new input shapes", len(self.graphs) + 1)
         return static_inputs, graph, static_output
+
+
+def capture_graph(fn, warmup: int = 2, pool=None):
+    """Capture one call of fn() as a CUDA graph; returns (graph, the call's output, rewritten by each replay).
+
+    fn first runs `warmup` times on a side stream: compilation, NCCL communicator creation, library handles and
+    caches happen there, since none of that may happen during capture.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: NCCL's watchdog thread keeps polling while this thread captures
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        output = fn()
+    return graph, output
 
 
 def _signature(leaves, spec):
