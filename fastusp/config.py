@@ -40,10 +40,10 @@ class ParallelConfig:
     _rank: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
-        for name in ("ulysses", "ring", "ulysses_chunks"):
-            value = getattr(self, name)
-            if name == "ulysses_chunks" and value is None:
-                continue
+        counts = {"ulysses": self.ulysses, "ring": self.ring}
+        if self.ulysses_chunks is not None:  # None: chosen per forward (see head_chunks)
+            counts["ulysses_chunks"] = self.ulysses_chunks
+        for name, value in counts.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.fp8_comm not in (False, True, "all"):
