@@ -20,7 +20,7 @@ from .ring_op import maybe_traceable_ring_attention
 
 def _traced(x: torch.Tensor) -> bool:
     """Compiled or being captured in a CUDA graph: host launch cost is paid once, not every step.
-    Measured on 2xH200, FLUX 1024^2 eager: 2 head chunks made the step 206 ms instead of 139 ms."""
+    Eager, 2xH200, one attention call at 4608 tokens: 2.10 ms with two head chunks, 1.12 ms with one."""
     return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
