@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import faulthandler
+import gzip
 import json
 import os
 import re
@@ -385,10 +386,16 @@ def profile_steps(fwd, kw, a, rank):
     graphs = sum(e.count for e in events if e.key == "cudaGraphLaunch")
     print(f"PROFILE {a.model} {a.impl} {a.config} compile={a.compile}: {launches / a.profile:.0f} kernel launches "
           f"and {graphs / a.profile:.0f} graph launches per step", file=sys.stderr)
-    print(events.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60), file=sys.stderr)
+    print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60), file=sys.stderr)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        breakdown = kernel_breakdown(json.load(f), a.profile)
+        trace = json.load(f)
+    breakdown = kernel_breakdown(trace, a.profile)
+    if os.environ.get("OUT"):  # the GPU kernels of the profiled steps, for a timeline (chrome://tracing, Perfetto)
+        kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") in ("kernel", "gpu_memcpy")]
+        name = f"trace-{a.model}-w{os.environ.get('WORLD_SIZE', '1')}-{a.impl}-{a.config}-c{int(a.compile)}.json.gz"
+        with gzip.open(os.path.join(os.environ["OUT"], name), "wt") as f:
+            json.dump({"traceEvents": kernels}, f)
     print(f"BREAKDOWN {a.model} {a.impl} {a.config} compile={a.compile} {json.dumps(breakdown)}", file=sys.stderr)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "breakdown.jsonl"), "a") as f:
