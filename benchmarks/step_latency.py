@@ -65,6 +65,9 @@ def parse_args(argv=None):
                     help="diffusers ulysses_anything / ring_anything: allow sequences not divisible by the degree")
     ap.add_argument("--inductor-overlap", type=int, default=0, choices=[0, 1],
                     help="torch._inductor.config.reorder_for_compute_comm_overlap (the anchors used 1)")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config.KEY (dotted; VALUE as JSON, else a string) before compiling; "
+                         "repeatable. Recorded in the result as `inductor`")
     ap.add_argument("--height", type=int, default=None, help="default 1024 (256 with --tiny)")
     ap.add_argument("--width", type=int, default=None, help="default 1024 (256 with --tiny)")
     ap.add_argument("--txt", type=int, default=None, help="text tokens; default 512 flux, 128 qwen")
@@ -248,6 +251,8 @@ def maybe_compile(model, a):
     if mode and a.inductor_overlap:
         import torch._inductor.config as inductor_config
         inductor_config.reorder_for_compute_comm_overlap = True
+    for setting in a.inductor:
+        set_inductor_config(setting)
     if mode is None:
         return model
     if mode in ("pipeline", "graphs"):  # graphs: fastusp's CUDA graphs of the eager forward, no torch.compile
@@ -308,6 +313,22 @@ def card_name(device) -> str:
     return "cpu"
 
 
+def set_inductor_config(setting: str) -> None:
+    """KEY=VALUE -> torch._inductor.config.KEY = VALUE (dotted keys reach sub-configs)."""
+    import torch._inductor.config as inductor_config
+    key, _, text = setting.partition("=")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    *path, name = key.split(".")
+    target = inductor_config
+    for part in path:
+        target = getattr(target, part)
+    getattr(target, name)  # an unknown key raises here instead of being silently added
+    setattr(target, name, value)
+
+
 def base_record(a, world, device) -> dict:
     return dict(model=a.model, world=world, impl=a.impl, config="-" if a.impl == "single" else a.config,
                 compiled=bool(a.compile), compile_mode=resolved_compile_mode(a),
@@ -316,7 +337,8 @@ def base_record(a, world, device) -> dict:
                 dtype="float32" if device.type == "cpu" else "bfloat16", tiny=a.tiny,
                 card=card_name(device), date=datetime.date.today().isoformat(), **versions(),
                 median_ms=None, min_ms=None, mean_ms=None, compile_s=None, build_s=None,
-                model_mem_gb=None, peak_mem_gb=None, finite=None, err=None)
+                model_mem_gb=None, peak_mem_gb=None, finite=None, err=None,
+                **({"inductor": a.inductor} if a.inductor else {}))
 
 
 def emit(record: dict):
@@ -387,9 +409,11 @@ def profile_steps(fwd, kw, a, rank):
     print(f"PROFILE {a.model} {a.impl} {a.config} compile={a.compile}: {launches / a.profile:.0f} kernel launches "
           f"and {graphs / a.profile:.0f} graph launches per step", file=sys.stderr)
     print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60), file=sys.stderr)
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        trace = json.load(f)
+    with tempfile.TemporaryDirectory() as tmp:  # read back by name: the export may replace the file it writes
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
     breakdown = kernel_breakdown(trace, a.profile)
     if os.environ.get("OUT"):  # the GPU kernels of the profiled steps, for a timeline (chrome://tracing, Perfetto)
         kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") in ("kernel", "gpu_memcpy")]
