@@ -73,9 +73,7 @@ def test_ring_attention_equals_full_attention(lens, masked):
 
 def seq_to_head(tensors, lens, chunks, fp8=False):
     """Every head chunk's [S, n, B, hc, D] after the q/k/v all-to-all over the world group."""
-    size = tensors[0].shape[2] // chunks
-    sends = [a2a.pack_for_exchange([t[:, :, j * size:(j + 1) * size] for t in tensors], dist.get_world_size())
-             for j in range(chunks)]
+    sends = a2a.pack_head_chunks(tensors, dist.get_world_size(), chunks)
     in_flight = [a2a.start_seq_to_head(s, lens, dist.group.WORLD, fp8) for s in sends]
     return [a2a.finish_seq_to_head(a2a.wait(x), s, tensors[0].dtype, fp8) for s, x in zip(sends, in_flight)]
 
@@ -85,8 +83,8 @@ def _all_to_all_worker(xs_per_rank, lens, chunks):
     q, k = xs_per_rank[0][rank], xs_per_rank[1][rank]
     received = seq_to_head([q, k], lens, chunks)
     returning = [a2a.start_head_to_seq(r[:, 1].permute(1, 2, 0, 3), lens, rank, dist.group.WORLD) for r in received]
-    back = [a2a.unpack_returned(a2a.wait(x), q.shape[0], q.shape[1], len(lens), q.shape[3], q.dtype)
-            for x in returning]
+    back = a2a.join_head_chunks([a2a.wait(x) for x in returning], q.shape[0], q.shape[1], len(lens), q.shape[3],
+                                q.dtype)
     return received, back
 
 
@@ -96,17 +94,16 @@ def test_ulysses_all_to_all_round_trip_with_uneven_chunks(chunks):
     q_full, k_full = torch.randn(2, sum(lens), heads, 4), torch.randn(2, sum(lens), heads, 4)
     split = lambda x: list(x.split(lens, dim=1))
     outs = run_distributed(_all_to_all_worker, 4, (split(q_full), split(k_full)), lens, chunks)
-    size = heads // chunks  # a chunk: consecutive heads, hc = size / 4 of them per rank
-    hc = size // 4
+    hc = heads // 4 // chunks
     for rank, (received, back) in enumerate(outs):
-        assert len(received) == len(back) == chunks
+        assert len(received) == chunks
         for j, packed in enumerate(received):
-            heads_of_chunk = slice(j * size + rank * hc, j * size + (rank + 1) * hc)
+            heads_of_chunk = slice(2 * rank + j * hc, 2 * rank + (j + 1) * hc)
             # seq -> head shard: every token, this rank's heads of chunk j, sequence-major [S, n, B, hc, D]
             assert torch.equal(packed[:, 0], q_full[:, :, heads_of_chunk].permute(1, 0, 2, 3))
             assert torch.equal(packed[:, 1], k_full[:, :, heads_of_chunk].permute(1, 0, 2, 3))
-            # head -> seq shard returns this rank's tokens with all of chunk j's heads, in order
-            assert torch.equal(back[j], split(k_full)[rank][:, :, j * size:(j + 1) * size])
+        # head -> seq shard returns this rank's tokens with all heads, in order
+        assert torch.equal(back, split(k_full)[rank])
 
 
 def _gather_worker(parts):

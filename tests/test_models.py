@@ -88,33 +88,3 @@ def test_flux_accepts_deprecated_batched_ids():
         ref = tiny_flux()(**inputs, return_dict=False)[0]
     for out in run_distributed(_flux_with_deprecated_3d_ids, 2, inputs):
         assert ((out - ref).norm() / ref.norm()).item() < 1e-4
-
-
-class _Scaled(torch.nn.Module):
-    """A projection that is not an nn.Linear (as a LoRA wrapper is not): fastusp must run it, not slice its weight."""
-
-    def __init__(self, linear):
-        super().__init__()
-        self.linear = linear
-
-    def forward(self, x):
-        return 1.5 * self.linear(x)
-
-
-def _flux_with_wrapped_projections():
-    model = tiny_flux()
-    for name, module in list(model.named_modules()):
-        if hasattr(module, "to_q"):
-            module.to_q = _Scaled(module.to_q)
-        if getattr(module, "to_out", None) is not None:  # double-stream blocks; single-stream ones have none
-            module.to_out[0] = _Scaled(module.to_out[0])
-    return model
-
-
-MODELS["flux_wrapped"] = (_flux_with_wrapped_projections, flux_inputs)
-
-
-@pytest.mark.parametrize("chunks", [1, 2])
-def test_projection_modules_that_are_not_plain_linears(chunks):
-    assert_parallel_matches_single("flux_wrapped", (2, 1), options=dict(ulysses_chunks=chunks), height=3, width=5,
-                                   text_len=5)

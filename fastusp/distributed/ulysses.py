@@ -1,16 +1,19 @@
-"""Ulysses: all-to-all between sequence sharding and head sharding, with uneven sequence chunks, for one head chunk.
+"""Ulysses: all-to-all between sequence sharding and head sharding, with uneven sequence chunks, in head chunks.
 
-Layouts (B batch, S_local this rank's tokens, U group size, hc heads per destination rank, D head dim, n packed
-tensors). A head chunk holds U*hc consecutive heads; destination rank u gets the u-th hc of them:
-  pack_for_exchange:    n x [B, S_local, U*hc, D]  ->  send buffer [U, S_local, n, B, hc, D] (one copy)
-  start_seq_to_head:    one send buffer            ->  [S_chunk, n, B, hc, D] in flight (S_chunk: the group's tokens)
-  start_head_to_seq:    [B, hc, S_chunk, D]        ->  [U, S_local, B, hc, D] in flight
-  unpack_returned:      that, waited               ->  [B, S_local, U*hc, D] (one copy)
+Layouts (B batch, S_local this rank's tokens, H heads, U group size, h = H / U heads per rank after the exchange,
+c head chunks of hc = h / c heads, D head dim, n packed tensors):
+  pack_head_chunks:     n x [B, S_local, H, D]  ->  c send buffers [U, S_local, n, B, hc, D]
+  start_seq_to_head:    one send buffer          ->  [S_chunk, n, B, hc, D] in flight (S_chunk: the group's tokens)
+  start_head_to_seq:    [B, hc, S_chunk, D]      ->  [U, S_local, B, hc, D] in flight
+  join_head_chunks:     c received outputs       ->  [B, S_local, H, D]
 Each send block is sequence-major, so the received blocks concatenated in rank order are already the whole chunk:
 nothing is copied after the collective. q, k and v travel together in one collective per head chunk.
 
+Why head chunks: attention on chunk j can run while chunk j+1's all-to-all is in flight and chunk j-1's output
+travels back, so most of the communication hides behind attention instead of adding to it.
+
 The collectives are torch's functional ops (traceable by torch.compile). start_* only issue them; `wait` before
-use. The NCCL stream serializes them in issue order, which is the order the pipeline in attention/usp.py needs.
+use. The NCCL stream serializes them in issue order, which is the order the pipeline needs.
 """
 from __future__ import annotations
 
@@ -34,11 +37,13 @@ def wait(x: torch.Tensor) -> torch.Tensor:
     return _c10d.wait_tensor(x)
 
 
-def pack_for_exchange(tensors: list[torch.Tensor], group_size: int) -> torch.Tensor:
-    """n tensors [B, S_local, U*hc, D] (one head chunk) -> the send buffer [U, S_local, n, B, hc, D] (one copy)."""
+def pack_head_chunks(tensors: list[torch.Tensor], group_size: int, chunks: int) -> list[torch.Tensor]:
+    """n tensors [B, S_local, H, D] -> `chunks` contiguous send buffers [U, S_local, n, B, hc, D] (one copy)."""
     batch, seq, heads, dim = tensors[0].shape
-    parts = [t.reshape(batch, seq, group_size, heads // group_size, dim).permute(2, 1, 0, 3, 4) for t in tensors]
-    return torch.stack(parts, dim=2)
+    hc = heads // (group_size * chunks)
+    # [B, S, U, c, hc, D] -> [c, U, S, B, hc, D], stacked on a new dim 3 for the n tensors
+    parts = [t.view(batch, seq, group_size, chunks, hc, dim).permute(3, 2, 1, 0, 4, 5) for t in tensors]
+    return list(torch.stack(parts, dim=3).unbind(0))
 
 
 def start_seq_to_head(send: torch.Tensor, group_seq_lens: list[int], group, fp8: bool = False) -> torch.Tensor:
@@ -59,7 +64,7 @@ def finish_seq_to_head(received: torch.Tensor, send: torch.Tensor, dtype: torch.
 
 def start_head_to_seq(out: torch.Tensor, group_seq_lens: list[int], group_rank: int, group,
                       fp8: bool = False) -> torch.Tensor:
-    """Issue the exchange of attention output [B, hc, S_chunk, D] back to sequence shards; wait, then unpack_returned."""
+    """Issue the exchange of attention output [B, hc, S_chunk, D] back to sequence shards; wait, then join."""
     batch, hc, _, dim = out.shape
     send = out.permute(2, 0, 1, 3).contiguous()  # [S_chunk, B, hc, D]: rows for rank r are contiguous
     if fp8:
@@ -68,9 +73,13 @@ def start_head_to_seq(out: torch.Tensor, group_seq_lens: list[int], group_rank: 
     return _all_to_all(send, group_seq_lens, [seq] * len(group_seq_lens), send[0].numel(), group)
 
 
-def unpack_returned(received: torch.Tensor, batch: int, seq: int, group_size: int, dim: int, dtype: torch.dtype,
-                    fp8: bool = False) -> torch.Tensor:
-    """The waited result of start_head_to_seq -> this rank's tokens with the chunk's heads, [B, S_local, U*hc, D]."""
-    r = received.view(group_size, seq, batch, -1, dim + (4 if fp8 else 0))
-    r = dequantize_fp8(r, dtype) if fp8 else r
-    return r.permute(2, 1, 0, 3, 4).reshape(batch, seq, -1, dim)  # head index u*hc + i within the chunk
+def join_head_chunks(received: list[torch.Tensor], batch: int, seq: int, group_size: int, dim: int,
+                     dtype: torch.dtype, fp8: bool = False) -> torch.Tensor:
+    """Waited results of start_head_to_seq for every head chunk -> [B, S_local, H, D] (one copy)."""
+    parts = []
+    for r in received:
+        r = r.view(group_size, seq, batch, -1, dim + (4 if fp8 else 0))
+        r = dequantize_fp8(r, dtype) if fp8 else r
+        parts.append(r.permute(2, 1, 0, 3, 4))  # [B, S_local, U, hc, D]
+    joined = torch.stack(parts, dim=3)  # [B, S_local, U, c, hc, D]: head index u*h + j*hc + i
+    return joined.view(batch, seq, -1, dim)
