@@ -88,3 +88,15 @@ def test_flux_accepts_deprecated_batched_ids():
         ref = tiny_flux()(**inputs, return_dict=False)[0]
     for out in run_distributed(_flux_with_deprecated_3d_ids, 2, inputs):
         assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seq", [0, 7])
+def test_qwen_rope_in_real_arithmetic_equals_diffusers_complex_rope(seq, dtype):
+    from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+    from fastusp.processors.qwen_image import _rope
+    x = torch.randn(2, seq, 3, 8).to(dtype)
+    freqs = torch.polar(torch.ones(seq, 4), torch.randn(seq, 4))
+    expected = apply_rotary_emb_qwen(x, freqs, use_real=False) if seq else x  # diffusers' fails on no tokens
+    tol = 1e-6 if dtype == torch.float32 else 0  # bf16: the same float32 products, rounded once: bitwise equal
+    torch.testing.assert_close(_rope(x, freqs), expected, rtol=tol, atol=tol)
