@@ -56,7 +56,10 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
     mode: Inductor mode for the compiled regions ("default", "max-autotune-no-cudagraphs").
     cuda_graphs: capture the whole transformer forward as one CUDA graph per input shape (default: on CUDA).
     regional: compile each repeated block once (default) instead of the whole transformer (slow to compile).
-    reorder_comm: let Inductor reorder collectives against compute for overlap.
+    reorder_comm: turn on Inductor's reorder_for_compute_comm_overlap. Its list of passes is empty by default
+        in torch 2.11 to 2.13, so this reorders nothing unless you set
+        torch._inductor.config.reorder_for_compute_comm_overlap_passes; the overlap fastusp relies on comes from
+        the order in which its own code issues collectives and waits for them (attention/usp.py).
     backend: torch.compile's backend; None skips torch.compile and only captures CUDA graphs of the eager
         forward (no compile time; removes the host launch overhead that bounds an eager step on several GPUs).
     The report is available as fastusp.compile_report(obj).

@@ -22,7 +22,11 @@ def quantize_fp8(x: torch.Tensor) -> torch.Tensor:
     absmax = torch.where(torch.isfinite(absmax) & (absmax > 0), absmax, torch.ones_like(absmax))
     scale = absmax / FP8_MAX
     payload = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
-    return torch.cat([payload, scale.view(torch.uint8)], dim=-1)
+    # Bytes of the scale from a flat view: Inductor (GPU) lowers a float32 -> uint8 view only when the last dim has
+    # stride 1, and it may give the size-1 last dim of the amax some other stride (seen on H200: the compiled FP8
+    # step then fell back to eager).
+    scale_bytes = scale.reshape(-1).view(torch.uint8).view(*scale.shape[:-1], SCALE_BYTES)
+    return torch.cat([payload, scale_bytes], dim=-1)
 
 
 def dequantize_fp8(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
