@@ -68,6 +68,9 @@ def parse_args(argv=None):
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set torch._inductor.config.KEY (dotted; VALUE as JSON, else a string) before compiling; "
                          "repeatable. Recorded in the result as `inductor`")
+    ap.add_argument("--sm-carveout", type=int, default=0, metavar="SMS",
+                    help="leave SMS streaming multiprocessors out of cuBLAS GEMMs (torch._C._set_sm_carveout_"
+                         "experimental), so concurrent NCCL kernels get them; recorded in the result")
     ap.add_argument("--height", type=int, default=None, help="default 1024 (256 with --tiny)")
     ap.add_argument("--width", type=int, default=None, help="default 1024 (256 with --tiny)")
     ap.add_argument("--txt", type=int, default=None, help="text tokens; default 512 flux, 128 qwen")
@@ -253,6 +256,8 @@ def maybe_compile(model, a):
         inductor_config.reorder_for_compute_comm_overlap = True
     for setting in a.inductor:
         set_inductor_config(setting)
+    if a.sm_carveout:  # before the first GEMM: compiled code and captured graphs keep the reduced grids
+        torch._C._set_sm_carveout_experimental(a.sm_carveout)
     if mode is None:
         return model
     if mode in ("pipeline", "graphs"):  # graphs: fastusp's CUDA graphs of the eager forward, no torch.compile
@@ -338,7 +343,8 @@ def base_record(a, world, device) -> dict:
                 card=card_name(device), date=datetime.date.today().isoformat(), **versions(),
                 median_ms=None, min_ms=None, mean_ms=None, compile_s=None, build_s=None,
                 model_mem_gb=None, peak_mem_gb=None, finite=None, err=None,
-                **({"inductor": a.inductor} if a.inductor else {}))
+                **({"inductor": a.inductor} if a.inductor else {}),
+                **({"sm_carveout": a.sm_carveout} if a.sm_carveout else {}))
 
 
 def emit(record: dict):

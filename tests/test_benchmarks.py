@@ -1,4 +1,4 @@
-"""The step-latency harness's kernel breakdown: the arithmetic behind "NCCL time not hidden by compute"."""
+"""The benchmark harness's trace arithmetic: "NCCL time not hidden by compute", in total and per position."""
 import os
 import sys
 
@@ -28,3 +28,16 @@ def test_breakdown_counts_only_the_nccl_time_no_compute_kernel_covers():
 def test_fastusp_config_names():
     assert parse_fastusp_config("u2r1") == dict(ulysses=2, ring=1, fp8_comm=False)
     assert parse_fastusp_config("u2r2-fp8all-c4") == dict(ulysses=2, ring=2, fp8_comm="all", ulysses_chunks=4)
+
+
+def test_exposure_by_position():
+    from trace_exposure import exposure_by_position
+    # one step: gemm 0-10; nccl#0 at 10-14 alone (exposed 4); attention 14-20 with nccl#1 at 15-19 (hidden);
+    # nccl#2 (a final gather, past the one whole layer of 2) at 20-22 alone
+    trace = {"traceEvents": [_kernel("nvjet_gemm", 0, 10), _kernel("ncclDevKernel_SendRecv", 10, 4),
+                             _kernel("cudnn_sdpa", 14, 6), _kernel("ncclDevKernel_SendRecv", 15, 4),
+                             _kernel("ncclDevKernel_AllGather", 20, 2)]}
+    out = exposure_by_position(trace, steps=1, per_layer=2)
+    assert out[0] == {"calls": 1, "ms": 0.004, "exposed_ms": 0.004}
+    assert out[1] == {"calls": 1, "ms": 0.004, "exposed_ms": 0.0}
+    assert out["rest"] == {"calls": 1, "ms": 0.002, "exposed_ms": 0.002}

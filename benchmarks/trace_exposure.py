@@ -1,0 +1,66 @@
+"""Which all-to-alls are exposed: NCCL time per position in the layer that no compute kernel overlaps.
+
+python benchmarks/trace_exposure.py $OUT/trace-flux-w2-fastusp-u2r1-c1.json.gz --steps 2 --per-layer 4
+Reads the gzipped kernel trace that `step_latency.py --profile N` writes, numbers each step's NCCL kernels in
+launch order, and sums, per position modulo --per-layer (Ulysses, two head chunks: 0, 1 = q/k/v of chunk 0, 1;
+2, 3 = outputs of chunk 0, 1), their GPU time and the part of it with no other kernel running. Collectives beyond
+the whole layers of a step (the final gather) are reported as "rest".
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import gzip
+import json
+
+
+def _merged(intervals):
+    out = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return out
+
+
+def exposure_by_position(trace: dict, steps: int, per_layer: int) -> dict:
+    """{position: {"calls", "ms", "exposed_ms"}} per step; position "rest" for calls past the last whole layer."""
+    kernels = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel" and "dur" in e),
+                     key=lambda e: e["ts"])
+    nccl = [e for e in kernels if "nccl" in e["name"].lower()]
+    compute = _merged((e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e["name"].lower())
+    starts = [s for s, _ in compute]
+
+    def hidden(s, e):
+        total, i = 0.0, max(0, bisect.bisect_right(starts, s) - 1)
+        while i < len(compute) and compute[i][0] < e:
+            total += max(0.0, min(e, compute[i][1]) - max(s, compute[i][0]))
+            i += 1
+        return total
+
+    per_step = len(nccl) // steps
+    layers = per_step // per_layer
+    out: dict = {}
+    for i, e in enumerate(nccl[:per_step * steps]):
+        k = i % per_step
+        key = k % per_layer if k < layers * per_layer else "rest"
+        row = out.setdefault(key, {"calls": 0, "ms": 0.0, "exposed_ms": 0.0})
+        row["calls"] += 1 / steps
+        row["ms"] += e["dur"] / 1e3 / steps
+        row["exposed_ms"] += (e["dur"] - hidden(e["ts"], e["ts"] + e["dur"])) / 1e3 / steps
+    return {k: {n: round(v, 3) for n, v in row.items()} for k, row in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("trace")
+    ap.add_argument("--steps", type=int, required=True, help="the --profile N of the run")
+    ap.add_argument("--per-layer", type=int, default=4, help="collectives per layer (Ulysses, 2 chunks: 4)")
+    a = ap.parse_args()
+    with gzip.open(a.trace, "rt") as f:
+        print(json.dumps(exposure_by_position(json.load(f), a.steps, a.per_layer), indent=1))
+
+
+if __name__ == "__main__":
+    main()
