@@ -74,6 +74,9 @@ def parse_args(argv=None):
     ap.add_argument("--height", type=int, default=None, help="default 1024 (256 with --tiny)")
     ap.add_argument("--width", type=int, default=None, help="default 1024 (256 with --tiny)")
     ap.add_argument("--txt", type=int, default=None, help="text tokens; default 512 flux, 128 qwen")
+    ap.add_argument("--text-mask", default="ones", choices=["ones", "none"],
+                    help="Qwen-Image: pass an all-ones text mask (default, as the anchors) or none (as the pipeline "
+                         "does for an unpadded prompt); recorded in the result when none")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
@@ -191,7 +194,7 @@ def fill_random_(model, device):
             p.normal_(0, 0.01, generator=g)
 
 
-def make_inputs(model_name, device, dtype, height, width, txt_len):
+def make_inputs(model_name, device, dtype, height, width, txt_len, text_mask="ones"):
     """Forward kwargs for one denoising step at height x width (latent /8, packed 2x2) with txt_len text tokens."""
     g = torch.Generator(device=device).manual_seed(1)
     h, w = height // 16, width // 16
@@ -207,10 +210,12 @@ def make_inputs(model_name, device, dtype, height, width, txt_len):
                     timestep=timestep, guidance=torch.tensor([3.5], device=device, dtype=dtype),
                     img_ids=img_ids.reshape(-1, 3).to(dtype),
                     txt_ids=torch.zeros(txt_len, 3, device=device, dtype=dtype), return_dict=False)
+    # text_mask "ones": an all-ones mask, as the anchors pass it (attention then runs with a key bias); "none": what
+    # diffusers' QwenImagePipeline passes for an unpadded prompt (it drops an all-ones mask)
+    mask = torch.ones(1, txt_len, device=device, dtype=torch.int64) if text_mask == "ones" else None
     return dict(hidden_states=hidden,
                 encoder_hidden_states=torch.randn(1, txt_len, 3584, device=device, dtype=dtype, generator=g),
-                encoder_hidden_states_mask=torch.ones(1, txt_len, device=device, dtype=torch.int64),
-                timestep=timestep, img_shapes=[(1, h, w)], return_dict=False)
+                encoder_hidden_states_mask=mask, timestep=timestep, img_shapes=[(1, h, w)], return_dict=False)
 
 
 # --- the three implementations ------------------------------------------------------------------------------------
@@ -344,7 +349,8 @@ def base_record(a, world, device) -> dict:
                 median_ms=None, min_ms=None, mean_ms=None, compile_s=None, build_s=None,
                 model_mem_gb=None, peak_mem_gb=None, finite=None, err=None,
                 **({"inductor": a.inductor} if a.inductor else {}),
-                **({"sm_carveout": a.sm_carveout} if a.sm_carveout else {}))
+                **({"sm_carveout": a.sm_carveout} if a.sm_carveout else {}),
+                **({"text_mask": a.text_mask} if a.text_mask != "ones" else {}))
 
 
 def emit(record: dict):
@@ -379,7 +385,7 @@ def run(a, world, rank, device, record):
     phase(rank, f"apply {a.impl}")
     model = APPLY[a.impl](model, a, world)
     fwd = maybe_compile(model, a)
-    kw = make_inputs(a.model, device, dtype, a.height, a.width, a.txt)
+    kw = make_inputs(a.model, device, dtype, a.height, a.width, a.txt, a.text_mask)
     sync(device)
     record["build_s"] = round(time.perf_counter() - t0, 2)
     if device.type == "cuda":  # peak_mem_gb: the steady state (weights + activations), not the build
