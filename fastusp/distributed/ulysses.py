@@ -50,7 +50,7 @@ def start_seq_to_head(send: torch.Tensor, group_seq_lens: list[int], group, fp8:
     """Issue the exchange of one send buffer [U, S_local, n, B, hc, D]; wait, then finish_seq_to_head."""
     if fp8:
         send = quantize_fp8(send)
-    row = send[0, 0].numel()
+    row = send.shape[2:].numel()  # from the shape: indexing would dispatch two ops
     return _all_to_all(send, [send.shape[1]] * send.shape[0], group_seq_lens, row, group)
 
 
@@ -70,7 +70,7 @@ def start_head_to_seq(out: torch.Tensor, group_seq_lens: list[int], group_rank: 
     if fp8:
         send = quantize_fp8(send)
     seq = group_seq_lens[group_rank]
-    return _all_to_all(send, group_seq_lens, [seq] * len(group_seq_lens), send[0].numel(), group)
+    return _all_to_all(send, group_seq_lens, [seq] * len(group_seq_lens), send.shape[1:].numel(), group)
 
 
 def join_head_chunks(received: list[torch.Tensor], batch: int, seq: int, group_size: int, dim: int,
