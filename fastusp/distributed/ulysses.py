@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .fp8 import dequantize_fp8, quantize_fp8
+from .fp8 import SCALE_BYTES, dequantize_fp8, quantize_fp8
 
 _c10d = torch.ops._c10d_functional
 
@@ -58,7 +58,7 @@ def finish_seq_to_head(received: torch.Tensor, send: torch.Tensor, dtype: torch.
                        fp8: bool = False) -> torch.Tensor:
     """The waited result of start_seq_to_head(send) -> [S_chunk, n, B, hc, D]."""
     _, _, n, batch, hc, dim = send.shape
-    out = received.view(-1, n, batch, hc, dim + (4 if fp8 else 0))
+    out = received.view(-1, n, batch, hc, dim + (SCALE_BYTES if fp8 else 0))
     return dequantize_fp8(out, dtype) if fp8 else out
 
 
@@ -78,7 +78,7 @@ def join_head_chunks(received: list[torch.Tensor], batch: int, seq: int, group_s
     """Waited results of start_head_to_seq for every head chunk -> [B, S_local, H, D] (one copy)."""
     parts = []
     for r in received:
-        r = r.view(group_size, seq, batch, -1, dim + (4 if fp8 else 0))
+        r = r.view(group_size, seq, batch, -1, dim + (SCALE_BYTES if fp8 else 0))
         r = dequantize_fp8(r, dtype) if fp8 else r
         parts.append(r.permute(2, 1, 0, 3, 4))  # [B, S_local, U, hc, D]
     joined = torch.stack(parts, dim=3)  # [B, S_local, U, c, hc, D]: head index u*h + j*hc + i
