@@ -1,4 +1,6 @@
 """Ring attention, the LSE merge, the Ulysses all-to-all and the uneven gather, against single-device math."""
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -89,11 +91,13 @@ def _all_to_all_worker(xs_per_rank, lens, chunks):
 
 
 @pytest.mark.parametrize("chunks", [1, 2])
-def test_ulysses_all_to_all_round_trip_with_uneven_chunks(chunks):
+@pytest.mark.parametrize("grad", [True, False])  # no grad: the calls below torch's autograd wrapper
+def test_ulysses_all_to_all_round_trip_with_uneven_chunks(chunks, grad):
     lens, heads = [3, 2, 2, 1], 8
     q_full, k_full = torch.randn(2, sum(lens), heads, 4), torch.randn(2, sum(lens), heads, 4)
     split = lambda x: list(x.split(lens, dim=1))
-    outs = run_distributed(_all_to_all_worker, 4, (split(q_full), split(k_full)), lens, chunks)
+    with torch.set_grad_enabled(grad):  # forked workers inherit the grad mode
+        outs = run_distributed(_all_to_all_worker, 4, (split(q_full), split(k_full)), lens, chunks)
     hc = heads // 4 // chunks
     for rank, (received, back) in enumerate(outs):
         assert len(received) == chunks
@@ -104,6 +108,28 @@ def test_ulysses_all_to_all_round_trip_with_uneven_chunks(chunks):
             assert torch.equal(packed[:, 1], k_full[:, :, heads_of_chunk].permute(1, 0, 2, 3))
         # head -> seq shard returns this rank's tokens with all heads, in order
         assert torch.equal(back, split(k_full)[rank])
+
+
+def _python_autograd_frames_worker(x):
+    """Frames of torch's Python autograd wrappers entered by one eager exchange under no_grad."""
+    entered = []
+
+    def watch(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.endswith(("_library/autograd.py", "_library\\autograd.py")):
+            entered.append(frame.f_code.co_name)
+
+    with torch.no_grad():
+        sys.setprofile(watch)
+        try:
+            a2a.wait(a2a.start_seq_to_head(a2a.pack_head_chunks([x, x], 2, 1)[0], [3, 3], dist.group.WORLD))
+        finally:
+            sys.setprofile(None)
+    return entered
+
+
+def test_eager_inference_exchange_skips_pythons_autograd_wrapper():
+    # torch registers the functional collectives' autograd in Python: ~25 us of host time per call, every layer
+    assert run_distributed(_python_autograd_frames_worker, 2, torch.randn(1, 3, 4, 2)) == [[], []]
 
 
 def _gather_worker(parts):

@@ -27,14 +27,26 @@ _c10d = torch.ops._c10d_functional
 def _all_to_all(x: torch.Tensor, send_rows: list[int], recv_rows: list[int], row_numel: int, group) -> torch.Tensor:
     # The raw functional op rather than fc.all_to_all_single: that wrapper waits at once while tracing (so Inductor
     # saw nothing to overlap) and wraps eager results in a Python tensor subclass (host time on every layer).
-    return _c10d.all_to_all_single(
-        x.reshape(-1), [r * row_numel for r in recv_rows], [r * row_numel for r in send_rows], group.group_name
-    )
+    args = (x.reshape(-1), [r * row_numel for r in recv_rows], [r * row_numel for r in send_rows], group.group_name)
+    if _keeps_autograd():
+        return _c10d.all_to_all_single(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _c10d.all_to_all_single(*args)
 
 
 def wait(x: torch.Tensor) -> torch.Tensor:
     """Make the current stream wait for a collective issued by start_*; returns its result."""
-    return _c10d.wait_tensor(x)
+    if _keeps_autograd():
+        return _c10d.wait_tensor(x)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _c10d.wait_tensor(x)
+
+
+def _keeps_autograd() -> bool:
+    """False in eager inference, where the call can skip the autograd kernel: torch registers the functional
+    collectives' autograd in Python (torch.library.register_autograd), ~25 us of host time per call on every layer.
+    Traced code keeps the plain call (Dynamo does not take the guard; Inductor adds no such wrapper)."""
+    return torch.is_grad_enabled() or torch.compiler.is_compiling()
 
 
 def pack_head_chunks(tensors: list[torch.Tensor], group_size: int, chunks: int) -> list[torch.Tensor]:
@@ -81,5 +93,7 @@ def join_head_chunks(received: list[torch.Tensor], batch: int, seq: int, group_s
         r = r.view(group_size, seq, batch, -1, dim + (SCALE_BYTES if fp8 else 0))
         r = dequantize_fp8(r, dtype) if fp8 else r
         parts.append(r.permute(2, 1, 0, 3, 4))  # [B, S_local, U, hc, D]
+    if len(parts) == 1:  # one chunk (plain eager): a single copy, without stack's extra ops
+        return parts[0].reshape(batch, seq, -1, dim)
     joined = torch.stack(parts, dim=3)  # [B, S_local, U, c, hc, D]: head index u*h + j*hc + i
     return joined.view(batch, seq, -1, dim)
