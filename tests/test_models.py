@@ -100,3 +100,15 @@ def test_qwen_rope_in_real_arithmetic_equals_diffusers_complex_rope(seq, dtype):
     expected = apply_rotary_emb_qwen(x, freqs, use_real=False) if seq else x  # diffusers' fails on no tokens
     tol = 1e-6 if dtype == torch.float32 else 0  # bf16: the same float32 products, rounded once: bitwise equal
     torch.testing.assert_close(_rope(x, freqs), expected, rtol=tol, atol=tol)
+
+
+def test_processors_store_their_call_signature_for_diffusers_per_call_inspect():
+    import inspect
+
+    from fastusp.processors.flux import FastUSPFluxAttnProcessor
+    from fastusp.processors.qwen_image import FastUSPQwenImageAttnProcessor
+
+    for cls in (FastUSPFluxAttnProcessor, FastUSPQwenImageAttnProcessor):
+        stored = cls.__call__.__dict__.get("__signature__")
+        assert stored is not None and "hidden_states" in stored.parameters
+        assert list(inspect.signature(cls(None).__call__).parameters) == list(stored.parameters)[1:]  # minus self

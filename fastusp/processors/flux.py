@@ -10,9 +10,10 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
 from ..attention.usp import usp_attention
-from .context import USPContext
+from .context import USPContext, cached_call_signature
 
 
+@cached_call_signature
 class FastUSPFluxAttnProcessor:
     def __init__(self, context: USPContext):
         self.context = context

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..attention.usp import usp_attention
-from .context import USPContext
+from .context import USPContext, cached_call_signature
 
 
 def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -28,6 +28,7 @@ def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(3).type_as(x)
 
 
+@cached_call_signature
 class FastUSPQwenImageAttnProcessor:
     def __init__(self, context: USPContext):
         self.context = context
