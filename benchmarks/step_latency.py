@@ -82,6 +82,9 @@ def parse_args(argv=None):
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="after timing, profile STEPS steps and print the top kernels and launch counts (stderr)")
+    ap.add_argument("--host-profile", type=int, default=0, metavar="STEPS",
+                    help="after timing, run STEPS steps under cProfile on rank 0 and append the Python functions with "
+                         "the most host time to $OUT/host-profile.txt (eager steps are bound by it)")
     ap.add_argument("--record-failure", default=None, metavar="ERR",
                     help="don't run: emit the record of a run that died without one (used by run_gpu.sh)")
     ap.add_argument("--world", type=int, default=None, help="with --record-failure: the world size of that run")
@@ -402,6 +405,40 @@ def run(a, world, rank, device, record):
         record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if a.profile:
         profile_steps(fwd, kw, a, rank)
+    if a.host_profile:
+        host_profile_steps(fwd, kw, a, rank, world, device)
+
+
+@torch.inference_mode()
+def host_profile_steps(fwd, kw, a, rank, world, device):
+    """Where the host's time goes: cProfile over a.host_profile steps on rank 0 (the other ranks run unprofiled, so
+    rank 0's step is the slowest and its profile shows its own work, not waits for the others)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile() if rank == 0 else None
+    for _ in range(a.host_profile):
+        if world > 1:
+            dist.barrier()
+        if profiler:
+            profiler.enable()
+        fwd(**kw)
+        if profiler:
+            profiler.disable()
+    sync(device)
+    if profiler is None:
+        return
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    text.write(f"===== {a.model} w{world} {a.impl} {a.config} compile={a.compile}: {a.host_profile} steps, "
+               f"{stats.total_tt * 1e3 / a.host_profile:.1f} ms of profiled host time per step\n")
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(r"fastusp|diffusers/models", 30)
+    print(text.getvalue(), file=sys.stderr)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "host-profile.txt"), "a") as f:
+            f.write(text.getvalue())
 
 
 @torch.inference_mode()

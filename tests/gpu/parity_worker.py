@@ -70,6 +70,7 @@ def main() -> int:
         if world == 2:  # compiled with CUDA graphs; CUDA graphs of the eager forward (backend=None)
             checks += [(u, r, False, "inductor") for u, r in layouts(world)]
             checks += [(u, r, False, "graphs") for u, r in layouts(world)]
+            checks += [(world, 1, True, "inductor")]  # FP8 compiled: its scale views once failed to lower on GPU
         if "--quick" in sys.argv:  # one model, the Ulysses layout eager / compiled / graphed: a smoke test
             checks = [c for c in checks if c[:3] == (world, 1, False)]
         for u, r, fp8, compiled in checks:
