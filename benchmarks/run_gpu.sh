@@ -4,6 +4,7 @@
 #   bash benchmarks/run_gpu.sh [flux|qwen] RUN... [flux|qwen] RUN...
 #   RUN = world:impl:config:compile[:extra,args]     (commas in extra become spaces)
 #     1:single:-:0    2:fastusp:u2r1:1    4:fastusp:u2r2-fp8:1    2:diffusers:ulysses2:1:--backend,_native_cudnn
+#     2:yunchang:u2r1:0 (yunchang's USP inside fastusp's sharding; wheel in .whl/)
 #   A bare model name switches the model for the runs after it (default flux).
 #
 # Wheels in .whl/ (diffusers and what the image lacks) are installed into /tmp/site; the checkout's fastusp is
@@ -20,9 +21,9 @@ set -u
 check_spec() {
   local world impl config compile extra
   IFS=: read -r world impl config compile extra <<<"$1"
-  [[ $world =~ ^[1-8]$ ]] && [[ $impl =~ ^(single|diffusers|fastusp)$ ]] && [ -n "$config" ] \
+  [[ $world =~ ^[1-8]$ ]] && [[ $impl =~ ^(single|diffusers|fastusp|yunchang)$ ]] && [ -n "$config" ] \
     && [[ ${compile:-0} =~ ^[01]$ ]] && return 0
-  echo "bad RUN '$1': expected world:impl:config:compile[:extra,args], impl single|diffusers|fastusp" >&2
+  echo "bad RUN '$1': expected world:impl:config:compile[:extra,args], impl single|diffusers|fastusp|yunchang" >&2
   return 1
 }
 

@@ -16,6 +16,8 @@ when it fails (`err` is then set), and appends it to $OUT/results.jsonl when $OU
 --impl fastusp    fastusp.parallelize(model, ulysses=U, ring=R, fp8_comm=...) from --config: u2r1 | u1r2 |
                   u2r2 | u2r1-fp8 | u2r1-fp8all, optionally -c<N> (ulysses_chunks); compiled with
                   fastusp.compile_pipeline.
+--impl yunchang   yunchang's LongContextAttention as the attention inside fastusp's sequence sharding, --config
+                  u<N>r<M> (no mask, even token counts); eager (regional compile needs --fullgraph 0).
 --compile 1       --compile-mode auto (default): fastusp -> fastusp.compile_pipeline, others -> regional
                   (diffusers' compile_repeated_blocks(fullgraph=True)); regional | whole (torch.compile(model))
                   force one of those for any impl; graphs: compile_pipeline(backend=None), CUDA graphs of the
@@ -55,7 +57,7 @@ DEFAULT_TXT = {"flux": 512, "qwen-image": 128}  # FLUX pads T5 to 512; Qwen-Imag
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="flux", choices=sorted(MODEL_NAMES))
-    ap.add_argument("--impl", default="single", choices=["single", "diffusers", "fastusp"])
+    ap.add_argument("--impl", default="single", choices=["single", "diffusers", "fastusp", "yunchang"])
     ap.add_argument("--config", default="-", help="ulysses2xring2 (diffusers), u2r2[-fp8] (fastusp), - (single)")
     ap.add_argument("--compile", type=int, default=0, choices=[0, 1])
     ap.add_argument("--compile-mode", default="auto", choices=["auto", "regional", "whole", "graphs"])
@@ -256,6 +258,44 @@ def apply_fastusp(model, a, world):
     return fastusp.parallelize(model, **kw) or model
 
 
+def apply_yunchang(model, a, world):
+    """yunchang's LongContextAttention (USP) as the attention call, inside fastusp's sequence sharding.
+
+    Inputs are cut and the output gathered by the same code as --impl fastusp, so the two differ only in the
+    attention: yunchang's three all-to-alls (q, k, v) and its ring against fastusp's. Config u<N>r<M>. yunchang
+    takes no attention mask (Qwen-Image: --text-mask none) and needs the same number of tokens on every rank. Its
+    cuDNN kernel returns no log-sum-exp (yunchang fills zeros), which only a ring merge needs: cuDNN for r = 1,
+    aten's flash kernel for ring degrees > 1; on CPU its math kernel, r = 1 only.
+    """
+    import fastusp
+    import fastusp.processors.flux as flux_processor
+    import fastusp.processors.qwen_image as qwen_processor
+    from yunchang import LongContextAttention, set_seq_parallel_pg
+    from yunchang.kernels import AttnType
+
+    kw = parse_fastusp_config(a.config)
+    ulysses, ring = kw["ulysses"], kw["ring"]
+    if ulysses * ring != world or set(kw) != {"ulysses", "ring", "fp8_comm"} or kw["fp8_comm"]:
+        raise ValueError(f"yunchang config {a.config}: expected u<N>r<M> with N * M = world {world}")
+    cuda = next(model.parameters()).is_cuda
+    if not cuda and ring > 1:
+        raise ValueError("yunchang on CPU: ring degree 1 only (its math kernel returns no log-sum-exp)")
+    kernel = AttnType.TORCH_MATH if not cuda else AttnType.TORCH_CUDNN if ring == 1 else AttnType.TORCH_FLASH
+    set_seq_parallel_pg(ulysses, ring, dist.get_rank(), world)
+    long_context_attention = LongContextAttention(ring_impl_type="basic", attn_type=kernel)
+
+    def yunchang_attention(q, k, v, layout, config):  # [B, S_local, H, D] in and out, like usp_attention
+        if layout.key_bias is not None:
+            raise ValueError("yunchang takes no attention mask (Qwen-Image: run with --text-mask none)")
+        if len(set(layout.tokens)) != 1:
+            raise ValueError(f"yunchang needs the same number of tokens on every rank, got {layout.tokens}")
+        return long_context_attention(q, k, v)
+
+    flux_processor.usp_attention = yunchang_attention  # the processors look the name up at call time
+    qwen_processor.usp_attention = yunchang_attention
+    return fastusp.parallelize(model, ulysses=ulysses, ring=ring) or model
+
+
 def maybe_compile(model, a):
     """Return the callable to time. Compilation itself happens lazily, during the warm-up calls."""
     mode = resolved_compile_mode(a)
@@ -277,7 +317,7 @@ def maybe_compile(model, a):
     return torch.compile(model)  # whole model: graph breaks allowed (diffusers' CP hooks sit around it)
 
 
-APPLY = {"single": apply_single, "diffusers": apply_diffusers_cp, "fastusp": apply_fastusp}
+APPLY = {"single": apply_single, "diffusers": apply_diffusers_cp, "fastusp": apply_fastusp, "yunchang": apply_yunchang}
 
 
 # --- timing -------------------------------------------------------------------------------------------------------
@@ -345,7 +385,7 @@ def set_inductor_config(setting: str) -> None:
 def base_record(a, world, device) -> dict:
     return dict(model=a.model, world=world, impl=a.impl, config="-" if a.impl == "single" else a.config,
                 compiled=bool(a.compile), compile_mode=resolved_compile_mode(a),
-                backend=None if a.impl == "fastusp" else a.backend,
+                backend=a.backend if a.impl in ("single", "diffusers") else None,
                 res=f"{a.height}x{a.width}", txt=a.txt, steps=a.steps, warmup=a.warmup,
                 dtype="float32" if device.type == "cpu" else "bfloat16", tiny=a.tiny,
                 card=card_name(device), date=datetime.date.today().isoformat(), **versions(),

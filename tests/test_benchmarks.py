@@ -41,3 +41,31 @@ def test_exposure_by_position():
     assert out[0] == {"calls": 1, "ms": 0.004, "exposed_ms": 0.004}
     assert out[1] == {"calls": 1, "ms": 0.004, "exposed_ms": 0.0}
     assert out["rest"] == {"calls": 1, "ms": 0.002, "exposed_ms": 0.002}
+
+
+def _yunchang_worker(a):
+    import torch
+    from step_latency import apply_yunchang
+    from tiny_models import flux_inputs, tiny_flux
+
+    model = apply_yunchang(tiny_flux(), a, 2)
+    with torch.no_grad():
+        return model(**flux_inputs(height=4, width=4, text_len=6), return_dict=False)[0]
+
+
+def test_yunchang_baseline_computes_the_single_device_output():
+    # the baseline must be right before its time means anything: yunchang's USP inside fastusp's sharding
+    import argparse
+
+    import pytest
+    import torch
+
+    pytest.importorskip("yunchang")
+    from _dist import run_distributed
+    from tiny_models import flux_inputs, tiny_flux
+
+    with torch.no_grad():
+        ref = tiny_flux()(**flux_inputs(height=4, width=4, text_len=6), return_dict=False)[0]
+    outs = run_distributed(_yunchang_worker, 2, argparse.Namespace(config="u2r1"))
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
