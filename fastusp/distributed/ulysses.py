@@ -27,27 +27,24 @@ _c10d = torch.ops._c10d_functional
 def _all_to_all(x: torch.Tensor, send_rows: list[int], recv_rows: list[int], row_numel: int, group) -> torch.Tensor:
     # The raw functional op rather than fc.all_to_all_single: that wrapper waits at once while tracing (so Inductor
     # saw nothing to overlap) and wraps eager results in a Python tensor subclass (host time on every layer).
-    args = (x.reshape(-1), [r * row_numel for r in recv_rows], [r * row_numel for r in send_rows], group.group_name)
-    if _keeps_autograd():
-        return _c10d.all_to_all_single(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return _c10d.all_to_all_single(*args)
+    return _collective(_c10d.all_to_all_single, x.reshape(-1), [r * row_numel for r in recv_rows],
+                       [r * row_numel for r in send_rows], group.group_name)
 
 
 def wait(x: torch.Tensor) -> torch.Tensor:
     """Make the current stream wait for a collective issued by start_*; returns its result."""
-    if _keeps_autograd():
-        return _c10d.wait_tensor(x)
+    return _collective(_c10d.wait_tensor, x)
+
+
+def _collective(op, *args):
+    """op(*args), below the autograd kernel in eager inference: torch 2.13 registers the functional collectives'
+    autograd in Python (torch.library.register_autograd), which cost 52 -> 24 us per all-to-all + wait on a 2-core
+    CPU with a fake process group; two of them run on every layer. With grad on, and in traced code (Dynamo does
+    not take the guard; Inductor adds no such wrapper), the plain call."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
-        return _c10d.wait_tensor(x)
-
-
-def _keeps_autograd() -> bool:
-    """False in eager inference, where the call can skip the autograd kernel: torch 2.13 registers the functional
-    collectives' autograd in Python (torch.library.register_autograd), which cost 52 -> 24 us per all-to-all + wait
-    on a 2-core CPU with a fake process group; two of them run on every layer. Traced code keeps the plain call
-    (Dynamo does not take the guard; Inductor adds no such wrapper)."""
-    return torch.is_grad_enabled() or torch.compiler.is_compiling()
+        return op(*args)
 
 
 def pack_head_chunks(tensors: list[torch.Tensor], group_size: int, chunks: int) -> list[torch.Tensor]:
