@@ -42,6 +42,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
+from trace_exposure import merged_intervals  # a sibling script: benchmarks/ is on sys.path when this one runs
+
 # Run from a checkout without installing: the repo root goes last, so an installed or PYTHONPATH fastusp wins.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -521,12 +523,7 @@ KERNEL_KINDS = [("nccl", r"nccl"), ("attention", r"flash|fmha|attention|cudnn|sd
 
 
 def _union_ms(intervals) -> float:
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(intervals):
-        if e > end:
-            total += e - max(s, end)
-            end = e
-    return total / 1e3
+    return sum(e - s for s, e in merged_intervals(intervals)) / 1e3
 
 
 def kernel_breakdown(trace: dict, steps: int) -> dict:

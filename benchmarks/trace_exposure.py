@@ -14,7 +14,8 @@ import gzip
 import json
 
 
-def _merged(intervals):
+def merged_intervals(intervals) -> list[list[float]]:
+    """(start, end) pairs -> the sorted, non-overlapping [start, end] spans that cover them."""
     out = []
     for s, e in sorted(intervals):
         if out and s <= out[-1][1]:
@@ -29,7 +30,7 @@ def exposure_by_position(trace: dict, steps: int, per_layer: int) -> dict:
     kernels = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel" and "dur" in e),
                      key=lambda e: e["ts"])
     nccl = [e for e in kernels if "nccl" in e["name"].lower()]
-    compute = _merged((e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e["name"].lower())
+    compute = merged_intervals((e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e["name"].lower())
     starts = [s for s, _ in compute]
 
     def hidden(s, e):
