@@ -75,6 +75,9 @@ def parse_args(argv=None):
     ap.add_argument("--sm-carveout", type=int, default=0, metavar="SMS",
                     help="leave SMS streaming multiprocessors out of cuBLAS GEMMs (torch._C._set_sm_carveout_"
                          "experimental), so concurrent NCCL kernels get them; recorded in the result")
+    ap.add_argument("--fuse-qkv", action="store_true",
+                    help="FLUX: diffusers' transformer.fuse_qkv_projections() (one GEMM for q|k|v) before anything "
+                         "else, for any impl; recorded in the result")
     ap.add_argument("--height", type=int, default=None, help="default 1024 (256 with --tiny)")
     ap.add_argument("--width", type=int, default=None, help="default 1024 (256 with --tiny)")
     ap.add_argument("--txt", type=int, default=None, help="text tokens; default 512 flux, 128 qwen")
@@ -395,6 +398,7 @@ def base_record(a, world, device) -> dict:
                 model_mem_gb=None, peak_mem_gb=None, finite=None, err=None,
                 **({"inductor": a.inductor} if a.inductor else {}),
                 **({"sm_carveout": a.sm_carveout} if a.sm_carveout else {}),
+                **({"fuse_qkv": True} if a.fuse_qkv else {}),
                 **({"text_mask": a.text_mask} if a.text_mask != "ones" else {}))
 
 
@@ -427,6 +431,10 @@ def run(a, world, rank, device, record):
     t0 = time.perf_counter()
     phase(rank, "build")
     model = build_model(a.model, device, dtype, tiny=a.tiny)
+    if a.fuse_qkv:
+        if a.model != "flux":
+            raise ValueError("--fuse-qkv: FLUX only (diffusers' Qwen-Image processor has no fused projections)")
+        model.fuse_qkv_projections()
     phase(rank, f"apply {a.impl}")
     model = APPLY[a.impl](model, a, world)
     fwd = maybe_compile(model, a)

@@ -74,6 +74,23 @@ def test_text_shorter_than_world_and_return_dict(name):
         assert ((out - ref).norm() / ref.norm()).item() < 1e-4
 
 
+def _tiny_flux_fused_qkv():
+    model = tiny_flux()
+    model.fuse_qkv_projections()  # diffusers' one-GEMM q|k|v (to_qkv, to_added_qkv)
+    for attn in (m for m in model.modules() if getattr(m, "fused_projections", False)):
+        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            setattr(attn, name, None)  # only the fused weights are left: the processor must use them
+    return model
+
+
+def test_flux_with_fused_qkv_projections():
+    inputs = flux_inputs(batch=2, height=3, width=5, text_len=5)
+    with torch.no_grad():
+        ref = tiny_flux()(**inputs, return_dict=False)[0]
+    for out in run_distributed(_parallel_forward, 2, _tiny_flux_fused_qkv, inputs, 2, 1):
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
 def _flux_with_deprecated_3d_ids(inputs):
     model = tiny_flux()
     fastusp.parallelize(model, ulysses=2)
