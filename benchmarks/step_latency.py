@@ -394,7 +394,7 @@ def base_record(a, world, device) -> dict:
                 res=f"{a.height}x{a.width}", txt=a.txt, steps=a.steps, warmup=a.warmup,
                 dtype="float32" if device.type == "cpu" else "bfloat16", tiny=a.tiny,
                 card=card_name(device), date=datetime.date.today().isoformat(), **versions(),
-                median_ms=None, min_ms=None, mean_ms=None, compile_s=None, build_s=None,
+                median_ms=None, min_ms=None, mean_ms=None, steps_ms=None, compile_s=None, build_s=None,
                 model_mem_gb=None, peak_mem_gb=None, finite=None, err=None,
                 **({"inductor": a.inductor} if a.inductor else {}),
                 **({"sm_carveout": a.sm_carveout} if a.sm_carveout else {}),
@@ -449,7 +449,8 @@ def run(a, world, rank, device, record):
     phase(rank, "timed steps")
     out, times_ms = timed_steps(fwd, kw, device, world, a.steps)
     record.update(median_ms=round(statistics.median(times_ms), 3), min_ms=round(min(times_ms), 3),
-                  mean_ms=round(statistics.fmean(times_ms), 3), compile_s=round(compile_s, 2),
+                  mean_ms=round(statistics.fmean(times_ms), 3), steps_ms=[round(t, 1) for t in times_ms],
+                  compile_s=round(compile_s, 2),
                   finite=bool(torch.isfinite(out.float()).all()))
     if device.type == "cuda":
         record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
