@@ -1,10 +1,11 @@
-"""Which all-to-alls are exposed: NCCL time per position in the layer that no compute kernel overlaps.
+"""Which all-to-alls are exposed, and where the GPU idles, in a kernel trace of `step_latency.py --profile N`.
 
 python benchmarks/trace_exposure.py $OUT/trace-flux-w2-fastusp-u2r1-c1.json.gz --steps 2 --per-layer 4
-Reads the gzipped kernel trace that `step_latency.py --profile N` writes, numbers each step's NCCL kernels in
-launch order, and sums, per position modulo --per-layer (Ulysses, two head chunks: 0, 1 = q/k/v of chunk 0, 1;
-2, 3 = outputs of chunk 0, 1), their GPU time and the part of it with no other kernel running. Collectives beyond
-the whole layers of a step (the final gather) are reported as "rest".
+Numbers each step's NCCL kernels in launch order, and sums, per position modulo --per-layer (Ulysses, two head
+chunks: 0, 1 = q/k/v of chunk 0, 1; 2, 3 = outputs of chunk 0, 1), their GPU time and the part of it with no other
+kernel running. Collectives beyond the whole layers of a step (the final gather) are reported as "rest".
+--idle instead sums the time no kernel runs at all, by the kernel that ends each idle gap (CUDA-graph replays
+leave gaps of ~0.5 us between most kernels, and much longer ones before some).
 """
 from __future__ import annotations
 
@@ -53,14 +54,36 @@ def exposure_by_position(trace: dict, steps: int, per_layer: int) -> dict:
     return {k: {n: round(v, 3) for n, v in row.items()} for k, row in out.items()}
 
 
+def idle_by_next_kernel(trace: dict, steps: int, max_gap_us: float = 1000.0) -> dict:
+    """{kernel name (first 60 chars): {"gaps", "ms", "avg_us"}} per step, for the gaps when no kernel runs on any
+    stream; gaps longer than max_gap_us (between profiled steps) are left out."""
+    kernels = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel" and "dur" in e),
+                     key=lambda e: e["ts"])
+    out: dict = {}
+    busy_until = kernels[0]["ts"] if kernels else 0.0
+    for e in kernels:
+        gap = e["ts"] - busy_until
+        if 0 < gap <= max_gap_us:
+            row = out.setdefault(e["name"][:60], {"gaps": 0, "ms": 0.0})
+            row["gaps"] += 1 / steps
+            row["ms"] += gap / 1e3 / steps
+        busy_until = max(busy_until, e["ts"] + e["dur"])
+    rows = sorted(out.items(), key=lambda kv: -kv[1]["ms"])
+    return {name: {"gaps": round(r["gaps"], 3), "ms": round(r["ms"], 3), "avg_us": round(r["ms"] * 1e3 / r["gaps"], 1)}
+            for name, r in rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trace")
     ap.add_argument("--steps", type=int, required=True, help="the --profile N of the run")
     ap.add_argument("--per-layer", type=int, default=4, help="collectives per layer (Ulysses, 2 chunks: 4)")
+    ap.add_argument("--idle", action="store_true", help="idle time by the kernel that ends each gap, instead")
     a = ap.parse_args()
     with gzip.open(a.trace, "rt") as f:
-        print(json.dumps(exposure_by_position(json.load(f), a.steps, a.per_layer), indent=1))
+        trace = json.load(f)
+    out = idle_by_next_kernel(trace, a.steps) if a.idle else exposure_by_position(trace, a.steps, a.per_layer)
+    print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,16 @@ def test_exposure_by_position():
     assert out["rest"] == {"calls": 1, "ms": 0.002, "exposed_ms": 0.002}
 
 
+def test_idle_by_next_kernel():
+    from trace_exposure import idle_by_next_kernel
+    # two steps: gemm 0-10, nccl 5-12 on another stream (no gap: the gemm still runs), attention 14-20 (gap 2),
+    # gemm 21-30 (gap 1); step 2 starts 5000 later (a gap between steps, left out) with the same kernels
+    step = [("nvjet_gemm", 0, 10), ("ncclDevKernel_SendRecv", 5, 7), ("cudnn_sdpa", 14, 6), ("nvjet_gemm", 21, 9)]
+    trace = {"traceEvents": [_kernel(n, t + offset, d) for offset in (0, 5000) for n, t, d in step]}
+    assert idle_by_next_kernel(trace, steps=2) == {"cudnn_sdpa": {"gaps": 1, "ms": 0.002, "avg_us": 2.0},
+                                                   "nvjet_gemm": {"gaps": 1, "ms": 0.001, "avg_us": 1.0}}
+
+
 def _yunchang_worker(a):
     import torch
     from step_latency import apply_yunchang
