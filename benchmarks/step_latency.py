@@ -42,7 +42,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from trace_exposure import merged_intervals  # a sibling script: benchmarks/ is on sys.path when this one runs
+from trace_exposure import kernel_events, merged_intervals  # a sibling script: benchmarks/ is on sys.path when this one runs
 
 # Run from a checkout without installing: the repo root goes last, so an installed or PYTHONPATH fastusp wins.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,6 +99,8 @@ def parse_args(argv=None):
     if a.steps < 1 or a.warmup < 1:  # warm-up >= 1 keeps compilation out of the timed steps
         ap.error("--steps and --warmup must be >= 1")
     a.model = MODEL_NAMES[a.model]
+    if a.fuse_qkv and a.model != "flux":
+        ap.error("--fuse-qkv: FLUX only (diffusers' Qwen-Image processor has no fused projections)")
     size = 256 if a.tiny else 1024
     a.height = a.height or size
     a.width = a.width or size
@@ -432,8 +434,6 @@ def run(a, world, rank, device, record):
     phase(rank, "build")
     model = build_model(a.model, device, dtype, tiny=a.tiny)
     if a.fuse_qkv:
-        if a.model != "flux":
-            raise ValueError("--fuse-qkv: FLUX only (diffusers' Qwen-Image processor has no fused projections)")
         model.fuse_qkv_projections()
     phase(rank, f"apply {a.impl}")
     model = APPLY[a.impl](model, a, world)
@@ -537,7 +537,7 @@ def _union_ms(intervals) -> float:
 
 def kernel_breakdown(trace: dict, steps: int) -> dict:
     """Per step (ms, rank 0): GPU time by kernel kind, the span, and how much NCCL time no compute kernel hid."""
-    kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel" and "dur" in e]
+    kernels = kernel_events(trace)
     if not kernels:
         return {}
     by_kind = {k: [] for k, _ in KERNEL_KINDS}

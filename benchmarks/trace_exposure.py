@@ -26,10 +26,15 @@ def merged_intervals(intervals) -> list[list[float]]:
     return out
 
 
+def kernel_events(trace: dict) -> list[dict]:
+    """The trace's GPU kernels (with a duration), in start order."""
+    return sorted((e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel" and "dur" in e),
+                  key=lambda e: e["ts"])
+
+
 def exposure_by_position(trace: dict, steps: int, per_layer: int) -> dict:
     """{position: {"calls", "ms", "exposed_ms"}} per step; position "rest" for calls past the last whole layer."""
-    kernels = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel" and "dur" in e),
-                     key=lambda e: e["ts"])
+    kernels = kernel_events(trace)
     nccl = [e for e in kernels if "nccl" in e["name"].lower()]
     compute = merged_intervals((e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e["name"].lower())
     starts = [s for s, _ in compute]
@@ -57,8 +62,7 @@ def exposure_by_position(trace: dict, steps: int, per_layer: int) -> dict:
 def idle_by_next_kernel(trace: dict, steps: int, max_gap_us: float = 1000.0) -> dict:
     """{kernel name (first 60 chars): {"gaps", "ms", "avg_us"}} per step, for the gaps when no kernel runs on any
     stream; gaps longer than max_gap_us (between profiled steps) are left out."""
-    kernels = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel" and "dur" in e),
-                     key=lambda e: e["ts"])
+    kernels = kernel_events(trace)
     out: dict = {}
     busy_until = kernels[0]["ts"] if kernels else 0.0
     for e in kernels:
