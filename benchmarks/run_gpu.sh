@@ -13,7 +13,7 @@
 # crashes or hangs. All stderr goes to $OUT/err.log, one "===== run N" header per run.
 # Environment: OUT (default /tmp/bench-out), TIMEOUT seconds per run (300), BENCH_ARGS added to every run
 # (e.g. "--steps 20 --warmup 3"), BUDGET_S for the whole script (560: the device tool stops a command at 600 s;
-# runs are cut to what is left, and runs that no longer fit are listed as skipped, without a record).
+# runs are cut to what is left, said on stdout, and runs that no longer fit are listed as skipped, without a record).
 set -u
 [ $# -gt 0 ] || { sed -n '2,14p' "$0"; exit 2; }
 
@@ -40,8 +40,15 @@ mkdir -p "$OUT"
 log="$OUT/err.log"
 scratch=$(mktemp -d)  # per-run stdout/stderr, kept out of $OUT so it stays a handful of files
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  2>&1 | tail -2
+# the wheels once per machine: a second invocation on a warm machine skips the ~10 s install
+stamp=/tmp/site/.installed-$(cat .whl/*.whl | cksum | cut -d' ' -f1)
+if [ -e "$stamp" ]; then
+  echo "wheels already installed in /tmp/site"
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    2>&1 | tail -2
+  [ "${PIPESTATUS[0]}" = 0 ] && touch "$stamp"
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 # NVLink multicast stays off on these shared hosts (see the device notes): keep all three set
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -136,6 +143,8 @@ for spec in "$@"; do
     echo "skipped (time budget): $model $spec" | tee -a "$log"; skipped=$((skipped + 1)); continue
   fi
   n=$((n + 1))
+  # BUDGET_S counts this script's preamble too (~20 s on a cold machine): say when a run gets less than TIMEOUT
+  [ "$left" -lt "$TIMEOUT" ] && echo "run $n ($model $spec): cut to $left s by BUDGET_S" | tee -a "$log"
   run_one "$model" "$world" "$impl" "$config" "${compile:-0}" "${extra//,/ }" "$n" $((left < TIMEOUT ? left : TIMEOUT))
 done
 rm -rf "$scratch"
