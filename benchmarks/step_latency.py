@@ -42,7 +42,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from trace_exposure import kernel_events, merged_intervals  # a sibling script: benchmarks/ is on sys.path when this one runs
+from trace_exposure import kernel_events, merged_intervals  # sibling script: benchmarks/ is on sys.path
 
 # Run from a checkout without installing: the repo root goes last, so an installed or PYTHONPATH fastusp wins.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

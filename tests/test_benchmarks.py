@@ -79,3 +79,12 @@ def test_yunchang_baseline_computes_the_single_device_output():
     outs = run_distributed(_yunchang_worker, 2, argparse.Namespace(config="u2r1"))
     for out in outs:
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_gemm_gaps_pairs_each_kernel_with_the_gap_before_it():
+    from graph_gemm_gaps import gaps_by_kernel
+    # one stream: norm 0-10, gemm 19-79 (gap 9), gemm 80-140 (gap 1), gelu 140-150 (gap 0); host events ignored
+    trace = {"traceEvents": [_kernel("triton_norm", 0, 10), _kernel("nvjet_coopA", 80, 60),
+                             _kernel("nvjet_coopA", 19, 60), _kernel("triton_gelu", 140, 10),
+                             {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500}]}
+    assert gaps_by_kernel(trace) == {"nvjet_coopA": [(9, 60), (1, 60)], "triton_gelu": [(0, 10)]}
