@@ -501,6 +501,15 @@ def profile_steps(fwd, kw, a, rank):
         for _ in range(a.profile):
             fwd(**kw)
         torch.cuda.synchronize()
+    trace = _chrome_trace(prof)
+    if os.environ.get("OUT"):  # every rank's GPU kernels, for a timeline (chrome://tracing, Perfetto) and for
+        # trace_exposure --skew, which compares when the ranks reach each collective
+        kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") in ("kernel", "gpu_memcpy")]
+        suffix = f"-rank{rank}" if rank else ""
+        name = (f"trace-{a.model}-w{os.environ.get('WORLD_SIZE', '1')}-{a.impl}-{a.config}-c{int(a.compile)}"
+                f"{suffix}.json.gz")
+        with gzip.open(os.path.join(os.environ["OUT"], name), "wt") as f:
+            json.dump({"traceEvents": kernels}, f)
     if rank != 0:
         return
     events = prof.key_averages()
@@ -509,22 +518,20 @@ def profile_steps(fwd, kw, a, rank):
     print(f"PROFILE {a.model} {a.impl} {a.config} compile={a.compile}: {launches / a.profile:.0f} kernel launches "
           f"and {graphs / a.profile:.0f} graph launches per step", file=sys.stderr)
     print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60), file=sys.stderr)
-    with tempfile.TemporaryDirectory() as tmp:  # read back by name: the export may replace the file it writes
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            trace = json.load(f)
     breakdown = kernel_breakdown(trace, a.profile)
-    if os.environ.get("OUT"):  # the GPU kernels of the profiled steps, for a timeline (chrome://tracing, Perfetto)
-        kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") in ("kernel", "gpu_memcpy")]
-        name = f"trace-{a.model}-w{os.environ.get('WORLD_SIZE', '1')}-{a.impl}-{a.config}-c{int(a.compile)}.json.gz"
-        with gzip.open(os.path.join(os.environ["OUT"], name), "wt") as f:
-            json.dump({"traceEvents": kernels}, f)
     print(f"BREAKDOWN {a.model} {a.impl} {a.config} compile={a.compile} {json.dumps(breakdown)}", file=sys.stderr)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "breakdown.jsonl"), "a") as f:
             f.write(json.dumps(dict(model=a.model, world=int(os.environ.get("WORLD_SIZE", "1")), impl=a.impl,
                                     config=a.config, compiled=bool(a.compile), **breakdown)) + "\n")
+
+
+def _chrome_trace(prof) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:  # read back by name: the export may replace the file it writes
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return json.load(f)
 
 
 KERNEL_KINDS = [("nccl", r"nccl"), ("attention", r"flash|fmha|attention|cudnn|sdpa"),

@@ -6,6 +6,8 @@ chunks: 0, 1 = q/k/v of chunk 0, 1; 2, 3 = outputs of chunk 0, 1), their GPU tim
 kernel running. Collectives beyond the whole layers of a step (the final gather) are reported as "rest".
 --idle instead sums the time no kernel runs at all, by the kernel that ends each idle gap (CUDA-graph replays
 leave gaps of ~0.5 us between most kernels, and much longer ones before some).
+--peers TRACE... (the other ranks' traces of the same run) instead says, per position, how long each rank's
+collective kernels wait for the last rank to arrive: an exposed collective is transfer plus that wait.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import argparse
 import bisect
 import gzip
 import json
+import statistics
 
 
 def merged_intervals(intervals) -> list[list[float]]:
@@ -77,16 +80,47 @@ def idle_by_next_kernel(trace: dict, steps: int, max_gap_us: float = 1000.0) -> 
             for name, r in rows}
 
 
+def wait_by_position(traces: list[dict], steps: int, per_layer: int) -> dict:
+    """Every rank's trace of the same profiled steps -> {position: {"transfer_us", "wait_us": [per rank]}}, medians.
+
+    A collective's kernels end together on every rank, so a kernel that runs longer than the shortest one of the
+    same collective spent the difference waiting for the last rank to arrive: no clock alignment across processes
+    is needed. transfer_us is the shortest kernel of each call. Medians, because the first collective of a profile
+    waits for the other processes to start profiling (20 ms in one FLUX trace: a mean over 114 calls read 205 us)."""
+    per_rank = [[e for e in kernel_events(t) if "nccl" in e["name"].lower()] for t in traces]
+    per_step = min(len(n) for n in per_rank) // steps
+    layers = per_step // per_layer
+    rows: dict = {}
+    for i in range(per_step * steps):
+        k = i % per_step
+        key = k % per_layer if k < layers * per_layer else "rest"
+        durs = [n[i]["dur"] for n in per_rank]
+        rows.setdefault(key, []).append((min(durs), [d - min(durs) for d in durs]))
+    return {k: {"calls_per_step": len(r) / steps, "transfer_us": round(statistics.median(t for t, _ in r), 1),
+                "wait_us": [round(statistics.median(w[j] for _, w in r), 1) for j in range(len(per_rank))]}
+            for k, r in rows.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trace")
     ap.add_argument("--steps", type=int, required=True, help="the --profile N of the run")
     ap.add_argument("--per-layer", type=int, default=4, help="collectives per layer (Ulysses, 2 chunks: 4)")
     ap.add_argument("--idle", action="store_true", help="idle time by the kernel that ends each gap, instead")
+    ap.add_argument("--peers", nargs="+", metavar="TRACE",
+                    help="the other ranks' traces of the same steps (...-rank1.json.gz): instead, how long each "
+                         "rank's collective kernels wait for the last rank to arrive")
     a = ap.parse_args()
-    with gzip.open(a.trace, "rt") as f:
-        trace = json.load(f)
-    out = idle_by_next_kernel(trace, a.steps) if a.idle else exposure_by_position(trace, a.steps, a.per_layer)
+    traces = []
+    for path in [a.trace] + (a.peers or []):
+        with gzip.open(path, "rt") as f:
+            traces.append(json.load(f))
+    if a.peers:
+        out = wait_by_position(traces, a.steps, a.per_layer)
+    elif a.idle:
+        out = idle_by_next_kernel(traces[0], a.steps)
+    else:
+        out = exposure_by_position(traces[0], a.steps, a.per_layer)
     print(json.dumps(out, indent=1))
 
 

@@ -53,6 +53,23 @@ def test_idle_by_next_kernel():
                                                    "nvjet_gemm": {"gaps": 1, "ms": 0.001, "avg_us": 1.0}}
 
 
+def test_wait_by_position():
+    from trace_exposure import wait_by_position
+    # two ranks, one layer of 2 collectives per step, three steps. #0: rank 0 waits 3 us for rank 1 (7 against
+    # 4 us), except in the first step, where rank 1 waits 900 us (the profile's start; the median leaves it out);
+    # #1: rank 1 waits 1 us (6 against 5). The compute kernels between them do not count.
+    def step(t, first):
+        return ([("ncclDevKernel_AllToAll", t, 4 if first else 7), ("cudnn_sdpa", t + 7, 10),
+                 ("ncclDevKernel_AllToAll", t + 18, 5)],
+                [("ncclDevKernel_AllToAll", t + 3, 904 if first else 4), ("cudnn_sdpa", t + 7, 10),
+                 ("ncclDevKernel_AllToAll", t + 17, 6)])
+    steps = [step(t, t == 0) for t in (0, 1000, 2000)]
+    traces = [{"traceEvents": [_kernel(n, t, d) for s in steps for n, t, d in s[rank]]} for rank in (0, 1)]
+    assert wait_by_position(traces, steps=3, per_layer=2) == {
+        0: {"calls_per_step": 1.0, "transfer_us": 4.0, "wait_us": [3.0, 0.0]},
+        1: {"calls_per_step": 1.0, "transfer_us": 5.0, "wait_us": [0.0, 1.0]}}
+
+
 def _yunchang_worker(a):
     import torch
     from step_latency import apply_yunchang
