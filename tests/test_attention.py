@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from _dist import run_distributed
-from fastusp.attention.local import attention_with_lse
+from fastusp.attention.local import attention_text_keys_apart, attention_with_lse
 from fastusp.attention.merge import merge_attention
 from fastusp.attention.ring import ring_attention
 from fastusp.distributed.gather import gather_seq
@@ -50,6 +50,36 @@ def test_merge_ignores_a_fully_masked_block():
     out, lse = merge_attention(out, lse, *attention_with_lse(q, k[:, :, 3:], v[:, :, 3:], bias[:, 3:]))
     assert torch.isfinite(out).all()
     assert rel_err(out, F.scaled_dot_product_attention(q, k[:, :, :3], v[:, :, :3])) < 1e-6
+
+
+@pytest.mark.parametrize("text_lens, image_lens", [([2, 3], [5, 4]), ([3, 0, 1, 1], [2, 2, 3, 2])])
+def test_text_keys_apart_equals_one_masked_call(text_lens, image_lens):
+    # keys [text_0, image_0, text_1, image_1, ...]; batch 1 masks its first text chunk whole and the last text key
+    total = sum(text_lens) + sum(image_lens)
+    q, k, v = torch.randn(2, 3, 6, 8), torch.randn(2, 3, total, 8), torch.randn(2, 3, total, 8)
+    bias = torch.zeros(2, total)
+    bias[1, :text_lens[0]] = bias[1, total - image_lens[-1] - 1] = torch.finfo(torch.float32).min / 2
+    out = attention_text_keys_apart(q, k, v, bias, text_lens, image_lens)
+    assert rel_err(out, F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :])) < 1e-6
+    assert rel_err(out[1], F.scaled_dot_product_attention(q, k, v)[1]) > 1e-2  # the mask mattered
+
+
+def test_text_keys_apart_without_text_tokens():
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    out = attention_text_keys_apart(q, k, v, torch.zeros(1, 7), [0, 0], [3, 4])
+    assert rel_err(out, F.scaled_dot_product_attention(q, k, v)) < 1e-6
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_cudnn_check_traces_without_graph_break(dynamic):
+    # compiled Ulysses asks it inside the graph (text keys apart); with symbolic shapes too, as a user's own
+    # torch.compile may trace them
+    from fastusp.attention.local import _cudnn_usable
+
+    check = torch.compile(lambda q: q * 2 if _cudnn_usable(q, q, q) else q + 1, fullgraph=True, dynamic=dynamic)
+    for seq in (5, 9):
+        q = torch.randn(1, 2, seq, 16)
+        assert torch.equal(check(q), q + 1)  # no cuDNN on CPU
 
 
 def _ring_worker(q, k, v, bias, lens):

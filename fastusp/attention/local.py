@@ -4,12 +4,17 @@ Layout [B, H, S, D]. key_bias: None or an additive float mask [B, S_k] over keys
 Backends: CPU uses aten's flash-for-cpu kernel (returns the LSE). On CUDA without a mask in fp16/bf16: cuDNN's
 kernel where torch can use it (on H200 at 12 heads x 4608 tokens 0.27 ms vs 0.47 ms for aten's flash kernel, see
 benchmarks/results), else flash-attn when installed, else aten's flash kernel; with a mask or in fp32 the
-memory-efficient kernel.
+memory-efficient kernel. Compiled Ulysses with a text mask attends to the text keys apart from the image keys
+(attention_text_keys_apart), so that the image keys take the unmasked kernel.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from .merge import merge_attention
 
 try:  # optional extra: fastusp[flash]
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -33,14 +38,53 @@ def _aligned_bias(key_bias: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> t
 
 
 def _cudnn_usable(q, k, v) -> bool:
-    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
-    return torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.can_use_cudnn_attention(params)
+    """Whether cuDNN's kernel takes these inputs: asked of the device and dtype with a 128-wide head, and the head
+    size and last-dimension strides checked here (every tensor this library passes is such a view). So the answer
+    is a constant while tracing too, where Dynamo can neither build SDPAParams nor read the backend switch, and
+    where shapes may be symbolic."""
+    head = q.shape[-1]
+    return (head <= 128 and head % 8 == 0 and all(t.stride(-1) == 1 for t in (q, k, v))
+            and _cudnn_enabled_for(q.device, q.dtype))
+
+
+@torch.compiler.assume_constant_result
+def _cudnn_enabled_for(device: torch.device, dtype: torch.dtype) -> bool:
+    return torch.backends.cuda.cudnn_sdp_enabled() and _cudnn_supports(device, dtype)
+
+
+@functools.lru_cache(maxsize=None)  # eager ring steps ask on every chunk
+def _cudnn_supports(device: torch.device, dtype: torch.dtype) -> bool:
+    q = torch.empty(1, 1, 128, 128, device=device, dtype=dtype)
+    return torch.backends.cuda.can_use_cudnn_attention(torch.backends.cuda.SDPAParams(q, q, q, None, 0.0, False,
+                                                                                       False))
 
 
 def attention(q, k, v, key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Plain attention, [B, H, S, D] -> [B, H, S, D]; lets torch pick its fastest kernel."""
     mask = None if key_bias is None else key_bias.to(q.dtype)[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def attention_text_keys_apart(q, k, v, key_bias: torch.Tensor, text_lens: list[int],
+                              image_lens: list[int]) -> torch.Tensor:
+    """attention(q, k, v, key_bias) when only text keys can be masked; keys come as [text_0, image_0, text_1,
+    image_1, ...], one pair per Ulysses rank. Each image block runs unmasked, the text keys with their bias, and
+    the parts merge by log-sum-exp (Inductor fuses the merge). Why: a bias over all keys slows cuDNN's kernel down;
+    H200, 6 heads x 4224 tokens, compiled: 146 us this way against 174 us with the bias (unmasked: 107 us)."""
+    out = lse = None
+    text_k, text_v, text_bias, start = [], [], [], 0
+    for t, i in zip(text_lens, image_lens):
+        text_k.append(k[:, :, start:start + t])
+        text_v.append(v[:, :, start:start + t])
+        text_bias.append(key_bias[:, start:start + t])
+        image = slice(start + t, start + t + i)
+        if i:
+            out, lse = merge_attention(out, lse, *attention_with_lse(q, k[:, :, image], v[:, :, image]))
+        start += t + i
+    if sum(text_lens):
+        out, lse = merge_attention(out, lse, *attention_with_lse(q, torch.cat(text_k, 2), torch.cat(text_v, 2),
+                                                                 torch.cat(text_bias, 1)))
+    return out.to(q.dtype)
 
 
 def attention_with_lse(q, k, v, key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 from ..config import ParallelConfig
 from ..distributed import ulysses as a2a
 from ..sharding import SeqLayout
-from .local import attention
+from .local import attention, attention_text_keys_apart
 from .ring_op import maybe_traceable_ring_attention
 
 
@@ -35,6 +35,8 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seq
         """q_h [B, h, S_chunk, D], kv [S_chunk, 2, B, h, D] -> [B, h, S_chunk, D]."""
         if r == 1:
             k_h, v_h = kv.permute(1, 2, 3, 0, 4).unbind(0)  # two calls, not four: eager pays host time per op
+            if layout.key_bias is not None and _traced(q_h):  # eager pays host time per launch: one masked call
+                return attention_text_keys_apart(q_h, k_h, v_h, layout.key_bias, list(layout.text), list(layout.image))
             return attention(q_h, k_h, v_h, layout.key_bias)
         chunk_lens = [sum(tokens[i * u:(i + 1) * u]) for i in range(r)]
         return maybe_traceable_ring_attention(q_h, kv.contiguous(), chunk_lens, config.ring_group,
