@@ -105,3 +105,16 @@ def test_graph_gemm_gaps_pairs_each_kernel_with_the_gap_before_it():
                              _kernel("nvjet_coopA", 19, 60), _kernel("triton_gelu", 140, 10),
                              {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500}]}
     assert gaps_by_kernel(trace) == {"nvjet_coopA": [(9, 60), (1, 60)], "triton_gelu": [(0, 10)]}
+
+
+def test_masked_attention_benchmark_agrees_with_the_biased_call():
+    # the masked-attention micro-benchmark on CPU, eager, tiny: every variant but "unmasked" equals the biased call
+    from masked_attention import main
+
+    records = main(["--tokens", "40", "--text", "8", "--head-dim", "16", "--cases", "2:2", "1:4", "--no-compile",
+                    "--device", "cpu"])
+    assert {(r["kind"], r["ranks"]) for r in records} == {(k, n) for k in ("biased", "text_keys_apart", "unmasked")
+                                                          for n in (2, 4)}
+    for r in records:
+        assert r["us"] > 0
+        assert (r["rel_err_vs_biased"] < 1e-5) == (r["kind"] != "unmasked")

@@ -68,23 +68,26 @@ def attention(q, k, v, key_bias: torch.Tensor | None = None) -> torch.Tensor:
 def attention_text_keys_apart(q, k, v, key_bias: torch.Tensor, text_lens: list[int],
                               image_lens: list[int]) -> torch.Tensor:
     """attention(q, k, v, key_bias) when only text keys can be masked; keys come as [text_0, image_0, text_1,
-    image_1, ...], one pair per Ulysses rank. Each image block runs unmasked, the text keys with their bias, and
-    the parts merge by log-sum-exp (Inductor fuses the merge). Why: a bias over all keys slows cuDNN's kernel down;
-    H200, 6 heads x 4224 tokens, compiled: 146 us this way against 174 us with the bias (unmasked: 107 us)."""
-    out = lse = None
-    text_k, text_v, text_bias, start = [], [], [], 0
-    for t, i in zip(text_lens, image_lens):
-        text_k.append(k[:, :, start:start + t])
-        text_v.append(v[:, :, start:start + t])
-        text_bias.append(key_bias[:, start:start + t])
-        image = slice(start + t, start + t + i)
-        if i:
-            out, lse = merge_attention(out, lse, *attention_with_lse(q, k[:, :, image], v[:, :, image]))
-        start += t + i
+    image_1, ...], one pair per Ulysses rank. The image keys, copied into one block, are attended unmasked, the text
+    keys with their bias, and the two parts merge by log-sum-exp (Inductor fuses the copies and the merge).
+
+    Why: a bias over all keys slows cuDNN's kernel down by 60%. H200, compiled, 4224 tokens as 4 ranks leave them:
+    145 against 172 us with 6 heads, 78 against 89 us with 3 (unmasked: 107 and 55 us). Attending to each rank's
+    image block apart, without the copy, took 146 against 174 us for 2 ranks' 6 heads but 169 and 98 us for 4 ranks
+    (benchmarks/results/2026-11-27-2xH200-p-t.md)."""
+    starts = [sum(text_lens[:j]) + sum(image_lens[:j]) for j in range(len(text_lens))]
+    image = [(s + t, i) for s, t, i in zip(starts, text_lens, image_lens)]
+    text = list(zip(starts, text_lens))
+    out, lse = merge_attention(None, None, *attention_with_lse(q, _pick(k, image), _pick(v, image)))
     if sum(text_lens):
-        out, lse = merge_attention(out, lse, *attention_with_lse(q, torch.cat(text_k, 2), torch.cat(text_v, 2),
-                                                                 torch.cat(text_bias, 1)))
+        text_part = attention_with_lse(q, _pick(k, text), _pick(v, text), _pick(key_bias, text, dim=1))
+        out, lse = merge_attention(out, lse, *text_part)
     return out.to(q.dtype)
+
+
+def _pick(x: torch.Tensor, spans: list[tuple[int, int]], dim: int = 2) -> torch.Tensor:
+    """The (start, length) spans of x along dim, concatenated."""
+    return torch.cat([x.narrow(dim, start, length) for start, length in spans], dim)
 
 
 def attention_with_lse(q, k, v, key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
