@@ -503,7 +503,7 @@ def profile_steps(fwd, kw, a, rank):
         torch.cuda.synchronize()
     trace = _chrome_trace(prof)
     if os.environ.get("OUT"):  # every rank's GPU kernels, for a timeline (chrome://tracing, Perfetto) and for
-        # trace_exposure --skew, which compares when the ranks reach each collective
+        # trace_exposure --peers, which compares how long the ranks wait at each collective
         kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") in ("kernel", "gpu_memcpy")]
         suffix = f"-rank{rank}" if rank else ""
         name = (f"trace-{a.model}-w{os.environ.get('WORLD_SIZE', '1')}-{a.impl}-{a.config}-c{int(a.compile)}"
