@@ -10,15 +10,13 @@ block and, from one profiled replay, each kernel's mean idle gap before it and i
 workspace size once per process: one process per environment. Results: benchmarks/results/2026-11-27-2xH200-n-*.
 """
 import collections
-import json
 import os
 import sys
-import tempfile
 
 import torch
 import torch.nn.functional as F
 
-from trace_exposure import kernel_events  # a sibling script: benchmarks/ is on sys.path when this one runs
+from trace_exposure import chrome_trace, kernel_events  # a sibling: benchmarks/ is on sys.path when this runs
 
 R = 20
 D, MLP = 3072, 12288
@@ -89,11 +87,7 @@ def run(tag, mode, x, w):
     with profile(activities=[ProfilerActivity.CUDA]) as p:
         g.replay()
         torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as tmp:  # read back by name: the export may replace the file it writes
-        path = os.path.join(tmp, "trace.json")
-        p.export_chrome_trace(path)
-        with open(path) as f:
-            trace = json.load(f)
+    trace = chrome_trace(p)
     busy = sum(e["dur"] for e in kernel_events(trace)) / 1e3 / R
     print(f"{tag} {mode:7s} M={x.shape[0]} replay {ms:.4f} ms/block, kernels busy {busy:.4f} ms/block")
     for n, v in sorted(gaps_by_kernel(trace).items(), key=lambda kv: -sum(g for g, _ in kv[1])):

@@ -5,7 +5,8 @@ python benchmarks/masked_attention.py [--tokens 4224] [--text 128] [--cases 6:2 
 A case HEADS:RANKS lays the keys out as RANKS Ulysses ranks receive them, [text_0, image_0, text_1, image_1, ...],
 with the last 5 text keys of rank 0 padded (all of them if it holds fewer). Each function is compiled (fullgraph,
 static shapes) unless --no-compile; on CUDA the time is the median replay of a CUDA graph of 20 calls (the GPU time
-a graphed step sees), per call. --waves adds cuDNN's unmasked kernel for 1..12 heads at --tokens (its time steps up by whole waves).
+a graphed step sees), per call. --waves adds cuDNN's unmasked kernel for 1..12 heads at --tokens (its time steps up
+by whole waves).
 One JSON record per line on stdout.
 """
 from __future__ import annotations

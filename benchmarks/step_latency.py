@@ -35,14 +35,13 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 
 import torch
 import torch.distributed as dist
 
-from trace_exposure import kernel_events, merged_intervals  # sibling script: benchmarks/ is on sys.path
+from trace_exposure import chrome_trace, kernel_events, merged_intervals  # sibling: benchmarks/ is on sys.path
 
 # Run from a checkout without installing: the repo root goes last, so an installed or PYTHONPATH fastusp wins.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -501,7 +500,7 @@ def profile_steps(fwd, kw, a, rank):
         for _ in range(a.profile):
             fwd(**kw)
         torch.cuda.synchronize()
-    trace = _chrome_trace(prof)
+    trace = chrome_trace(prof)
     if os.environ.get("OUT"):  # every rank's GPU kernels, for a timeline (chrome://tracing, Perfetto) and for
         # trace_exposure --peers, which compares how long the ranks wait at each collective
         kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") in ("kernel", "gpu_memcpy")]
@@ -524,14 +523,6 @@ def profile_steps(fwd, kw, a, rank):
         with open(os.path.join(os.environ["OUT"], "breakdown.jsonl"), "a") as f:
             f.write(json.dumps(dict(model=a.model, world=int(os.environ.get("WORLD_SIZE", "1")), impl=a.impl,
                                     config=a.config, compiled=bool(a.compile), **breakdown)) + "\n")
-
-
-def _chrome_trace(prof) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:  # read back by name: the export may replace the file it writes
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            return json.load(f)
 
 
 KERNEL_KINDS = [("nccl", r"nccl"), ("attention", r"flash|fmha|attention|cudnn|sdpa"),

@@ -15,7 +15,9 @@ import argparse
 import bisect
 import gzip
 import json
+import os
 import statistics
+import tempfile
 
 
 def merged_intervals(intervals) -> list[list[float]]:
@@ -27,6 +29,15 @@ def merged_intervals(intervals) -> list[list[float]]:
         else:
             out.append([s, e])
     return out
+
+
+def chrome_trace(prof) -> dict:
+    """A finished torch.profiler profile as the chrome-trace dict its export writes."""
+    with tempfile.TemporaryDirectory() as tmp:  # read back by name: the export may replace the file it writes
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return json.load(f)
 
 
 def kernel_events(trace: dict) -> list[dict]:

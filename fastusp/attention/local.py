@@ -10,6 +10,7 @@ memory-efficient kernel. Compiled Ulysses with a text mask attends to the text k
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,8 @@ def attention(q, k, v, key_bias: torch.Tensor | None = None) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def attention_text_keys_apart(q, k, v, key_bias: torch.Tensor, text_lens: list[int],
-                              image_lens: list[int]) -> torch.Tensor:
+def attention_text_keys_apart(q, k, v, key_bias: torch.Tensor, text_lens: Sequence[int],
+                              image_lens: Sequence[int]) -> torch.Tensor:
     """attention(q, k, v, key_bias) when only text keys can be masked; keys come as [text_0, image_0, text_1,
     image_1, ...], one pair per Ulysses rank. The image keys, copied into one block, are attended unmasked, the text
     keys with their bias, and the two parts merge by log-sum-exp (Inductor fuses the copies and the merge).

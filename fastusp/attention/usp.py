@@ -38,7 +38,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seq
             # Only when compiled: Inductor fuses the split's copies and merge. As separate kernels (eager, or eager
             # kernels in a CUDA graph) they cost more than the bias saves: 240 against 171 us (H200, 6 heads).
             if layout.key_bias is not None and torch.compiler.is_compiling():
-                return attention_text_keys_apart(q_h, k_h, v_h, layout.key_bias, list(layout.text), list(layout.image))
+                return attention_text_keys_apart(q_h, k_h, v_h, layout.key_bias, layout.text, layout.image)
             return attention(q_h, k_h, v_h, layout.key_bias)
         chunk_lens = [sum(tokens[i * u:(i + 1) * u]) for i in range(r)]
         return maybe_traceable_ring_attention(q_h, kv.contiguous(), chunk_lens, config.ring_group,
