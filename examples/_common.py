@@ -5,7 +5,7 @@ the ranks. The flow on every rank:
   1. build the pipeline: real weights (--model PATH, bfloat16, cuda:LOCAL_RANK, NCCL) or the tiny random one from
      tests/tiny_pipelines.py (CPU, float32, gloo)
   2. tiny mode or --check: run it once un-parallelized, as the single-process reference
-  3. fastusp.parallelize(pipe, ulysses=, ring=, fp8_comm=) (+ fastusp.compile_pipeline(pipe) with --compile)
+  3. fastusp.parallelize(pipe, ulysses=, ring=, cfg=, fp8_comm=) (+ fastusp.compile_pipeline(pipe) with --compile)
   4. --warmup runs, then one timed run with generator=torch.Generator().manual_seed(--seed)
   5. rank 0 prints the per-step latency and the max abs difference to the reference (worst over ranks), saves --out
 """
@@ -44,8 +44,10 @@ def parse_args(example: Example, argv=None) -> argparse.Namespace:
                     f"torchrun --nproc-per-node N; without --model a tiny random pipeline runs on CPU.")
     ap.add_argument("--model", help="diffusers checkpoint (directory or hub id) for real weights, bfloat16 on "
                                     "cuda:LOCAL_RANK; default: the tiny random pipeline on CPU (float32, gloo)")
-    ap.add_argument("--ulysses", type=int, help="Ulysses degree (default: nproc / ring)")
-    ap.add_argument("--ring", type=int, help="Ring degree (default: nproc / ulysses, else 1)")
+    ap.add_argument("--cfg", type=int, default=1, choices=[1, 2],
+                    help="2: the two guidance passes of true CFG on two halves of the processes (default 1)")
+    ap.add_argument("--ulysses", type=int, help="Ulysses degree (default: nproc / cfg / ring)")
+    ap.add_argument("--ring", type=int, help="Ring degree (default: nproc / cfg / ulysses, else 1)")
     ap.add_argument("--steps", type=int, help=f"inference steps (default: {example.default_steps}; tiny: {TINY_STEPS})")
     ap.add_argument("--height", type=int, help=f"image height (default: the pipeline's; tiny: {TINY_SIZE})")
     ap.add_argument("--width", type=int, help=f"image width (default: the pipeline's; tiny: {TINY_SIZE})")
@@ -67,15 +69,17 @@ def parse_args(example: Example, argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    sequence = max(1, world // args.cfg)  # processes per guidance pass
     if args.ulysses is None and args.ring is None:
-        args.ulysses, args.ring = world, 1
+        args.ulysses, args.ring = sequence, 1
     elif args.ulysses is None:
-        args.ulysses = max(1, world // args.ring)
+        args.ulysses = max(1, sequence // args.ring)
     elif args.ring is None:
-        args.ring = max(1, world // args.ulysses)
-    if args.ulysses * args.ring != world:
-        ap.error(f"--ulysses {args.ulysses} x --ring {args.ring} = {args.ulysses * args.ring} must equal the number "
-                 f"of processes ({world}); launch with torchrun --nproc-per-node {args.ulysses * args.ring}")
+        args.ring = max(1, sequence // args.ulysses)
+    degrees = args.cfg * args.ulysses * args.ring
+    if degrees != world:
+        ap.error(f"--cfg {args.cfg} x --ulysses {args.ulysses} x --ring {args.ring} = {degrees} must equal the "
+                 f"number of processes ({world}); launch with torchrun --nproc-per-node {degrees}")
     if "RANK" not in os.environ:
         ap.error(f"launch with torchrun, e.g. torchrun --nproc-per-node 2 {sys.argv[0]}")
     args.tiny = args.model is None
@@ -187,7 +191,7 @@ def main(example: Example, argv=None) -> None:
         ref_ms = timer.step_ms()
 
     fp8 = {None: False, "qkv": True, "all": "all"}[args.fp8_comm]
-    fastusp.parallelize(pipe, ulysses=args.ulysses, ring=args.ring, fp8_comm=fp8)
+    fastusp.parallelize(pipe, ulysses=args.ulysses, ring=args.ring, cfg=args.cfg, fp8_comm=fp8)
     if args.compile:
         timer.detach()  # hook the module that is actually called (compile_pipeline may swap it)
         pipe = fastusp.compile_pipeline(pipe) or pipe
@@ -204,7 +208,7 @@ def main(example: Example, argv=None) -> None:
     if rank == 0:
         mode = (f"{args.model} (bfloat16, {device.type})" if not args.tiny else "tiny random pipeline (float32, cpu)")
         print(f"\n{example.pipeline_cls}: {mode}, {args.width}x{args.height}, {args.steps} steps, world "
-              f"{dist.get_world_size()} = ulysses {args.ulysses} x ring {args.ring}, fp8_comm={fp8}, "
+              f"{dist.get_world_size()} = cfg {args.cfg} x ulysses {args.ulysses} x ring {args.ring}, fp8_comm={fp8}, "
               f"compile={args.compile}")
         print("per-step latency (ms): " + " ".join(f"{t:.1f}" for t in step_ms))
         rest = step_ms[1:] or step_ms

@@ -81,8 +81,8 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
         report.opaque.append("ring attention (fastusp::ring_attention custom op)")
     if backend is not None:
         apply_compile(transformer, report, regional, reorder_comm, backend)
-    if use_graphs:
-        apply_cuda_graphs(transformer, report)
+    if use_graphs:  # beneath cfg parallelism's wrapper, if any: which guidance pass a group runs is not captured
+        apply_cuda_graphs(getattr(transformer, "_fastusp_forward_slot", transformer), report)
     transformer._fastusp_compile_report = report
     logger.info(report.summary())
     return obj
@@ -107,7 +107,8 @@ def apply_compile(transformer, report: CompileReport, regional: bool, reorder_co
 
 
 def apply_cuda_graphs(transformer, report: CompileReport) -> None:
-    """Replace forward by one that replays a CUDA graph of the whole forward per input signature."""
+    """Replace forward (of the transformer, or of the slot that cfg parallelism calls) by one that replays a CUDA
+    graph of the whole forward per input signature."""
     forward = transformer.forward
     state = {"graphed": GraphedForward(lambda **kw: forward(**kw, return_dict=False)[0])}
 

@@ -1,8 +1,9 @@
 """Parallel degrees and the process groups they imply, validated in one place.
 
-World ranks are laid out as a (ring, ulysses) grid with ulysses innermost: ranks r*ulysses .. r*ulysses+ulysses-1
-form one Ulysses group, so its all-to-alls stay on the fastest links (inside a node), and ring point-to-point
-traffic is what crosses nodes.
+World ranks are laid out as a (cfg, ring, ulysses) grid with ulysses innermost: ranks r*ulysses ..
+r*ulysses+ulysses-1 form one Ulysses group, so its all-to-alls stay on the fastest links (inside a node), and ring
+point-to-point traffic is what crosses nodes. The cfg groups exchange one output per guidance pass, the least traffic
+of all, so they are outermost. The ring x ulysses ranks of one cfg group share one sequence ("sequence group").
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import torch.distributed as dist
 
 @dataclass
 class ParallelConfig:
-    """Degrees of Unified Sequence Parallelism.
+    """Degrees of Unified Sequence Parallelism, and of classifier-free-guidance parallelism.
 
+    cfg:     1, or 2 to run the two guidance passes of a step (conditional, unconditional) on two halves of the
+             ranks at the same time; each half shards the sequence by ulysses x ring. Needs a pipeline.
     ulysses: ranks that exchange sequence shards for head shards by all-to-all (1 = off).
     ring:    ranks that rotate key/value chunks point to point (1 = off).
     fp8_comm: quantize the payload of collectives to float8_e4m3fn with per-token, per-head scales that travel
@@ -32,6 +35,7 @@ class ParallelConfig:
 
     ulysses: int = 1
     ring: int = 1
+    cfg: int = 1
     fp8_comm: bool | str = False
     ring_overlap: bool = True
     ulysses_chunks: int | None = None
@@ -40,18 +44,25 @@ class ParallelConfig:
     _rank: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
-        counts = {"ulysses": self.ulysses, "ring": self.ring}
+        counts = {"ulysses": self.ulysses, "ring": self.ring, "cfg": self.cfg}
         if self.ulysses_chunks is not None:  # None: chosen per forward (see head_chunks)
             counts["ulysses_chunks"] = self.ulysses_chunks
         for name, value in counts.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.cfg > 2:
+            raise ValueError(f"cfg must be 1 or 2 (one group of ranks per guidance pass), got {self.cfg}")
         if self.fp8_comm not in (False, True, "all"):
             raise ValueError(f"fp8_comm must be False, True or 'all', got {self.fp8_comm!r}")
 
     @property
-    def world_size(self) -> int:
+    def sequence_size(self) -> int:
+        """Ranks that share one token sequence: one cfg group."""
         return self.ulysses * self.ring
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg * self.sequence_size
 
     @property
     def fp8_qkv(self) -> bool:
@@ -72,9 +83,9 @@ class ParallelConfig:
         """Raise ValueError naming every factor when the degrees do not multiply to the number of processes."""
         if self.world_size != world_size:
             raise ValueError(
-                f"ulysses ({self.ulysses}) * ring ({self.ring}) = {self.world_size} must equal the number of "
-                f"processes ({world_size}); launch with `torchrun --nproc-per-node {self.world_size}` or change "
-                f"the degrees"
+                f"cfg ({self.cfg}) * ulysses ({self.ulysses}) * ring ({self.ring}) = {self.world_size} must equal "
+                f"the number of processes ({world_size}); launch with `torchrun --nproc-per-node {self.world_size}` "
+                f"or change the degrees"
             )
 
     def validate_heads(self, num_heads: int) -> None:
@@ -89,17 +100,27 @@ class ParallelConfig:
     # --- process groups -----------------------------------------------------------------------------------------
 
     def build_mesh(self, device_type: str):
-        """Build the (ring, ulysses) DeviceMesh over the default process group (once) and cache its groups.
+        """Build the (cfg, ring, ulysses) DeviceMesh over the default process group (once) and cache its groups,
+        plus the sequence group (this rank's cfg group: ring x ulysses ranks).
 
         Groups and rank are looked up here, not per attention call: mesh look-ups cost host time on every layer.
         """
         from torch.distributed.device_mesh import init_device_mesh
 
         if self._mesh is None:
-            self._mesh = init_device_mesh(device_type, (self.ring, self.ulysses), mesh_dim_names=("ring", "ulysses"))
-            self._groups = {name: self._mesh.get_group(name) for name in ("ring", "ulysses")}
+            names = ("cfg", "ring", "ulysses")
+            self._mesh = init_device_mesh(device_type, (self.cfg, self.ring, self.ulysses), mesh_dim_names=names)
+            self._groups = {name: self._mesh.get_group(name) for name in names}
+            self._groups["sequence"] = self._new_sequence_group()
             self._rank = dist.get_rank()
         return self._mesh
+
+    def _new_sequence_group(self):
+        if self.cfg == 1:
+            return dist.group.WORLD
+        n = self.sequence_size  # every rank creates every group, then keeps its own
+        group, _ = dist.new_subgroups_by_enumeration([list(range(c * n, (c + 1) * n)) for c in range(self.cfg)])
+        return group
 
     @property
     def ulysses_group(self):
@@ -108,6 +129,14 @@ class ParallelConfig:
     @property
     def ring_group(self):
         return self._groups["ring"]
+
+    @property
+    def cfg_group(self):
+        return self._groups["cfg"]
+
+    @property
+    def sequence_group(self):
+        return self._groups["sequence"]
 
     @property
     def rank(self) -> int:
@@ -119,7 +148,16 @@ class ParallelConfig:
 
     @property
     def ring_rank(self) -> int:
-        return self._rank // self.ulysses
+        return self._rank // self.ulysses % self.ring
+
+    @property
+    def sequence_rank(self) -> int:
+        """This rank's place in its sequence group: which chunk of the tokens it holds."""
+        return self._rank % self.sequence_size
+
+    @property
+    def cfg_rank(self) -> int:
+        return self._rank // self.sequence_size
 
 
 def maybe_init_distributed(device: torch.device) -> None:

@@ -4,6 +4,7 @@ After it the transformer takes the same full inputs on every rank and returns th
   apply_usp_processors      swap each attention processor for the fastusp one (diffusers' math, USP attention)
   apply_sequence_sharding   wrap forward: cut inputs along the sequence, run diffusers' forward, gather the output
   apply_rank_consistency    pipelines only: same initial noise on every rank, progress bar on rank 0
+  apply_cfg_parallel        pipelines with cfg=2 only: each half of the ranks runs one guidance pass of a step
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ._forward import wrap_forward
+from .cfg_parallel import apply_cfg_parallel
 from .config import ParallelConfig, maybe_init_distributed
 from .distributed.gather import gather_seq
 from .processors.context import USPContext
@@ -56,15 +58,18 @@ def _model_specs() -> dict[type, ModelSpec]:
     }
 
 
-def parallelize(obj, *, ulysses: int = 1, ring: int = 1, fp8_comm: bool | str = False, **options):
+def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm: bool | str = False, **options):
     """Shard a FLUX / Qwen-Image transformer's token sequence across all ranks, in place; returns `obj`.
 
     obj: a diffusers pipeline with a `transformer`, or a FluxTransformer2DModel / QwenImageTransformer2DModel.
-    ulysses * ring must equal the number of processes (torchrun --nproc-per-node), and ulysses must divide the
-    number of attention heads. fp8_comm and the tuning options (ulysses_chunks, ring_overlap): see ParallelConfig.
+    cfg * ulysses * ring must equal the number of processes (torchrun --nproc-per-node), and ulysses must divide
+    the number of attention heads. cfg=2 runs the two guidance passes of true CFG on two halves of the ranks at
+    once (a pipeline only). fp8_comm and the tuning options (ulysses_chunks, ring_overlap): see ParallelConfig.
     """
-    config = ParallelConfig(ulysses=ulysses, ring=ring, fp8_comm=fp8_comm, **options)
+    config = ParallelConfig(ulysses=ulysses, ring=ring, cfg=cfg, fp8_comm=fp8_comm, **options)
     transformer = getattr(obj, "transformer", obj)
+    if config.cfg > 1 and (obj is transformer or not hasattr(obj, "scheduler")):
+        raise ValueError("cfg parallelism splits a pipeline's guidance passes: pass the pipeline, not the transformer")
     spec = _spec_for(transformer)
     config.validate_heads(transformer.config.num_attention_heads)
     device = transformer.device
@@ -77,10 +82,12 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, fp8_comm: bool | str = 
     apply_sequence_sharding(transformer, spec, context)
     if obj is not transformer:
         apply_rank_consistency(obj)
+    if config.cfg > 1:
+        apply_cfg_parallel(obj, transformer, config)
     transformer._fastusp_config = config
     if dist.get_rank() == 0:
-        logger.info("fastusp: %s parallelized with ulysses=%d ring=%d fp8_comm=%s",
-                    type(transformer).__name__, config.ulysses, config.ring, config.fp8_comm)
+        logger.info("fastusp: %s parallelized with cfg=%d ulysses=%d ring=%d fp8_comm=%s",
+                    type(transformer).__name__, config.cfg, config.ulysses, config.ring, config.fp8_comm)
     return obj
 
 
@@ -120,12 +127,13 @@ def _shard(value, index: slice, dim: int):
 
 def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -> None:
     """Wrap forward so it takes full inputs, runs on this rank's tokens and returns the full output."""
-    world, rank = context.config.world_size, dist.get_rank()
+    config = context.config
+    ranks, rank = config.sequence_size, config.sequence_rank
     if spec.rope_from_shapes:
         _shard_qwen_rope(transformer.pos_embed, context, rank)
 
     def run_sharded(original, inputs):
-        context.layout = layout = _layout_for(inputs, spec, world)
+        context.layout = layout = _layout_for(inputs, spec, ranks)
         if spec.text_mask in inputs:  # now carried by layout.key_bias; diffusers' own mask code is not needed
             inputs[spec.text_mask] = None
         for name, dim in spec.text_inputs.items():
@@ -138,18 +146,19 @@ def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -
             sample = original(**inputs, return_dict=False)[0]
         finally:
             context.layout = None
-        return gather_seq(sample, list(layout.image), dist.group.WORLD, dim=1)
+        return gather_seq(sample, list(layout.image), config.sequence_group, dim=1)
 
     wrap_forward(transformer, run_sharded)
 
 
-def _layout_for(inputs: dict, spec: ModelSpec, world: int) -> SeqLayout:
+def _layout_for(inputs: dict, spec: ModelSpec, ranks: int) -> SeqLayout:
+    """ranks: the sequence group's size (the ranks that share this sequence)."""
     image_len = inputs["hidden_states"].shape[1]
     text = inputs.get("encoder_hidden_states")
     text_len = 0 if text is None else text.shape[1]
-    if image_len < world:
-        raise ValueError(f"{image_len} image tokens cannot be split over {world} ranks; use a larger image")
-    layout = SeqLayout.even(text_len, image_len, world)
+    if image_len < ranks:
+        raise ValueError(f"{image_len} image tokens cannot be split over {ranks} ranks; use a larger image")
+    layout = SeqLayout.even(text_len, image_len, ranks)
     mask = inputs.get(spec.text_mask) if spec.text_mask else None
     # A given mask is always applied, as the single-device model does. Checking for an all-ones mask here would
     # cost a host sync every step (and break CUDA graph capture); the Qwen-Image pipeline drops such masks itself.

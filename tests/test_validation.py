@@ -18,6 +18,8 @@ from tiny_models import HEADS, tiny_flux, tiny_qwen
     (dict(ring=True), "ring must be an integer >= 1"),
     (dict(fp8_comm="yes"), "fp8_comm must be False, True or 'all'"),
     (dict(ulysses_chunks=0), "ulysses_chunks must be an integer >= 1"),
+    (dict(cfg=0), "cfg must be an integer >= 1"),
+    (dict(cfg=3), "cfg must be 1 or 2"),
 ])
 def test_bad_degrees(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -37,8 +39,14 @@ def test_head_chunks_default_to_two_only_when_traced():
 
 
 def test_world_size_mismatch_names_every_factor():
-    with pytest.raises(ValueError, match=r"ulysses \(2\) \* ring \(3\) = 6 must equal the number of processes \(4\)"):
-        ParallelConfig(ulysses=2, ring=3).validate_world(4)
+    with pytest.raises(ValueError, match=r"cfg \(2\) \* ulysses \(2\) \* ring \(3\) = 12 must equal the number of "
+                                         r"processes \(4\)"):
+        ParallelConfig(ulysses=2, ring=3, cfg=2).validate_world(4)
+
+
+def test_cfg_parallelism_needs_a_pipeline():
+    with pytest.raises(ValueError, match="cfg parallelism splits a pipeline's guidance passes"):
+        fastusp.parallelize(tiny_flux(), cfg=2)
 
 
 def test_heads_not_divisible_lists_valid_degrees():

@@ -1,0 +1,104 @@
+"""CFG parallelism: the guidance passes of one denoising step run at the same time on two groups of ranks.
+
+diffusers' FLUX and Qwen-Image pipelines call the transformer once per guidance pass (conditional, then
+unconditional, with true CFG), combine the two outputs, then call scheduler.step. With cfg=2, cfg group g runs the
+passes whose index within the step is g (mod 2) and returns an empty placeholder for the others. When both passes
+of a pair have run, one all-gather over the cfg groups fills the placeholders in place, before the pipeline reads
+them. Kernels are queued asynchronously, so both groups compute their pass at the same time.
+
+A step whose last pass has no partner (no guidance: one call per step) is completed when the pipeline calls
+scheduler.step, by a broadcast from the group that ran it. Outside the denoising loop (a direct call of the
+transformer) every group runs every call itself.
+
+This relies on what diffusers' pipelines do: the passes of one step do not read each other's outputs, and a step
+ends with scheduler.step.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+
+from ._forward import wrap_forward
+
+
+class ForwardSlot:
+    """Holds the forward that the cfg wrapper calls, so compile_pipeline can put its CUDA graphs beneath the
+    wrapper: a graph must not capture which pass this group runs or skips."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+
+class GuidancePasses:
+    """The passes of the current step on this rank: its own outputs and the placeholders it still has to fill."""
+
+    def __init__(self, config, transformer):
+        self.cfg, self.cfg_rank, self.group = config.cfg, config.cfg_rank, config.cfg_group
+        self.out_features = transformer.proj_out.out_features
+        self.dtype = transformer.proj_out.weight.dtype
+        self.passes: list[torch.Tensor] = []  # this step's outputs, index = pass number; unfilled if not ours
+
+    def run(self, forward, hidden_states: torch.Tensor) -> torch.Tensor:
+        index = len(self.passes)
+        if index % self.cfg == self.cfg_rank:
+            out = forward()
+        else:
+            shape = (*hidden_states.shape[:-1], self.out_features)
+            out = torch.empty(shape, dtype=self.dtype, device=hidden_states.device)
+        self.passes.append(out)
+        if len(self.passes) % self.cfg == 0:  # a full pair: every group has its pass, exchange them
+            self._exchange(self.passes[-self.cfg:])
+        return out
+
+    def finish_step(self) -> None:
+        """Before scheduler.step: fill a trailing pass that has no partner from the group that ran it."""
+        unpaired = len(self.passes) % self.cfg
+        if unpaired:
+            tail = self.passes[-unpaired:]
+            for g, out in enumerate(tail):
+                dist.broadcast(out, src=dist.get_global_rank(self.group, g), group=self.group)
+        self.reset()
+
+    def reset(self) -> None:
+        self.passes = []
+
+    def _exchange(self, pair: list[torch.Tensor]) -> None:
+        mine = pair[self.cfg_rank].clone()  # all_gather writes every slot, this rank's own too
+        dist.all_gather(pair, mine, group=self.group)
+
+
+def apply_cfg_parallel(pipe, transformer, config) -> None:
+    """Wrap the (sequence-sharded) forward so each cfg group runs its share of the guidance passes."""
+    slot = ForwardSlot(transformer.forward)
+    passes = GuidancePasses(config, transformer)
+
+    def run_pass(_, inputs):
+        forward = lambda: slot.forward(**inputs, return_dict=False)[0]
+        if getattr(pipe, "_current_timestep", None) is None:  # not in the denoising loop: no steps to pair in
+            return forward()
+        _hook_scheduler(pipe.scheduler, passes)  # here, not once: users swap pipe.scheduler
+        return passes.run(forward, inputs["hidden_states"])
+
+    wrap_forward(transformer, run_pass)
+    transformer._fastusp_forward_slot = slot
+
+
+def _hook_scheduler(scheduler, passes: GuidancePasses) -> None:
+    """scheduler.step ends a step: complete its passes first. set_timesteps starts a pipeline call: forget passes
+    left over from a call that raised mid-step."""
+    if getattr(scheduler.step, "_fastusp_passes", None) is passes:
+        return
+    scheduler.step = _run_first(passes.finish_step, scheduler.step, passes)
+    scheduler.set_timesteps = _run_first(passes.reset, scheduler.set_timesteps, passes)
+
+
+def _run_first(before, method, passes: GuidancePasses):
+    @functools.wraps(method)  # keeps the signature: pipelines inspect set_timesteps' parameters
+    def hooked(*args, **kwargs):
+        before()
+        return method(*args, **kwargs)
+
+    hooked._fastusp_passes = passes
+    return hooked
