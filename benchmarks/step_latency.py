@@ -14,14 +14,18 @@ when it fails (`err` is then set), and appends it to $OUT/results.jsonl when $OU
 --impl diffusers  ContextParallelConfig from --config: ulysses2 | ring2 | ulysses2xring2; --backend picks the
                   attention backend (native | _native_cudnn | _native_flash ...).
 --impl fastusp    fastusp.parallelize(model, ulysses=U, ring=R, fp8_comm=...) from --config: u2r1 | u1r2 |
-                  u2r2 | u2r1-fp8 | u2r1-fp8all, optionally -c<N> (ulysses_chunks); compiled with
-                  fastusp.compile_pipeline.
+                  u2r2 | u2r1-fp8 | u2r1-fp8all, optionally -c<N> (ulysses_chunks), optionally prefixed by
+                  cfg2 (CFG parallelism, with --true-cfg: cfg2u1r1); compiled with fastusp.compile_pipeline.
 --impl yunchang   yunchang's LongContextAttention as the attention inside fastusp's sequence sharding, --config
                   u<N>r<M> (no mask, even token counts); eager (regional compile needs --fullgraph 0).
 --compile 1       --compile-mode auto (default): fastusp -> fastusp.compile_pipeline, others -> regional
                   (diffusers' compile_repeated_blocks(fullgraph=True)); regional | whole (torch.compile(model))
                   force one of those for any impl; graphs: compile_pipeline(backend=None), CUDA graphs of the
                   eager forward without torch.compile (any impl whose forward fastusp can wrap).
+--true-cfg S      time a denoising step of diffusers' own pipeline (FluxPipeline / QwenImagePipeline around the
+                  same transformer, no VAE or text encoder) with true classifier-free guidance at scale S: two
+                  transformer passes per step (random prompt and negative prompt embeds of --txt tokens, no mask).
+                  Steps are timed from one pipeline call; its first --warmup steps are the warm-up.
 --tiny            CPU + gloo, float32, a one-layer model and a 256x256 image: checks the harness, not speed.
 """
 from __future__ import annotations
@@ -83,6 +87,8 @@ def parse_args(argv=None):
     ap.add_argument("--text-mask", default="ones", choices=["ones", "none"],
                     help="Qwen-Image: pass an all-ones text mask (default, as the anchors) or none (as the pipeline "
                          "does for an unpadded prompt); recorded in the result when none")
+    ap.add_argument("--true-cfg", type=float, default=0.0, metavar="SCALE",
+                    help="time the pipeline's step with true CFG (two passes) at this scale; 0: one forward")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
@@ -100,6 +106,8 @@ def parse_args(argv=None):
     a.model = MODEL_NAMES[a.model]
     if a.fuse_qkv and a.model != "flux":
         ap.error("--fuse-qkv: FLUX only (diffusers' Qwen-Image processor has no fused projections)")
+    if a.true_cfg and (a.profile or a.host_profile or a.compile_mode == "whole"):
+        ap.error("--true-cfg times a pipeline call: no --profile, --host-profile or --compile-mode whole")
     size = 256 if a.tiny else 1024
     a.height = a.height or size
     a.width = a.width or size
@@ -116,13 +124,15 @@ def parse_diffusers_config(text: str) -> tuple[int, int]:
 
 
 def parse_fastusp_config(text: str) -> dict:
-    """'u2r1' | 'u2r1-fp8' | 'u2r1-fp8all', optionally '-c<N>' (ulysses_chunks) -> fastusp.parallelize kwargs."""
-    m = re.fullmatch(r"u(\d+)r(\d+)(-fp8(all)?)?(-c(\d+))?", text)
+    """['cfg2'] 'u2r1' | 'u2r1-fp8' | 'u2r1-fp8all', optionally '-c<N>' (ulysses_chunks) -> parallelize kwargs."""
+    m = re.fullmatch(r"(cfg(\d+))?u(\d+)r(\d+)(-fp8(all)?)?(-c(\d+))?", text)
     if not m:
-        raise ValueError(f"fastusp config {text!r}: expected u<N>r<M>, optionally -fp8 or -fp8all, then -c<N>")
-    kw = dict(ulysses=int(m.group(1)), ring=int(m.group(2)), fp8_comm="all" if m.group(4) else bool(m.group(3)))
-    if m.group(6):
-        kw["ulysses_chunks"] = int(m.group(6))
+        raise ValueError(f"fastusp config {text!r}: expected [cfg<K>]u<N>r<M>, optionally -fp8 or -fp8all, then -c<N>")
+    kw = dict(ulysses=int(m.group(3)), ring=int(m.group(4)), fp8_comm="all" if m.group(6) else bool(m.group(5)))
+    if m.group(2):
+        kw["cfg"] = int(m.group(2))
+    if m.group(8):
+        kw["ulysses_chunks"] = int(m.group(8))
     return kw
 
 
@@ -231,17 +241,20 @@ def make_inputs(model_name, device, dtype, height, width, txt_len, text_mask="on
 
 # --- the three implementations ------------------------------------------------------------------------------------
 
-def apply_single(model, a, world):
+# Each takes the model, or with --true-cfg the pipeline around it, and changes it in place.
+
+def apply_single(target, a, world):
+    model = getattr(target, "transformer", target)
     if world != 1:
         raise ValueError(f"--impl single runs on one process, got world {world}")
     if a.backend != "native":
         model.set_attention_backend(a.backend)
-    return model
 
 
-def apply_diffusers_cp(model, a, world):
+def apply_diffusers_cp(target, a, world):
     from diffusers import ContextParallelConfig
 
+    model = getattr(target, "transformer", target)
     ulysses, ring = parse_diffusers_config(a.config)
     if ulysses * ring != world:
         raise ValueError(f"config {a.config}: ulysses {ulysses} * ring {ring} != world {world}")
@@ -252,19 +265,18 @@ def apply_diffusers_cp(model, a, world):
     if a.cp_anything:
         kw = dict(ulysses_anything=True) if ring == 1 else dict(ring_anything=True)
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring, **kw))
-    return model
 
 
-def apply_fastusp(model, a, world):
+def apply_fastusp(target, a, world):
     import fastusp
 
     kw = parse_fastusp_config(a.config)
-    if kw["ulysses"] * kw["ring"] != world:
-        raise ValueError(f"config {a.config}: ulysses {kw['ulysses']} * ring {kw['ring']} != world {world}")
-    return fastusp.parallelize(model, **kw) or model
+    if kw.get("cfg", 1) * kw["ulysses"] * kw["ring"] != world:
+        raise ValueError(f"config {a.config}: cfg x ulysses x ring != world {world}")
+    fastusp.parallelize(target, **kw)
 
 
-def apply_yunchang(model, a, world):
+def apply_yunchang(target, a, world):
     """yunchang's LongContextAttention (USP) as the attention call, inside fastusp's sequence sharding.
 
     Inputs are cut and the output gathered by the same code as --impl fastusp, so the two differ only in the
@@ -283,7 +295,7 @@ def apply_yunchang(model, a, world):
     ulysses, ring = kw["ulysses"], kw["ring"]
     if ulysses * ring != world or set(kw) != {"ulysses", "ring", "fp8_comm"} or kw["fp8_comm"]:
         raise ValueError(f"yunchang config {a.config}: expected u<N>r<M> with N * M = world {world}")
-    cuda = next(model.parameters()).is_cuda
+    cuda = next(getattr(target, "transformer", target).parameters()).is_cuda
     if not cuda and ring > 1:
         raise ValueError("yunchang on CPU: ring degree 1 only (its math kernel returns no log-sum-exp)")
     kernel = AttnType.TORCH_MATH if not cuda else AttnType.TORCH_CUDNN if ring == 1 else AttnType.TORCH_FLASH
@@ -299,7 +311,7 @@ def apply_yunchang(model, a, world):
 
     flux_processor.usp_attention = yunchang_attention  # the processors look the name up at call time
     qwen_processor.usp_attention = yunchang_attention
-    return fastusp.parallelize(model, ulysses=ulysses, ring=ring) or model
+    fastusp.parallelize(target, ulysses=ulysses, ring=ring)
 
 
 def maybe_compile(model, a):
@@ -353,6 +365,58 @@ def timed_steps(fwd, kw, device, world, steps):
     return out, times_ms
 
 
+# --- a pipeline step with true CFG (--true-cfg) ------------------------------------------------------------------
+
+def build_pipeline(model_name, model):
+    """diffusers' own pipeline around `model`, without VAE or text encoders: it runs on given prompt embeds and
+    returns latents. Flow-matching scheduler with dynamic shifting, as both pipelines expect."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImagePipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    if model_name == "flux":
+        pipe = FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                            tokenizer_2=None, transformer=model)
+    else:
+        pipe = QwenImagePipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_inputs(model, a, device, dtype) -> dict:
+    """Pipeline call kwargs: random prompt and negative prompt embeds of a.txt tokens (Qwen-Image: all-ones masks,
+    which the pipeline drops, as for an unpadded prompt), true CFG at a.true_cfg, latents only."""
+    g = torch.Generator(device=device).manual_seed(1)
+    rand = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, generator=g)
+    dim = model.config.joint_attention_dim
+    kw = dict(prompt_embeds=rand(1, a.txt, dim), negative_prompt_embeds=rand(1, a.txt, dim), true_cfg_scale=a.true_cfg,
+              height=a.height, width=a.width, output_type="latent", generator=torch.Generator().manual_seed(0))
+    if a.model == "flux":
+        pooled = model.config.pooled_projection_dim
+        return dict(kw, pooled_prompt_embeds=rand(1, pooled), negative_pooled_prompt_embeds=rand(1, pooled))
+    ones = torch.ones(1, a.txt, dtype=torch.int64, device=device)
+    return dict(kw, prompt_embeds_mask=ones, negative_prompt_embeds_mask=ones.clone())
+
+
+@torch.inference_mode()
+def pipeline_steps(pipe, kw, device, warmup, steps):
+    """One pipeline call of warmup + steps denoising steps, timed step by step (each step ends at its callback).
+    Returns (seconds until the warm-up steps were done, the other steps' times in ms, the final latents)."""
+    ends = []
+
+    def on_step_end(p, i, t, callback_kwargs):
+        sync(device)
+        ends.append(time.perf_counter())
+        return {}
+
+    if dist.is_initialized():
+        dist.barrier()
+    sync(device)
+    start = time.perf_counter()
+    out = pipe(**kw, num_inference_steps=warmup + steps, callback_on_step_end=on_step_end).images
+    times_ms = [(b - e) * 1e3 for e, b in zip([start] + ends, ends)]
+    return ends[warmup - 1] - start, times_ms[warmup:], out
+
+
 # --- records ------------------------------------------------------------------------------------------------------
 
 def versions() -> dict:
@@ -400,7 +464,8 @@ def base_record(a, world, device) -> dict:
                 **({"inductor": a.inductor} if a.inductor else {}),
                 **({"sm_carveout": a.sm_carveout} if a.sm_carveout else {}),
                 **({"fuse_qkv": True} if a.fuse_qkv else {}),
-                **({"text_mask": a.text_mask} if a.text_mask != "ones" else {}))
+                **({"text_mask": a.text_mask} if a.text_mask != "ones" else {}),
+                **({"true_cfg": a.true_cfg} if a.true_cfg else {}))
 
 
 def emit(record: dict):
@@ -434,19 +499,25 @@ def run(a, world, rank, device, record):
     model = build_model(a.model, device, dtype, tiny=a.tiny)
     if a.fuse_qkv:
         model.fuse_qkv_projections()
+    pipe = build_pipeline(a.model, model) if a.true_cfg else None
     phase(rank, f"apply {a.impl}")
-    model = APPLY[a.impl](model, a, world)
+    APPLY[a.impl](pipe or model, a, world)
     fwd = maybe_compile(model, a)
-    kw = make_inputs(a.model, device, dtype, a.height, a.width, a.txt, a.text_mask)
+    kw = pipeline_inputs(model, a, device, dtype) if pipe else make_inputs(a.model, device, dtype, a.height, a.width,
+                                                                             a.txt, a.text_mask)
     sync(device)
     record["build_s"] = round(time.perf_counter() - t0, 2)
     if device.type == "cuda":  # peak_mem_gb: the steady state (weights + activations), not the build
         record["model_mem_gb"] = round(torch.cuda.memory_allocated(device) / 2**30, 2)
         torch.cuda.reset_peak_memory_stats(device)
-    phase(rank, "warm-up" + (" (compiling)" if a.compile else ""))
-    compile_s = warm_up(fwd, kw, device, a.warmup)
-    phase(rank, "timed steps")
-    out, times_ms = timed_steps(fwd, kw, device, world, a.steps)
+    if pipe:
+        phase(rank, "pipeline: warm-up and timed steps in one call")
+        compile_s, times_ms, out = pipeline_steps(pipe, kw, device, a.warmup, a.steps)
+    else:
+        phase(rank, "warm-up" + (" (compiling)" if a.compile else ""))
+        compile_s = warm_up(fwd, kw, device, a.warmup)
+        phase(rank, "timed steps")
+        out, times_ms = timed_steps(fwd, kw, device, world, a.steps)
     record.update(median_ms=round(statistics.median(times_ms), 3), min_ms=round(min(times_ms), 3),
                   mean_ms=round(statistics.fmean(times_ms), 3), steps_ms=[round(t, 1) for t in times_ms],
                   compile_s=round(compile_s, 2),

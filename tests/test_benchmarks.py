@@ -28,6 +28,37 @@ def test_breakdown_counts_only_the_nccl_time_no_compute_kernel_covers():
 def test_fastusp_config_names():
     assert parse_fastusp_config("u2r1") == dict(ulysses=2, ring=1, fp8_comm=False)
     assert parse_fastusp_config("u2r2-fp8all-c4") == dict(ulysses=2, ring=2, fp8_comm="all", ulysses_chunks=4)
+    assert parse_fastusp_config("cfg2u1r1") == dict(cfg=2, ulysses=1, ring=1, fp8_comm=False)
+
+
+def _true_cfg_step_worker(config: str | None):
+    """step_latency's --true-cfg path, --tiny, on this rank: the pipeline step that it times."""
+    import torch
+
+    import step_latency
+
+    a = step_latency.parse_args(["--tiny", "--model", "qwen", "--true-cfg", "4", "--steps", "1", "--warmup", "1",
+                                 "--txt", "5"] + (["--impl", "fastusp", "--config", config] if config else []))
+    model = step_latency.build_model(a.model, torch.device("cpu"), torch.float32, tiny=True)
+    pipe = step_latency.build_pipeline(a.model, model)
+    step_latency.APPLY[a.impl](pipe, a, 2 if config else 1)
+    kw = step_latency.pipeline_inputs(model, a, torch.device("cpu"), torch.float32)
+    _, times_ms, latents = step_latency.pipeline_steps(pipe, kw, torch.device("cpu"), a.warmup, a.steps)
+    return times_ms, latents
+
+
+def test_true_cfg_pipeline_step_gives_one_process_latents():
+    # the timed pipeline step with CFG parallelism denoises exactly what one process does
+    import torch
+
+    from _dist import run_distributed
+
+    [(times, expected)] = run_distributed(_true_cfg_step_worker, 1, None)
+    assert len(times) == 1
+    for config in ("cfg2u1r1", "u2r1"):
+        for times, latents in run_distributed(_true_cfg_step_worker, 2, config):
+            assert len(times) == 1
+            torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_exposure_by_position():
@@ -75,7 +106,8 @@ def _yunchang_worker(a):
     from step_latency import apply_yunchang
     from tiny_models import flux_inputs, tiny_flux
 
-    model = apply_yunchang(tiny_flux(), a, 2)
+    model = tiny_flux()
+    apply_yunchang(model, a, 2)  # in place
     with torch.no_grad():
         return model(**flux_inputs(height=4, width=4, text_len=6), return_dict=False)[0]
 
