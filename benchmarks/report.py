@@ -24,7 +24,8 @@ import sys
 from collections import Counter, defaultdict
 
 # what makes two records the same configuration (a later one replaces an earlier one)
-CONFIG_KEY = ("card", "model", "res", "txt", "world", "impl", "config", "compiled", "compile_mode", "backend", "tiny")
+CONFIG_KEY = ("card", "model", "res", "txt", "world", "impl", "config", "compiled", "compile_mode", "backend", "tiny",
+              "text_mask", "true_cfg")
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
@@ -69,6 +70,8 @@ def normalize(r: dict, default_card=None, default_date=None) -> dict:
     for field in CONFIG_KEY + ("median_ms", "min_ms", "compile_s", "peak_mem_gb", "finite", "err", "date"):
         r.setdefault(field, None)
     r["tiny"] = bool(r["tiny"])
+    r["text_mask"] = r["text_mask"] or "ones"  # step_latency records it only when it is not the default
+    r["true_cfg"] = r["true_cfg"] or 0
     return r
 
 
@@ -82,7 +85,16 @@ def dedupe(records):
 # --- baselines and speed-ups --------------------------------------------------------------------------------------
 
 def workload(r):
-    return (r["model"], r["res"], r["txt"], r["tiny"])
+    """What one table compares: the same model, size and text, and the same kind of step (--text-mask none and
+    --true-cfg change what is timed)."""
+    return (r["model"], r["res"], r["txt"], r["tiny"], r["text_mask"], r["true_cfg"])
+
+
+def workload_title(w) -> str:
+    model, res, txt, tiny, text_mask, true_cfg = w
+    return (f"{model} {res}, {txt} text tokens"
+            + (f", pipeline step with true CFG {true_cfg:g} (two passes)" if true_cfg else "")
+            + (", no text mask" if text_mask == "none" else "") + (" (tiny model)" if tiny else ""))
 
 
 def ok(r):
@@ -158,15 +170,16 @@ def markdown(card, records) -> str:
     dates = sorted({r["date"] for r in records if r["date"]})
     lines = [f"# Step latency on {card}", "",
              f"Dates: {', '.join(dates) or 'unknown'}. Software: {'; '.join(versions)}.", "",
-             "One transformer forward (one denoising step), median over the timed steps; random bf16 weights, "
+             "One transformer forward (one denoising step; with true CFG, one pipeline step of two forwards), "
+             "median over the timed steps; random bf16 weights, "
              "full-size model. Speed-up: one-GPU median / this median, against the eager one-GPU step and against "
              "the one-GPU step compiled the same way (fastusp's pipeline compile: the fastest compiled one-GPU step). "
              "Compile s: wall time of the warm-up calls. Peak GB: rank 0.", ""]
     by_workload = defaultdict(list)
     for r in sorted(records, key=sort_key):
         by_workload[workload(r)].append(r)
-    for (model, res, txt, tiny), rows in by_workload.items():
-        lines += [f"## {model} {res}, {txt} text tokens{' (tiny model)' if tiny else ''}", "",
+    for w, rows in by_workload.items():
+        lines += [f"## {workload_title(w)}", "",
                   "| GPUs | impl | config | backend | compiled | median ms | min ms | vs eager | vs same mode "
                   "| compile s | peak GB | finite | error |",
                   "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -186,16 +199,17 @@ def markdown(card, records) -> str:
 
 def strategy(r) -> str:
     """ulysses / ring / usp (both) from either config syntax, plus -fp8, so one line spans several GPU counts."""
-    m = re.fullmatch(r"u(\d+)r(\d+)(-fp8\w*)?", r["config"] or "")
+    m = re.fullmatch(r"(cfg\d+)?u(\d+)r(\d+)(-fp8\w*)?", r["config"] or "")
+    prefix = ""
     if m:
-        u, ring = int(m.group(1)), int(m.group(2))
-        suffix = m.group(3) or ""
+        u, ring = int(m.group(2)), int(m.group(3))
+        prefix, suffix = (m.group(1) + "+" if m.group(1) else ""), m.group(4) or ""
     else:
         u = int((re.search(r"ulysses(\d+)", r["config"] or "") or [0, 1])[1])
         ring = int((re.search(r"ring(\d+)", r["config"] or "") or [0, 1])[1])
         suffix = ""
     kind = "usp" if u > 1 and ring > 1 else "ulysses" if u > 1 else "ring" if ring > 1 else "none"
-    return kind + suffix
+    return prefix + kind + suffix
 
 
 def series(records):
@@ -220,8 +234,8 @@ def plot(card, records, path):
         if ok(r):  # failed runs stay in the table with their error; a plot can only show measurements
             groups[workload(r)].append(r)
     fig, axes = plt.subplots(len(groups), 2, figsize=(15, 4.5 * len(groups)), squeeze=False)
-    for row, ((model, res, txt, tiny), rows) in zip(axes, sorted(groups.items())):
-        plot_workload(row, rows, f"{model} {res}, txt {txt}{' (tiny)' if tiny else ''}")
+    for row, (w, rows) in zip(axes, sorted(groups.items())):
+        plot_workload(row, rows, workload_title(w))
     fig.suptitle(f"Transformer step latency on {card}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
