@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from test_pipelines import EMBEDDERS, H, IMAGE_TOKENS, STEPS, W, _assert_close
+from test_pipelines import EMBEDDERS, H, IMAGE_TOKENS, STEPS, _assert_close
+from test_pipelines import _generate as generate_tiny
 from tiny_pipelines import prompt_kwargs, tiny_flux_pipeline, tiny_qwen_pipeline
 
 BUILDERS = {"flux": tiny_flux_pipeline, "qwen": tiny_qwen_pipeline}
@@ -29,15 +30,7 @@ def _call_kwargs(pipe, guidance: bool) -> dict:
 
 
 def _generate(pipe, guidance: bool) -> dict:
-    final = {}
-
-    def on_step_end(p, i, t, kw):
-        final["latents"] = kw["latents"].clone()
-        return {}
-
-    image = pipe(**_call_kwargs(pipe, guidance), height=H, width=W, num_inference_steps=STEPS,
-                 generator=torch.Generator().manual_seed(0), output_type="pt", callback_on_step_end=on_step_end).images
-    return dict(image=image, latents=final["latents"])
+    return generate_tiny(pipe, 0, _call_kwargs(pipe, guidance))
 
 
 _REFERENCE = {}

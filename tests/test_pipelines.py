@@ -22,8 +22,9 @@ TEXT_LENS = {"flux": [7], "qwen": [7, 4]}  # text tokens per transformer call in
 EMBEDDERS = {"flux": ("x_embedder", "context_embedder"), "qwen": ("img_in", "txt_in")}
 
 
-def _generate(pipe, seed: int | None) -> dict:
-    """Run the pipeline; seed=None: no generator (the global RNG draws the noise). Returns image, final latents."""
+def _generate(pipe, seed: int | None, call_kwargs: dict | None = None) -> dict:
+    """Run the pipeline on call_kwargs (default: tiny_call_kwargs); seed=None: no generator (the global RNG draws the
+    noise). Returns the image and the final latents."""
     final = {}
 
     def on_step_end(p, i, t, kw):
@@ -31,7 +32,7 @@ def _generate(pipe, seed: int | None) -> dict:
         return {}
 
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    image = pipe(**tiny_call_kwargs(pipe, text_len=7), height=H, width=W, num_inference_steps=STEPS,
+    image = pipe(**(call_kwargs or tiny_call_kwargs(pipe, text_len=7)), height=H, width=W, num_inference_steps=STEPS,
                  generator=generator, output_type="pt", callback_on_step_end=on_step_end).images
     return dict(image=image, latents=final["latents"])
 
