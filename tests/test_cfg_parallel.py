@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from test_pipelines import EMBEDDERS, H, IMAGE_TOKENS, STEPS, _assert_close
+from test_pipelines import BUILDERS, EMBEDDERS, H, IMAGE_TOKENS, STEPS, _assert_close
 from test_pipelines import _generate as generate_tiny
-from tiny_pipelines import prompt_kwargs, tiny_flux_pipeline, tiny_qwen_pipeline
+from tiny_pipelines import prompt_kwargs
 
-BUILDERS = {"flux": tiny_flux_pipeline, "qwen": tiny_qwen_pipeline}
 POSITIVE, NEGATIVE = 7, {"flux": 7, "qwen": 4}  # text tokens of the two guidance passes
 RAW_TEXT_INPUT = {"flux": "context_embedder", "qwen": "txt_norm"}  # the first module to see the prompt embeds
 
