@@ -239,7 +239,7 @@ def make_inputs(model_name, device, dtype, height, width, txt_len, text_mask="on
                 encoder_hidden_states_mask=mask, timestep=timestep, img_shapes=[(1, h, w)], return_dict=False)
 
 
-# --- the three implementations ------------------------------------------------------------------------------------
+# --- the implementations compared ---------------------------------------------------------------------------------
 
 # Each takes the model, or with --true-cfg the pipeline around it, and changes it in place.
 
