@@ -120,3 +120,18 @@ def test_cuda_graph_signature_separates_everything_a_graph_depends_on():
                   key(x=torch.zeros(2, 3), shapes=[(1, 4, 4)], scale=1.0, mask=torch.ones(2))):  # mask given
         assert other != base
     assert key(x=torch.zeros(1), extra=object()) is None  # unknown objects: never graphed
+
+
+def _graph_memory_pool_under_gloo():
+    from fastusp.cuda_graphs import nccl_memory_pool
+
+    return nccl_memory_pool()
+
+
+def test_graphs_use_nccl_memory_only_under_nccl():
+    # NCCL's allocator backs the graph pool only when the default group is NCCL (checked on GPU by
+    # tests/gpu/parity_worker.py); elsewhere the graphs keep torch's default pool instead of failing.
+    from fastusp.cuda_graphs import nccl_memory_pool
+
+    assert nccl_memory_pool() is None  # no process group
+    assert run_distributed(_graph_memory_pool_under_gloo, world=2) == [None, None]
