@@ -99,25 +99,35 @@ def main() -> int:
     return 1 if failures else 0
 
 
-def qwen_pipeline_latents(device, degrees: dict | None, compiled: bool) -> torch.Tensor:
-    """3 steps of QwenImagePipeline (no VAE / text encoder) with true CFG: a padded 100-token prompt and a 20-token
-    negative one. degrees: fastusp.parallelize(pipe, **degrees), None: one GPU. Returns the final latents."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+def pipeline_latents(name: str, device, degrees: dict | None, compiled: bool) -> torch.Tensor:
+    """3 steps of FluxPipeline / QwenImagePipeline (no VAE or text encoders) with true CFG. Qwen-Image: a 100-token
+    prompt padded to 60 real tokens and a 20-token negative prompt, so the two passes differ in shape; FLUX (which
+    wants both the same shape, as T5 pads them): 77 tokens each. degrees: fastusp.parallelize(pipe, **degrees),
+    None: one GPU. Returns the final latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImagePipeline
 
-    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=None,
-                             text_encoder=None, tokenizer=None, transformer=build("qwen", device))
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    g = torch.Generator(device=device).manual_seed(2)
+    rand = lambda *shape: torch.randn(*shape, device=device, dtype=torch.bfloat16, generator=g)
+    if name == "flux":
+        pipe = FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                            tokenizer_2=None, transformer=build("flux", device))
+        prompts = dict(prompt_embeds=rand(1, 77, 4096), pooled_prompt_embeds=rand(1, 768),
+                       negative_prompt_embeds=rand(1, 77, 4096), negative_pooled_prompt_embeds=rand(1, 768))
+    else:
+        pipe = QwenImagePipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
+                                 transformer=build("qwen", device))
+        mask = torch.ones(1, 100, dtype=torch.long, device=device)
+        mask[:, 60:] = 0
+        prompts = dict(prompt_embeds=rand(1, 100, 3584), prompt_embeds_mask=mask,
+                       negative_prompt_embeds=rand(1, 20, 3584),
+                       negative_prompt_embeds_mask=torch.ones(1, 20, dtype=torch.long, device=device))
     pipe.set_progress_bar_config(disable=True)
     if degrees:
         fastusp.parallelize(pipe, **degrees)
     if compiled:
         fastusp.compile_pipeline(pipe)
-    g = torch.Generator(device=device).manual_seed(2)
-    text = lambda n: torch.randn(1, n, 3584, device=device, dtype=torch.bfloat16, generator=g)
-    mask = torch.ones(1, 100, dtype=torch.long, device=device)
-    mask[:, 60:] = 0
-    out = pipe(prompt_embeds=text(100), prompt_embeds_mask=mask, negative_prompt_embeds=text(20),
-               negative_prompt_embeds_mask=torch.ones(1, 20, dtype=torch.long, device=device), true_cfg_scale=4.0,
-               height=512, width=496, num_inference_steps=3, output_type="latent",
+    out = pipe(**prompts, true_cfg_scale=4.0, height=512, width=496, num_inference_steps=3, output_type="latent",
                generator=torch.Generator().manual_seed(0)).images
     return out.float()
 
@@ -125,19 +135,20 @@ def qwen_pipeline_latents(device, degrees: dict | None, compiled: bool) -> torch
 def check_cfg_parallel(world: int, rank: int, device) -> int:
     """cfg=2: each half of the ranks runs one guidance pass per step; eager and compiled (CUDA graphs beneath the
     cfg wrapper). Returns the number of failed checks."""
-    ref = qwen_pipeline_latents(device, None, False)  # pipelines run without grad
     failures = 0
-    for compiled in (False, True):
-        degrees = dict(cfg=2, ulysses=world // 2)
-        out = qwen_pipeline_latents(device, degrees, compiled)
-        err = ((out - ref).norm() / ref.norm()).item()
-        ok = err < BF16_TOL and torch.isfinite(out).all().item()
-        failures += not ok
-        if rank == 0:
-            print(json.dumps(dict(check="cfg_parallel", model="qwen-pipeline", world=world, **degrees,
-                                  compiled=compiled, rel_err=round(err, 5), ok=ok,
-                                  card=torch.cuda.get_device_name(device))), flush=True)
-        torch._dynamo.reset()
+    for name in ("flux", "qwen"):
+        ref = pipeline_latents(name, device, None, False)  # pipelines run without grad
+        for compiled in (False, True):
+            degrees = dict(cfg=2, ulysses=world // 2)
+            out = pipeline_latents(name, device, degrees, compiled)
+            err = ((out - ref).norm() / ref.norm()).item()
+            ok = err < BF16_TOL and torch.isfinite(out).all().item()
+            failures += not ok
+            if rank == 0:
+                print(json.dumps(dict(check="cfg_parallel", model=f"{name}-pipeline", world=world, **degrees,
+                                      compiled=compiled, rel_err=round(err, 5), ok=ok,
+                                      card=torch.cuda.get_device_name(device))), flush=True)
+            torch._dynamo.reset()
     return failures
 
 
