@@ -89,9 +89,12 @@ def nccl_memory_pool():
         return None
     if "nccl" not in str(dist.get_backend()):
         return None
-    device = torch.device("cuda", torch.cuda.current_device())
-    allocator = getattr(dist.group.WORLD._get_backend(device), "mem_allocator", None)
-    return torch.cuda.MemPool(allocator) if allocator is not None else None
+    try:  # an NCCL built without ncclMemAlloc (< 2.19) raises here: then the default pool, as before
+        backend = dist.group.WORLD._get_backend(torch.device("cuda", torch.cuda.current_device()))
+        return torch.cuda.MemPool(backend.mem_allocator)
+    except (AttributeError, RuntimeError) as e:
+        logger.warning("fastusp: CUDA graphs stay in torch's memory, NCCL's allocator is unavailable: %s", e)
+        return None
 
 
 def _signature(leaves, spec):
