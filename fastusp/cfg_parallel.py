@@ -10,8 +10,9 @@ A step whose last pass has no partner (no guidance: one call per step) is comple
 scheduler.step, by a broadcast from the group that ran it. Outside the denoising loop (a direct call of the
 transformer) every group runs every call itself.
 
-This relies on what diffusers' pipelines do: the passes of one step do not read each other's outputs, and a step
-ends with scheduler.step.
+This relies on what diffusers' pipelines do: the denoising loop, and nothing else, runs inside
+`with self.progress_bar(...)`; the passes of one step do not read each other's outputs; a step ends with
+scheduler.step.
 """
 from __future__ import annotations
 
@@ -69,14 +70,56 @@ class GuidancePasses:
         dist.all_gather(pair, mine, group=self.group)
 
 
+class DenoisingLoop:
+    """Whether the pipeline is inside its denoising loop. Every diffusers pipeline runs that loop inside its progress
+    bar, so the bar marks it. (Some pipelines also set `_current_timestep` in the loop; FluxImg2Img, FluxInpaint and
+    FluxControlNet of diffusers 0.42 do not.)"""
+
+    def __init__(self, pipe):
+        self.active = False
+        make_bar = pipe.progress_bar
+
+        @functools.wraps(make_bar)
+        def progress_bar(*args, **kwargs):
+            return _LoopBar(make_bar(*args, **kwargs), self)
+
+        pipe.progress_bar = progress_bar
+
+
+class _LoopBar:
+    """A pipeline's progress bar (tqdm) that marks the loop it wraps, in either form: `with bar:` or `for t in bar`."""
+
+    def __init__(self, bar, loop: DenoisingLoop):
+        self._bar, self._loop = bar, loop
+
+    def __enter__(self):
+        self._loop.active = True
+        return self._bar.__enter__()
+
+    def __exit__(self, *exc):
+        self._loop.active = False
+        return self._bar.__exit__(*exc)
+
+    def __iter__(self):
+        self._loop.active = True
+        try:
+            yield from self._bar
+        finally:
+            self._loop.active = False
+
+    def __getattr__(self, name):
+        return getattr(self._bar, name)
+
+
 def apply_cfg_parallel(pipe, transformer, config) -> None:
     """Wrap the (sequence-sharded) forward so each cfg group runs its share of the guidance passes."""
     slot = ForwardSlot(transformer.forward)
     passes = GuidancePasses(config, transformer)
+    loop = DenoisingLoop(pipe)
 
     def run_pass(_, inputs):
         forward = lambda: slot.forward(**inputs, return_dict=False)[0]
-        if getattr(pipe, "_current_timestep", None) is None:  # not in the denoising loop: no steps to pair in
+        if not loop.active:  # a direct call, or one outside the loop: no steps to pair it in
             return forward()
         _hook_scheduler(pipe.scheduler, passes)  # here, not once: users swap pipe.scheduler
         return passes.run(forward, inputs["hidden_states"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from test_pipelines import BUILDERS, EMBEDDERS, H, IMAGE_TOKENS, STEPS, _assert_close
+from test_pipelines import BUILDERS, EMBEDDERS, IMAGE_TOKENS, STEPS, H, W, _assert_close
 from test_pipelines import _generate as generate_tiny
 from tiny_pipelines import prompt_kwargs
 
@@ -73,12 +73,13 @@ def test_guidance_passes_split_over_cfg_groups(name, degrees):
     for rank, out in enumerate(results):
         _assert_close(out["image"], expected["image"], f"rank {rank} image")
         _assert_close(out["latents"], expected["latents"], f"rank {rank} final latents")
+    _assert_one_pass_per_group(results, _call_kwargs(BUILDERS[name](), guidance=True))
 
-    # Each cfg group ran one pass per step: the first half of the ranks only the positive prompt, the second half
-    # only the negative one, each split over its own ranks.
-    pipe = BUILDERS[name]()
-    prompts = _call_kwargs(pipe, guidance=True)
-    group_size = world // 2
+
+def _assert_one_pass_per_group(results: list, prompts: dict) -> None:
+    """Each cfg group ran one pass per step: the first half of the ranks only the positive prompt, the second half
+    only the negative one, each split over its own ranks."""
+    group_size = len(results) // 2
     for group, key in enumerate(["prompt_embeds", "negative_prompt_embeds"]):
         members = results[group * group_size:(group + 1) * group_size]
         text = [[(n, total) for kind, n, total in out["seen"] if kind == "txt"] for out in members]
@@ -88,6 +89,51 @@ def test_guidance_passes_split_over_cfg_groups(name, degrees):
             assert sum(t[step][1] for t in text) == pytest.approx(prompts[key].sum().item(), rel=1e-5), key
         image = [[n for kind, n, _ in out["seen"] if kind == "img"] for out in members]
         assert [sum(i[step] for i in image) for step in range(STEPS)] == [IMAGE_TOKENS] * STEPS, image
+
+
+def _img2img(seed: int = 5) -> tuple:
+    """FluxImg2ImgPipeline around the tiny FLUX parts, and its call kwargs: true CFG, an input image, strength 0.9
+    (both steps run). diffusers 0.42's img2img loop sets no `_current_timestep`: the progress bar marks the loop."""
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe = FluxImg2ImgPipeline.from_pipe(BUILDERS["flux"]())
+    image = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(seed))
+    return pipe, dict(_call_kwargs(pipe, guidance=True), image=image, strength=0.9)
+
+
+def _img2img_worker() -> dict:
+    import fastusp
+
+    pipe, kwargs = _img2img()
+    fastusp.parallelize(pipe, cfg=2)
+    seen = _record_embedded("flux", pipe)
+    return dict(generate_tiny(pipe, 0, kwargs), seen=seen)
+
+
+def test_img2img_pipeline_splits_its_guidance_passes():
+    pipe, kwargs = _img2img()
+    pipe.set_progress_bar_config(disable=True)
+    expected = generate_tiny(pipe, 0, kwargs)
+    results = run_distributed(_img2img_worker, 2)
+    for rank, out in enumerate(results):
+        _assert_close(out["image"], expected["image"], f"rank {rank} image")
+    _assert_one_pass_per_group(results, kwargs)
+
+
+def test_the_progress_bar_marks_the_denoising_loop_in_both_forms():
+    from fastusp.cfg_parallel import DenoisingLoop
+
+    pipe = BUILDERS["flux"]()
+    pipe.set_progress_bar_config(disable=True)
+    loop = DenoisingLoop(pipe)
+    inside = []
+    with pipe.progress_bar(total=2) as bar:  # the form every FLUX / Qwen-Image pipeline uses
+        inside.append(loop.active)
+        bar.update()
+    assert not loop.active
+    for _ in pipe.progress_bar([1, 2]):
+        inside.append(loop.active)
+    assert inside == [True, True, True] and not loop.active
 
 
 def test_compiled_pipeline_with_cfg_parallelism():
@@ -131,11 +177,13 @@ def test_without_guidance_the_first_group_runs_every_pass():
     assert calls == [STEPS, 0], f"transformer calls per rank: {calls}"
 
 
-def _direct_call_worker(name: str) -> torch.Tensor:
+def _direct_call_worker(name: str, after_pipeline: bool) -> torch.Tensor:
     import fastusp
 
     pipe = BUILDERS[name]()
     fastusp.parallelize(pipe, cfg=2)
+    if after_pipeline:  # the loop it ran has ended: the direct call must not be paired as a guidance pass
+        _generate(pipe, guidance=True)
     with torch.no_grad():
         return pipe.transformer(**_transformer_inputs(pipe), return_dict=False)[0]
 
@@ -150,11 +198,12 @@ def _transformer_inputs(pipe) -> dict:
                 img_ids=torch.zeros(IMAGE_TOKENS, 3), txt_ids=torch.zeros(POSITIVE, 3))
 
 
-def test_a_call_outside_the_denoising_loop_runs_on_every_group():
+@pytest.mark.parametrize("after_pipeline", [False, True], ids=["fresh", "after-pipeline"])
+def test_a_call_outside_the_denoising_loop_runs_on_every_group(after_pipeline):
     pipe = BUILDERS["flux"]()
     with torch.no_grad():
         expected = pipe.transformer(**_transformer_inputs(pipe), return_dict=False)[0]
-    for rank, out in enumerate(run_distributed(_direct_call_worker, 2, "flux")):
+    for rank, out in enumerate(run_distributed(_direct_call_worker, 2, "flux", after_pipeline)):
         _assert_close(out, expected, f"rank {rank} transformer output")
 
 
