@@ -47,6 +47,24 @@ def tiny_flux_pipeline():
     return pipe
 
 
+def tiny_flux_controlnet_pipeline():
+    """FluxControlNetPipeline: tiny_flux_pipeline()'s parts plus a one-double-block, one-single-block ControlNet.
+    ControlNets start with zero output layers (they add nothing until trained): here they are random, so the
+    residuals change the image and a residual added to the wrong tokens shows."""
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    base = tiny_flux_pipeline()
+    cfg = base.transformer.config
+    torch.manual_seed(1)
+    controlnet = FluxControlNetModel.from_transformer(
+        base.transformer, num_layers=1, num_single_layers=1, attention_head_dim=cfg.attention_head_dim,
+        num_attention_heads=cfg.num_attention_heads).eval()
+    for zeroed in (controlnet.controlnet_x_embedder, controlnet.controlnet_blocks, controlnet.controlnet_single_blocks):
+        for param in zeroed.parameters():
+            torch.nn.init.normal_(param, std=0.5)
+    return FluxControlNetPipeline.from_pipe(base, controlnet=controlnet)
+
+
 def tiny_qwen_pipeline():
     """QwenImagePipeline around tiny_qwen(): AutoencoderKLQwenImage with z_dim 4 (in_channels 16, out_channels 4)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
