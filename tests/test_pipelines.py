@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from tiny_pipelines import (prompt_kwargs, tiny_call_kwargs, tiny_flux_controlnet_pipeline, tiny_flux_pipeline,
+from tiny_pipelines import (prompt_kwargs, tiny_call_kwargs, tiny_controlnet_pipeline, tiny_flux_pipeline,
                             tiny_qwen_pipeline)
 
 H, W, STEPS = 32, 48, 2
@@ -133,40 +133,43 @@ def test_rank_consistency_without_generator(name, ulysses, ring):
 
 
 def _controlnet_kwargs(pipe, scale: float = 1.0, guidance: bool = False) -> dict:
-    """A control image and the tiny prompt; guidance: true CFG with a negative prompt (the pipeline supports it)."""
-    kwargs = dict(prompt_kwargs(pipe, text_len=7), controlnet_conditioning_scale=scale,
+    """tiny_call_kwargs (Qwen-Image: true CFG) and a control image; guidance: FLUX with true CFG as well."""
+    kwargs = dict(tiny_call_kwargs(pipe), controlnet_conditioning_scale=scale,
                   control_image=torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(5)))
-    if guidance:
+    if guidance and type(pipe).__name__.startswith("Flux"):
         kwargs.update(prompt_kwargs(pipe, text_len=7, seed=1, negative=True), true_cfg_scale=2.0)
     return kwargs
 
 
-def _controlnet_worker(degrees: dict) -> dict:
+def _controlnet_worker(name: str, degrees: dict) -> dict:
     import fastusp
 
-    pipe = tiny_flux_controlnet_pipeline()
+    pipe = tiny_controlnet_pipeline(name)
     fastusp.parallelize(pipe, **degrees)
     calls = []
-    pipe.transformer.x_embedder.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[1]))
+    getattr(pipe.transformer, EMBEDDERS[name][0]).register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[1]))
     return dict(_generate(pipe, 0, _controlnet_kwargs(pipe, guidance="cfg" in degrees)), calls=calls)
 
 
-@pytest.mark.parametrize("degrees", [dict(ulysses=2), dict(ring=2), dict(cfg=2)], ids=["ulysses2", "ring2", "cfg2"])
-def test_controlnet_pipeline_matches_single_process(degrees):
-    guidance = "cfg" in degrees
-    pipe = tiny_flux_controlnet_pipeline()
+@pytest.mark.parametrize("name, degrees", [("flux", dict(ulysses=2)), ("flux", dict(ring=2)), ("flux", dict(cfg=2)),
+                                           ("qwen", dict(ulysses=2)), ("qwen", dict(cfg=2))],
+                         ids=["flux-ulysses2", "flux-ring2", "flux-cfg2", "qwen-ulysses2", "qwen-cfg2"])
+def test_controlnet_pipeline_matches_single_process(name, degrees):
+    guidance = "cfg" in degrees or name == "qwen"  # two transformer calls per step
+    pipe = tiny_controlnet_pipeline(name)
     pipe.set_progress_bar_config(disable=True)
     expected = _generate(pipe, 0, _controlnet_kwargs(pipe, guidance=guidance))
     # precondition: the residuals change the image, so residuals added to the wrong image tokens would show
     without = _generate(pipe, 0, _controlnet_kwargs(pipe, scale=0.0, guidance=guidance))
     assert (without["image"] - expected["image"]).abs().max() > 0.05
 
-    results = run_distributed(_controlnet_worker, 2, degrees)
+    results = run_distributed(_controlnet_worker, 2, name, degrees)
     for rank, out in enumerate(results):
         _assert_close(out["image"], expected["image"], f"rank {rank} image")
         _assert_close(out["latents"], expected["latents"], f"rank {rank} final latents")
     # sequence parallel: every call on half the image tokens; cfg: each rank one of a step's two passes, whole
-    expected_calls = [IMAGE_TOKENS] * STEPS if guidance else [IMAGE_TOKENS // 2] * STEPS
+    passes = 2 if guidance else 1
+    expected_calls = [IMAGE_TOKENS] * STEPS if "cfg" in degrees else [IMAGE_TOKENS // 2] * (STEPS * passes)
     assert [out["calls"] for out in results] == [expected_calls] * 2
 
 

@@ -47,22 +47,30 @@ def tiny_flux_pipeline():
     return pipe
 
 
-def tiny_flux_controlnet_pipeline():
-    """FluxControlNetPipeline: tiny_flux_pipeline()'s parts plus a one-double-block, one-single-block ControlNet.
-    ControlNets start with zero output layers (they add nothing until trained): here they are random, so the
-    residuals change the image and a residual added to the wrong tokens shows."""
-    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+def tiny_controlnet_pipeline(name: str):
+    """FluxControlNetPipeline / QwenImageControlNetPipeline ("flux" / "qwen"): the tiny pipeline's parts plus a
+    ControlNet of one block of each kind. ControlNets start with zero output layers (they add nothing until
+    trained); here those are random, so the residuals change the image and residuals added to the wrong image
+    tokens would show."""
+    from diffusers import (FluxControlNetModel, FluxControlNetPipeline, QwenImageControlNetModel,
+                           QwenImageControlNetPipeline)
 
-    base = tiny_flux_pipeline()
-    cfg = base.transformer.config
+    base = tiny_flux_pipeline() if name == "flux" else tiny_qwen_pipeline()
+    heads = dict(attention_head_dim=base.transformer.config.attention_head_dim,
+                 num_attention_heads=base.transformer.config.num_attention_heads)
     torch.manual_seed(1)
-    controlnet = FluxControlNetModel.from_transformer(
-        base.transformer, num_layers=1, num_single_layers=1, attention_head_dim=cfg.attention_head_dim,
-        num_attention_heads=cfg.num_attention_heads).eval()
-    for zeroed in (controlnet.controlnet_x_embedder, controlnet.controlnet_blocks, controlnet.controlnet_single_blocks):
-        for param in zeroed.parameters():
+    if name == "flux":
+        controlnet = FluxControlNetModel.from_transformer(base.transformer, num_layers=1, num_single_layers=1, **heads)
+        zeroed = (controlnet.controlnet_x_embedder, controlnet.controlnet_blocks, controlnet.controlnet_single_blocks)
+        pipeline_cls = FluxControlNetPipeline
+    else:
+        controlnet = QwenImageControlNetModel.from_transformer(base.transformer, num_layers=1, **heads)
+        zeroed = (controlnet.controlnet_x_embedder, controlnet.controlnet_blocks)
+        pipeline_cls = QwenImageControlNetPipeline
+    for module in zeroed:
+        for param in module.parameters():
             torch.nn.init.normal_(param, std=0.5)
-    return FluxControlNetPipeline.from_pipe(base, controlnet=controlnet)
+    return pipeline_cls.from_pipe(base, controlnet=controlnet.eval())
 
 
 def tiny_qwen_pipeline():
