@@ -71,17 +71,20 @@ class GuidancePasses:
 
 
 class DenoisingLoop:
-    """Whether the pipeline is inside its denoising loop. Every diffusers pipeline runs that loop inside its progress
-    bar, so the bar marks it. (Some pipelines also set `_current_timestep` in the loop; FluxImg2Img, FluxInpaint and
-    FluxControlNet of diffusers 0.42 do not.)"""
+    """Which pipeline, if any, is inside its denoising loop. Every diffusers pipeline runs that loop inside its
+    progress bar, so the bar marks it (`track`). Some pipelines also set `_current_timestep` in the loop;
+    FluxImg2Img, FluxInpaint and FluxControlNet of diffusers 0.42 do not. Pipelines that share the transformer
+    (from_pipe) share its loop tracker."""
 
-    def __init__(self, pipe):
-        self.active = False
+    def __init__(self):
+        self.pipe = None  # the pipeline in its loop, None outside any
+
+    def track(self, pipe) -> None:
         make_bar = pipe.progress_bar
 
         @functools.wraps(make_bar)
         def progress_bar(*args, **kwargs):
-            return _LoopBar(make_bar(*args, **kwargs), self)
+            return _LoopBar(make_bar(*args, **kwargs), self, pipe)
 
         pipe.progress_bar = progress_bar
 
@@ -89,23 +92,23 @@ class DenoisingLoop:
 class _LoopBar:
     """A pipeline's progress bar (tqdm) that marks the loop it wraps, in either form: `with bar:` or `for t in bar`."""
 
-    def __init__(self, bar, loop: DenoisingLoop):
-        self._bar, self._loop = bar, loop
+    def __init__(self, bar, loop: DenoisingLoop, pipe):
+        self._bar, self._loop, self._pipe = bar, loop, pipe
 
     def __enter__(self):
-        self._loop.active = True
+        self._loop.pipe = self._pipe
         return self._bar.__enter__()
 
     def __exit__(self, *exc):
-        self._loop.active = False
+        self._loop.pipe = None
         return self._bar.__exit__(*exc)
 
     def __iter__(self):
-        self._loop.active = True
+        self._loop.pipe = self._pipe
         try:
             yield from self._bar
         finally:
-            self._loop.active = False
+            self._loop.pipe = None
 
     def __getattr__(self, name):
         return getattr(self._bar, name)
@@ -115,17 +118,23 @@ def apply_cfg_parallel(pipe, transformer, config) -> None:
     """Wrap the (sequence-sharded) forward so each cfg group runs its share of the guidance passes."""
     slot = ForwardSlot(transformer.forward)
     passes = GuidancePasses(config, transformer)
-    loop = DenoisingLoop(pipe)
+    loop = transformer._fastusp_denoising_loop = DenoisingLoop()
+    loop.track(pipe)
 
     def run_pass(_, inputs):
         forward = lambda: slot.forward(**inputs, return_dict=False)[0]
-        if not loop.active:  # a direct call, or one outside the loop: no steps to pair it in
+        if loop.pipe is None:  # a direct call, or one outside the loop: no steps to pair it in
             return forward()
-        _hook_scheduler(pipe.scheduler, passes)  # here, not once: users swap pipe.scheduler
+        _hook_scheduler(loop.pipe.scheduler, passes)  # here, not once: users swap pipe.scheduler
         return passes.run(forward, inputs["hidden_states"])
 
     wrap_forward(transformer, run_pass)
     transformer._fastusp_forward_slot = slot
+
+
+def track_denoising_loop(pipe, transformer) -> None:
+    """cfg=2 for another pipeline around an already parallelized transformer (from_pipe): mark its loop too."""
+    transformer._fastusp_denoising_loop.track(pipe)
 
 
 def _hook_scheduler(scheduler, passes: GuidancePasses) -> None:

@@ -8,7 +8,7 @@ of all, so they are outermost. The ring x ulysses ranks of one cfg group share o
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,10 @@ class ParallelConfig:
             raise ValueError(f"cfg must be 1 or 2 (one group of ranks per guidance pass), got {self.cfg}")
         if self.fp8_comm not in (False, True, "all"):
             raise ValueError(f"fp8_comm must be False, True or 'all', got {self.fp8_comm!r}")
+
+    def settings(self) -> dict:
+        """The arguments this config was made with (what parallelize() takes), without the groups built from them."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
     @property
     def sequence_size(self) -> int:

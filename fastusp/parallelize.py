@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ._forward import wrap_forward
-from .cfg_parallel import apply_cfg_parallel
+from .cfg_parallel import apply_cfg_parallel, track_denoising_loop
 from .config import ParallelConfig, maybe_init_distributed
 from .distributed.gather import gather_seq
 from .processors.context import USPContext
@@ -65,11 +65,15 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     cfg * ulysses * ring must equal the number of processes (torchrun --nproc-per-node), and ulysses must divide
     the number of attention heads. cfg=2 runs the two guidance passes of true CFG on two halves of the ranks at
     once (a pipeline only). fp8_comm and the tuning options (ulysses_chunks, ring_overlap): see ParallelConfig.
+    A pipeline whose transformer is parallelized already (made with from_pipe) takes the same settings again and
+    gets only the per-pipeline parts.
     """
     config = ParallelConfig(ulysses=ulysses, ring=ring, cfg=cfg, fp8_comm=fp8_comm, **options)
     transformer = getattr(obj, "transformer", obj)
     if config.cfg > 1 and (obj is transformer or not hasattr(obj, "scheduler")):
         raise ValueError("cfg parallelism splits a pipeline's guidance passes: pass the pipeline, not the transformer")
+    if obj is not transformer and getattr(transformer, "_fastusp_config", None) is not None:
+        return _add_pipeline(obj, transformer, config)
     spec = _spec_for(transformer)
     config.validate_heads(transformer.config.num_attention_heads)
     device = transformer.device
@@ -82,6 +86,7 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     apply_sequence_sharding(transformer, spec, context)
     if obj is not transformer:
         apply_rank_consistency(obj)
+        obj._fastusp_parallelized = True
     if config.cfg > 1:
         apply_cfg_parallel(obj, transformer, config)
     transformer._fastusp_config = config
@@ -89,6 +94,23 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
         logger.info("fastusp: %s parallelized with cfg=%d ulysses=%d ring=%d fp8_comm=%s",
                     type(transformer).__name__, config.cfg, config.ulysses, config.ring, config.fp8_comm)
     return obj
+
+
+def _add_pipeline(pipe, transformer, config: ParallelConfig):
+    """A pipeline made from a parallelized one (`FluxImg2ImgPipeline.from_pipe(pipe)`) shares its transformer, which
+    is parallelized already: give the new pipeline only what is per pipeline (the same noise on every rank, and for
+    cfg=2 its denoising loop)."""
+    shared = transformer._fastusp_config
+    if getattr(pipe, "_fastusp_parallelized", False):
+        raise ValueError("this pipeline is already parallelized by fastusp")
+    if shared.settings() != config.settings():
+        raise ValueError(f"this pipeline's transformer is already parallelized with {shared.settings()}; a pipeline "
+                         f"that shares it (from_pipe) must use the same settings, got {config.settings()}")
+    apply_rank_consistency(pipe)
+    if config.cfg > 1:
+        track_denoising_loop(pipe, transformer)
+    pipe._fastusp_parallelized = True
+    return pipe
 
 
 def _spec_for(transformer) -> ModelSpec:

@@ -91,33 +91,54 @@ def _assert_one_pass_per_group(results: list, prompts: dict) -> None:
         assert [sum(i[step] for i in image) for step in range(STEPS)] == [IMAGE_TOKENS] * STEPS, image
 
 
-def _img2img(seed: int = 5) -> tuple:
-    """FluxImg2ImgPipeline around the tiny FLUX parts, and its call kwargs: true CFG, an input image, strength 0.9
-    (both steps run). diffusers 0.42's img2img loop sets no `_current_timestep`: the progress bar marks the loop."""
+def _img2img(base=None) -> tuple:
+    """FluxImg2ImgPipeline made from a FluxPipeline (the tiny one, or `base`), and its call kwargs: true CFG, an input
+    image, strength 0.9 (both steps run). diffusers 0.42's img2img loop sets no `_current_timestep`: the progress bar
+    marks the loop."""
     from diffusers import FluxImg2ImgPipeline
 
-    pipe = FluxImg2ImgPipeline.from_pipe(BUILDERS["flux"]())
-    image = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(seed))
+    pipe = FluxImg2ImgPipeline.from_pipe(base if base is not None else BUILDERS["flux"]())
+    image = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(5))
     return pipe, dict(_call_kwargs(pipe, guidance=True), image=image, strength=0.9)
 
 
-def _img2img_worker() -> dict:
+def _img2img_worker(from_parallelized: bool) -> dict:
     import fastusp
 
-    pipe, kwargs = _img2img()
+    if from_parallelized:  # from_pipe of a parallelized pipeline: the transformer is shared, already parallelized
+        text2image = fastusp.parallelize(BUILDERS["flux"](), cfg=2)
+        pipe, kwargs = _img2img(text2image)
+        errors = []  # a pipeline parallelized twice; a shared transformer asked for other settings
+        for again, degrees in ((text2image, dict(cfg=2)), (_img2img(text2image)[0], dict(ulysses=2))):
+            try:
+                fastusp.parallelize(again, **degrees)
+            except ValueError as e:
+                errors.append(str(e))
+    else:
+        pipe, kwargs = _img2img()
+        errors = None
     fastusp.parallelize(pipe, cfg=2)
     seen = _record_embedded("flux", pipe)
-    return dict(generate_tiny(pipe, 0, kwargs), seen=seen)
+    out = dict(generate_tiny(pipe, 0, kwargs), seen=list(seen), errors=errors)
+    if from_parallelized:  # and the first pipeline still runs its passes split
+        out["text2image"] = _generate(text2image, guidance=True)["image"]
+    return out
 
 
-def test_img2img_pipeline_splits_its_guidance_passes():
+@pytest.mark.parametrize("from_parallelized", [False, True], ids=["new", "from-parallelized-pipe"])
+def test_img2img_pipeline_splits_its_guidance_passes(from_parallelized):
     pipe, kwargs = _img2img()
     pipe.set_progress_bar_config(disable=True)
     expected = generate_tiny(pipe, 0, kwargs)
-    results = run_distributed(_img2img_worker, 2)
+    results = run_distributed(_img2img_worker, 2, from_parallelized)
     for rank, out in enumerate(results):
         _assert_close(out["image"], expected["image"], f"rank {rank} image")
     _assert_one_pass_per_group(results, kwargs)
+    if from_parallelized:
+        for rank, out in enumerate(results):
+            _assert_close(out["text2image"], _reference("flux", guidance=True)["image"], f"rank {rank} text2image")
+            assert "already parallelized by fastusp" in out["errors"][0], out["errors"]
+            assert "must use the same settings" in out["errors"][1], out["errors"]
 
 
 def test_the_progress_bar_marks_the_denoising_loop_in_both_forms():
@@ -125,15 +146,16 @@ def test_the_progress_bar_marks_the_denoising_loop_in_both_forms():
 
     pipe = BUILDERS["flux"]()
     pipe.set_progress_bar_config(disable=True)
-    loop = DenoisingLoop(pipe)
+    loop = DenoisingLoop()
+    loop.track(pipe)
     inside = []
     with pipe.progress_bar(total=2) as bar:  # the form every FLUX / Qwen-Image pipeline uses
-        inside.append(loop.active)
+        inside.append(loop.pipe)
         bar.update()
-    assert not loop.active
+    assert loop.pipe is None
     for _ in pipe.progress_bar([1, 2]):
-        inside.append(loop.active)
-    assert inside == [True, True, True] and not loop.active
+        inside.append(loop.pipe)
+    assert inside == [pipe, pipe, pipe] and loop.pipe is None
 
 
 def test_compiled_pipeline_with_cfg_parallelism():

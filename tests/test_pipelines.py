@@ -173,6 +173,23 @@ def test_controlnet_pipeline_matches_single_process(name, degrees):
     assert [out["calls"] for out in results] == [expected_calls] * 2
 
 
+def _from_pipe_worker(name: str) -> dict:
+    import torch.distributed as dist
+
+    import fastusp
+
+    base = fastusp.parallelize(BUILDERS[name](), ulysses=2)
+    pipe = fastusp.parallelize(type(base).from_pipe(base), ulysses=2)  # shares base's (parallelized) transformer
+    torch.manual_seed(100 + dist.get_rank())  # every rank would draw different noise
+    return _generate(pipe, None)
+
+
+def test_a_pipeline_made_with_from_pipe_is_parallelized_too():
+    expected = _reference("flux", seed=100, global_seed=True)
+    for rank, out in enumerate(run_distributed(_from_pipe_worker, 2, "flux")):
+        _assert_close(out["image"], expected["image"], f"rank {rank} image vs single process seeded 100")
+
+
 def _latents_given_by_caller(name: str) -> tuple:
     import torch.distributed as dist
 
