@@ -69,7 +69,8 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
                          f"blocks; use cuda_graphs=True (whole-forward graphs) with mode='default'")
     transformer = getattr(obj, "transformer", obj)
     if getattr(transformer, "_fastusp_compile_report", None) is not None:
-        raise ValueError("compile_pipeline was already applied to this transformer")
+        raise ValueError("compile_pipeline was already applied to this transformer (a pipeline made with from_pipe "
+                         "shares it, compiled: nothing more to do)")
     use_graphs = transformer.device.type == "cuda" if cuda_graphs is None else cuda_graphs
     if use_graphs and transformer.device.type != "cuda":
         raise ValueError("cuda_graphs=True needs the transformer on a CUDA device")
