@@ -76,8 +76,13 @@ class DenoisingLoop:
     FluxImg2Img, FluxInpaint and FluxControlNet of diffusers 0.42 do not. Pipelines that share the transformer
     (from_pipe) share its loop tracker."""
 
-    def __init__(self):
+    def __init__(self, on_start):
         self.pipe = None  # the pipeline in its loop, None outside any
+        self.on_start = on_start
+
+    def start(self, pipe) -> None:
+        self.pipe = pipe
+        self.on_start()
 
     def track(self, pipe) -> None:
         make_bar = pipe.progress_bar
@@ -96,7 +101,7 @@ class _LoopBar:
         self._bar, self._loop, self._pipe = bar, loop, pipe
 
     def __enter__(self):
-        self._loop.pipe = self._pipe
+        self._loop.start(self._pipe)
         return self._bar.__enter__()
 
     def __exit__(self, *exc):
@@ -104,7 +109,7 @@ class _LoopBar:
         return self._bar.__exit__(*exc)
 
     def __iter__(self):
-        self._loop.pipe = self._pipe
+        self._loop.start(self._pipe)
         try:
             yield from self._bar
         finally:
@@ -118,7 +123,8 @@ def apply_cfg_parallel(pipe, transformer, config) -> None:
     """Wrap the (sequence-sharded) forward so each cfg group runs its share of the guidance passes."""
     slot = ForwardSlot(transformer.forward)
     passes = GuidancePasses(config, transformer)
-    loop = transformer._fastusp_denoising_loop = DenoisingLoop()
+    # a loop starts with no passes: a call that raised mid-step may have left some
+    loop = transformer._fastusp_denoising_loop = DenoisingLoop(on_start=passes.reset)
     loop.track(pipe)
 
     def run_pass(_, inputs):
@@ -138,16 +144,14 @@ def track_denoising_loop(pipe, transformer) -> None:
 
 
 def _hook_scheduler(scheduler, passes: GuidancePasses) -> None:
-    """scheduler.step ends a step: complete its passes first. set_timesteps starts a pipeline call: forget passes
-    left over from a call that raised mid-step."""
+    """scheduler.step ends a step: complete its passes first."""
     if getattr(scheduler.step, "_fastusp_passes", None) is passes:
         return
     scheduler.step = _run_first(passes.finish_step, scheduler.step, passes)
-    scheduler.set_timesteps = _run_first(passes.reset, scheduler.set_timesteps, passes)
 
 
 def _run_first(before, method, passes: GuidancePasses):
-    @functools.wraps(method)  # keeps the signature: pipelines inspect set_timesteps' parameters
+    @functools.wraps(method)  # keeps the signature: some pipelines inspect scheduler.step's parameters
     def hooked(*args, **kwargs):
         before()
         return method(*args, **kwargs)

@@ -146,7 +146,8 @@ def test_the_progress_bar_marks_the_denoising_loop_in_both_forms():
 
     pipe = BUILDERS["flux"]()
     pipe.set_progress_bar_config(disable=True)
-    loop = DenoisingLoop()
+    starts = []
+    loop = DenoisingLoop(on_start=lambda: starts.append(len(starts)))
     loop.track(pipe)
     inside = []
     with pipe.progress_bar(total=2) as bar:  # the form every FLUX / Qwen-Image pipeline uses
@@ -156,6 +157,7 @@ def test_the_progress_bar_marks_the_denoising_loop_in_both_forms():
     for _ in pipe.progress_bar([1, 2]):
         inside.append(loop.pipe)
     assert inside == [pipe, pipe, pipe] and loop.pipe is None
+    assert starts == [0, 1]  # once per loop: where a call that raised mid-step has its leftover passes dropped
 
 
 def test_compiled_pipeline_with_cfg_parallelism():
