@@ -53,11 +53,13 @@ class GraphedForward:
 
     def _capture(self, leaves, spec):
         static_inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-        kwargs = pytree.tree_unflatten(static_inputs, spec)
         if self.pool is None:
             self._nccl_pool = nccl_memory_pool()
             self.pool = self._nccl_pool.id if self._nccl_pool is not None else torch.cuda.graph_pool_handle()
-        graph, static_output = capture_graph(lambda: self.forward(**kwargs), self.warmup, self.pool)
+        # fresh dicts and lists around the same static tensors for every warm-up and the capture: diffusers' FLUX
+        # forward pops ip_adapter_image_embeds out of joint_attention_kwargs, so a reused dict would lose it
+        run = lambda: self.forward(**pytree.tree_unflatten(static_inputs, spec))
+        graph, static_output = capture_graph(run, self.warmup, self.pool)
         logger.info("fastusp: captured CUDA graph %d for new input shapes", len(self.graphs) + 1)
         return static_inputs, graph, static_output
 
