@@ -20,7 +20,7 @@ from .cfg_parallel import apply_cfg_parallel, track_denoising_loop
 from .config import ParallelConfig, maybe_init_distributed
 from .distributed.gather import gather_seq
 from .processors.context import USPContext
-from .processors.flux import FastUSPFluxAttnProcessor
+from .processors.flux import FastUSPFluxAttnProcessor, FastUSPFluxIPAdapterAttnProcessor
 from .processors.qwen_image import FastUSPQwenImageAttnProcessor
 from .sharding import SeqLayout, key_bias_from_text_mask
 
@@ -35,6 +35,8 @@ class ModelSpec:
     default_processor: str
     text_inputs: dict[str, int]
     image_inputs: dict[str, int]
+    # diffusers adapter processors (by class name) -> fastusp's version, made from the loaded one and the context
+    adapter_processors: dict | None = None
     text_mask: str | None = None
     rope_from_shapes: bool = False  # Qwen-Image builds RoPE from image shapes, not from per-token ids
 
@@ -48,6 +50,7 @@ def _model_specs() -> dict[type, ModelSpec]:
             text_inputs={"encoder_hidden_states": -2, "txt_ids": -2},
             image_inputs={"hidden_states": -2, "img_ids": -2, "controlnet_block_samples": -2,
                           "controlnet_single_block_samples": -2},
+            adapter_processors={"FluxIPAdapterAttnProcessor": FastUSPFluxIPAdapterAttnProcessor.from_diffusers},
         ),
         QwenImageTransformer2DModel: ModelSpec(
             FastUSPQwenImageAttnProcessor, "QwenDoubleStreamAttnProcessor2_0",
@@ -128,15 +131,23 @@ def _spec_for(transformer) -> ModelSpec:
     cfg = transformer.config
     if getattr(cfg, "zero_cond_t", False) or getattr(cfg, "use_layer3d_rope", False):
         raise NotImplementedError("Qwen-Image variants with zero_cond_t or layer-3D RoPE are not supported yet")
-    others = {type(p).__name__ for p in transformer.attn_processors.values()} - {spec.default_processor}
+    supported = {spec.default_processor, *(spec.adapter_processors or {})}
+    others = {type(p).__name__ for p in transformer.attn_processors.values()} - supported
     if others:
-        raise NotImplementedError(f"attention processors {sorted(others)} are not supported (IP-Adapter?); "
-                                  f"fastusp replaces only diffusers' default {spec.default_processor}")
+        raise NotImplementedError(f"attention processors {sorted(others)} are not supported; fastusp replaces "
+                                  f"diffusers' {', '.join(sorted(supported))}")
     return spec
 
 
 def apply_usp_processors(transformer, spec: ModelSpec, context: USPContext) -> None:
-    transformer.set_attn_processor(spec.processor_cls(context))
+    """Every attention layer gets fastusp's processor; a layer with an adapter's processor (FLUX IP-Adapter) gets
+    fastusp's version of it, which keeps the adapter's weights."""
+    shared = spec.processor_cls(context)
+    adapters = spec.adapter_processors or {}
+    transformer.set_attn_processor({
+        name: adapters[type(p).__name__](p, context) if type(p).__name__ in adapters else shared
+        for name, p in transformer.attn_processors.items()
+    })
 
 
 def _shard(value, index: slice, dim: int):

@@ -135,3 +135,32 @@ def test_graphs_use_nccl_memory_only_under_nccl():
 
     assert nccl_memory_pool() is None  # no process group
     assert run_distributed(_graph_memory_pool_under_gloo, world=2) == [None, None]
+
+
+def test_graph_warmups_and_capture_each_get_fresh_input_containers(monkeypatch):
+    # diffusers' FLUX forward pops ip_adapter_image_embeds out of joint_attention_kwargs: if the warm-up calls and
+    # the capture shared one dict, only the first would see the IP-Adapter and the graph would be captured without
+    # it. The capture itself needs CUDA; here it is replaced by its calls (2 warm-ups, then the captured call).
+    from types import SimpleNamespace
+
+    from fastusp import cuda_graphs
+
+    seen = []
+
+    def forward(hidden_states, joint_attention_kwargs):
+        seen.append(joint_attention_kwargs.pop("ip_adapter_image_embeds", None) is not None)
+        return hidden_states * 2
+
+    def capture_graph(fn, warmup, pool):
+        for _ in range(warmup):
+            fn()
+        return SimpleNamespace(replay=lambda: None), fn()
+
+    monkeypatch.setattr(cuda_graphs, "capture_graph", capture_graph)
+    monkeypatch.setattr(cuda_graphs, "nccl_memory_pool", lambda: SimpleNamespace(id=0))
+    graphed = cuda_graphs.GraphedForward(forward, warmup=2)
+    kwargs = {"ip_adapter_image_embeds": [torch.ones(1, 1, 3)]}
+    out = graphed(hidden_states=torch.ones(2), joint_attention_kwargs=kwargs)
+    assert seen == [True, True, True]
+    assert torch.equal(out, torch.full((2,), 2.0))
+    assert "ip_adapter_image_embeds" in kwargs  # the caller's dict is not the one the forward pops from

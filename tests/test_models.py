@@ -122,10 +122,15 @@ def test_qwen_rope_in_real_arithmetic_equals_diffusers_complex_rope(seq, dtype):
 def test_processors_store_their_call_signature_for_diffusers_per_call_inspect():
     import inspect
 
-    from fastusp.processors.flux import FastUSPFluxAttnProcessor
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    from fastusp.processors.context import USPContext
+    from fastusp.processors.flux import FastUSPFluxAttnProcessor, FastUSPFluxIPAdapterAttnProcessor
     from fastusp.processors.qwen_image import FastUSPQwenImageAttnProcessor
 
-    for cls in (FastUSPFluxAttnProcessor, FastUSPQwenImageAttnProcessor):
-        stored = cls.__call__.__dict__.get("__signature__")
+    context = USPContext(config=None)
+    ip_adapter = FastUSPFluxIPAdapterAttnProcessor.from_diffusers(FluxIPAdapterAttnProcessor(8, 8), context)
+    for processor in (FastUSPFluxAttnProcessor(context), FastUSPQwenImageAttnProcessor(context), ip_adapter):
+        stored = type(processor).__call__.__dict__.get("__signature__")
         assert stored is not None and "hidden_states" in stored.parameters
-        assert list(inspect.signature(cls(None).__call__).parameters) == list(stored.parameters)[1:]  # minus self
+        assert list(inspect.signature(processor.__call__).parameters) == list(stored.parameters)[1:]  # minus self

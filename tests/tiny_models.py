@@ -56,3 +56,18 @@ def qwen_inputs(batch=1, height=4, width=5, text_len=7, valid_lens=None, seed=1)
         timestep=torch.full((batch,), 0.5),
         img_shapes=[[(1, height, width)]] * batch,
     )
+
+
+def random_ip_adapter_state_dict(transformer, clip_dim: int, seed: int = 3) -> dict:
+    """A random FLUX IP-Adapter checkpoint (4 image-prompt tokens) in the layout diffusers' loader reads
+    (`transformer._load_ip_adapter_weights`, what load_ip_adapter calls), for any FluxTransformer2DModel's widths."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.3
+    text_dim, inner, tokens = transformer.config.joint_attention_dim, transformer.inner_dim, 4
+    image_proj = {"proj.weight": rand(tokens * text_dim, clip_dim), "proj.bias": rand(tokens * text_dim),
+                  "norm.weight": 1 + rand(text_dim), "norm.bias": rand(text_dim)}
+    ip_adapter = {}
+    for i in range(len(transformer.transformer_blocks)):
+        for kv in ("to_k_ip", "to_v_ip"):
+            ip_adapter[f"{i}.{kv}.weight"], ip_adapter[f"{i}.{kv}.bias"] = rand(inner, text_dim), rand(inner)
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}

@@ -1,22 +1,62 @@
-"""FLUX attention processor: diffusers' FluxAttnProcessor math, with the attention call replaced by USP.
+"""FLUX attention processors: diffusers' FluxAttnProcessor / FluxIPAdapterAttnProcessor math, with the joint
+attention call replaced by USP.
 
 Used by both block kinds: double-stream blocks pass encoder_hidden_states (text) separately; single-stream
-blocks pass the already joined [text, image] sequence as hidden_states.
+blocks pass the already joined [text, image] sequence as hidden_states. An IP-Adapter (double-stream blocks only)
+adds an attention of the image queries to a few image-prompt tokens; every rank holds all of those tokens, so that
+attention needs no communication: each rank attends with the queries of its own image tokens.
 """
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor, _get_qkv_projections
 
 from ..attention.usp import usp_attention
-from .context import USPContext, cached_call_signature
+from .context import USPContext, cached_call_signature, require_context
+
+
+def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+    """FluxAttnProcessor's math with USP attention. Returns (its outputs, the image tokens' query before RoPE, which
+    the IP-Adapter attends with)."""
+    query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+        attn, hidden_states, encoder_hidden_states
+    )
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    image_query = query
+
+    if attn.added_kv_proj_dim is not None:
+        encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+        encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+        encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+        query = torch.cat([encoder_query, query], dim=1)
+        key = torch.cat([encoder_key, key], dim=1)
+        value = torch.cat([encoder_value, value], dim=1)
+
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+    hidden_states = usp_attention(query, key, value, context.current_layout(), context.config)
+    hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+
+    if encoder_hidden_states is None:
+        return hidden_states, image_query
+    encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+        [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+    )
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+    encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+    return (hidden_states, encoder_hidden_states), image_query
 
 
 @cached_call_signature
 class FastUSPFluxAttnProcessor:
-    def __init__(self, context: USPContext):
-        self.context = context
+    def __init__(self, context: USPContext | None = None):
+        self.context = require_context(context, type(self))
 
     def __call__(
         self,
@@ -28,33 +68,48 @@ class FastUSPFluxAttnProcessor:
     ):
         if attention_mask is not None:
             raise NotImplementedError("fastusp's FLUX processor does not take an attention_mask")
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
+        outputs, _ = joint_usp_attention(self.context, attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        return outputs
 
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
 
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+@cached_call_signature
+class FastUSPFluxIPAdapterAttnProcessor(FluxIPAdapterAttnProcessor):
+    """diffusers' FluxIPAdapterAttnProcessor, same module (its to_k_ip / to_v_ip weights and scales, same state_dict
+    keys), with the joint attention swapped for USP. Made from the loaded one by `from_diffusers`."""
 
-        hidden_states = usp_attention(query, key, value, self.context.current_layout(), self.context.config)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+    @classmethod
+    def from_diffusers(cls, processor: FluxIPAdapterAttnProcessor, context: USPContext):
+        usp = cls.__new__(cls)
+        usp.__dict__.update(processor.__dict__)  # the same submodules and settings, not copies
+        usp.context = context
+        return usp
 
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ip_hidden_states: list[torch.Tensor] | None = None,
+        ip_adapter_masks: torch.Tensor | None = None,  # taken and ignored, as diffusers' FLUX processor does
+    ):
+        if attention_mask is not None:
+            raise NotImplementedError("fastusp's FLUX processor does not take an attention_mask")
+        outputs, ip_query = joint_usp_attention(self.context, attn, hidden_states, encoder_hidden_states,
+                                                image_rotary_emb)
         if encoder_hidden_states is None:
-            return hidden_states
-        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
-        )
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-        encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-        return hidden_states, encoder_hidden_states
+            return outputs
+        hidden_states, encoder_hidden_states = outputs
+        batch_size = hidden_states.shape[0]
+        ip_attn_output = torch.zeros_like(hidden_states)
+        for current_ip_hidden_states, scale, to_k_ip, to_v_ip in zip(
+            ip_hidden_states, self.scale, self.to_k_ip, self.to_v_ip
+        ):
+            ip_key = to_k_ip(current_ip_hidden_states).view(batch_size, -1, attn.heads, attn.head_dim)
+            ip_value = to_v_ip(current_ip_hidden_states).view(batch_size, -1, attn.heads, attn.head_dim)
+            current = dispatch_attention_fn(ip_query, ip_key, ip_value, attn_mask=None, dropout_p=0.0,
+                                            is_causal=False)
+            current = current.reshape(batch_size, -1, attn.heads * attn.head_dim).to(ip_query.dtype)
+            ip_attn_output += scale * current
+        return hidden_states, encoder_hidden_states, ip_attn_output

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/: tiny_models' random IP-Adapter
 import fastusp  # noqa: E402
 
 BF16_TOL, FP8_TOL = 2e-2, 6e-2  # relative L2 error of the transformer output
@@ -53,11 +54,9 @@ def layouts(world: int) -> list[tuple[int, int]]:
     return [(world // r, r) for r in range(1, world + 1) if world % r == 0]
 
 
-def main() -> int:
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", device_id=device)
-    world, rank, failures = dist.get_world_size(), dist.get_rank(), 0
+def main(device, world: int, rank: int) -> int:
+    """The transformer layouts and the cfg pipelines. Returns the number of failed checks."""
+    failures = 0
     # Uneven on purpose: 33x31 image tokens and 77 / 100 text tokens divide by neither 2 nor 4.
     cases = {"flux": dict(batch=1, image_hw=(33, 31), text_len=77), "qwen": dict(batch=2, image_hw=(32, 31), text_len=100)}
     for name, shape in cases.items():
@@ -95,6 +94,57 @@ def main() -> int:
             torch._dynamo.reset()
     if "--quick" not in sys.argv:
         failures += check_cfg_parallel(world, rank, device)
+    return failures
+
+
+def check_ip_adapter(world: int, rank: int, device) -> int:
+    """FLUX with a random IP-Adapter, Ulysses over all ranks, eager and compiled (Inductor + CUDA graphs). The
+    compiled model is called with two different image-prompt embeddings: the first call captures the graph, the
+    second replays it, so new embeddings must reach the graph (they sit inside joint_attention_kwargs, which
+    diffusers' forward pops). Returns the number of failed checks."""
+    from tiny_models import random_ip_adapter_state_dict
+
+    def build_ip():
+        model = build("flux", device)
+        model._load_ip_adapter_weights(random_ip_adapter_state_dict(model, clip_dim=768), low_cpu_mem_usage=False)
+        return model.to(device=device, dtype=torch.bfloat16)
+
+    x = inputs("flux", device, batch=1, image_hw=(33, 31), text_len=77)
+    embeds = [[torch.randn(1, 1, 768, device=device, dtype=torch.bfloat16,
+                           generator=torch.Generator(device=device).manual_seed(seed))] for seed in (5, 6)]
+    run = lambda model, e: model(**x, joint_attention_kwargs={"ip_adapter_image_embeds": e}, return_dict=False)[0]
+    with torch.no_grad():
+        reference = build_ip()
+        refs = [run(reference, e).float() for e in embeds]
+        del reference
+    failures = 0
+    for compiled in (False, True):
+        model = fastusp.parallelize(build_ip(), ulysses=world)
+        with torch.no_grad():
+            if compiled:
+                fastusp.compile_pipeline(model)
+            outs = [run(model, e).float() for e in embeds]
+        for i, (out, ref) in enumerate(zip(outs, refs)):
+            err = ((out - ref).norm() / ref.norm()).item()
+            ok = err < BF16_TOL and torch.isfinite(out).all().item()
+            failures += not ok
+            if rank == 0:
+                print(json.dumps(dict(check="ip_adapter", model="flux", world=world, ulysses=world, call=i,
+                                      compiled=compiled, rel_err=round(err, 5), ok=ok,
+                                      card=torch.cuda.get_device_name(device))), flush=True)
+        del model
+        torch._dynamo.reset()
+    return failures
+
+
+def run_checks() -> int:
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    failures = 0 if "--quick" in sys.argv else check_ip_adapter(world, rank, device)
+    if "--ip-adapter-only" not in sys.argv:
+        failures += main(device, world, rank)
     dist.barrier()
     return 1 if failures else 0
 
@@ -153,7 +203,7 @@ def check_cfg_parallel(world: int, rank: int, device) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    code = run_checks()
     sys.stdout.flush()
     # Skip interpreter teardown: destroying NCCL communicators that captured CUDA graphs used can hang at exit
     # (seen on H200 after every check had passed); all results are printed by now.
