@@ -61,13 +61,17 @@ def qwen_inputs(batch=1, height=4, width=5, text_len=7, valid_lens=None, seed=1)
 def random_ip_adapter_state_dict(transformer, clip_dim: int, seed: int = 3) -> dict:
     """A random FLUX IP-Adapter checkpoint (4 image-prompt tokens) in the layout diffusers' loader reads
     (`transformer._load_ip_adapter_weights`, what load_ip_adapter calls), for any FluxTransformer2DModel's widths."""
+    # Weights scaled by 1/sqrt(fan-in), like trained ones: with std 0.3 at FLUX's 4096-wide text features the
+    # image-prompt keys came out ~20x too large, softmax saturated, and bf16 rounding alone moved diffusers' own
+    # one-GPU output by 9% (CPU, against float32).
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.3
+    weight = lambda rows, cols: torch.randn(rows, cols, generator=g) / cols ** 0.5
+    small = lambda n: torch.randn(n, generator=g) * 0.1
     text_dim, inner, tokens = transformer.config.joint_attention_dim, transformer.inner_dim, 4
-    image_proj = {"proj.weight": rand(tokens * text_dim, clip_dim), "proj.bias": rand(tokens * text_dim),
-                  "norm.weight": 1 + rand(text_dim), "norm.bias": rand(text_dim)}
+    image_proj = {"proj.weight": weight(tokens * text_dim, clip_dim), "proj.bias": small(tokens * text_dim),
+                  "norm.weight": 1 + small(text_dim), "norm.bias": small(text_dim)}
     ip_adapter = {}
     for i in range(len(transformer.transformer_blocks)):
         for kv in ("to_k_ip", "to_v_ip"):
-            ip_adapter[f"{i}.{kv}.weight"], ip_adapter[f"{i}.{kv}.bias"] = rand(inner, text_dim), rand(inner)
+            ip_adapter[f"{i}.{kv}.weight"], ip_adapter[f"{i}.{kv}.bias"] = weight(inner, text_dim), small(inner)
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
