@@ -39,6 +39,9 @@ class ModelSpec:
     adapter_processors: dict | None = None
     text_mask: str | None = None
     rope_from_shapes: bool = False  # Qwen-Image builds RoPE from image shapes, not from per-token ids
+    # config flag -> per-image-token inputs (dim from the end) that the forward builds itself from full shapes when
+    # the flag is set, and hands to every block: narrowed at each block to this rank's image tokens
+    block_image_inputs: dict[str, dict[str, int]] | None = None
 
 
 def _model_specs() -> dict[type, ModelSpec]:
@@ -57,6 +60,9 @@ def _model_specs() -> dict[type, ModelSpec]:
             text_inputs={"encoder_hidden_states": -2},
             image_inputs={"hidden_states": -2, "controlnet_block_samples": -2},
             text_mask="encoder_hidden_states_mask", rope_from_shapes=True,
+            # zero_cond_t (Qwen-Image-Edit-2511): which image tokens are the edited image (0) and which the
+            # reference images (1, modulated as at t = 0)
+            block_image_inputs={"zero_cond_t": {"modulate_index": -1}},
         ),
     }
 
@@ -129,8 +135,8 @@ def _spec_for(transformer) -> ModelSpec:
     if getattr(transformer, "_parallel_config", None) is not None:
         raise ValueError("this transformer already uses diffusers' context parallelism; use one or the other")
     cfg = transformer.config
-    if getattr(cfg, "zero_cond_t", False) or getattr(cfg, "use_layer3d_rope", False):
-        raise NotImplementedError("Qwen-Image variants with zero_cond_t or layer-3D RoPE are not supported yet")
+    if getattr(cfg, "use_layer3d_rope", False):
+        raise NotImplementedError("Qwen-Image variants with layer-3D RoPE (Qwen-Image-Layered) are not supported yet")
     supported = {spec.default_processor, *(spec.adapter_processors or {})}
     others = {type(p).__name__ for p in transformer.attn_processors.values()} - supported
     if others:
@@ -164,6 +170,9 @@ def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -
     ranks, rank = config.sequence_size, config.sequence_rank
     if spec.rope_from_shapes:
         _shard_qwen_rope(transformer.pos_embed, context, rank)
+    for flag, inputs in (spec.block_image_inputs or {}).items():
+        if getattr(transformer.config, flag, False):
+            _shard_block_image_inputs(transformer, inputs, context, rank)
 
     def run_sharded(original, inputs):
         context.layout = layout = _layout_for(inputs, spec, ranks)
@@ -199,6 +208,19 @@ def _layout_for(inputs: dict, spec: ModelSpec, ranks: int) -> SeqLayout:
         bias = key_bias_from_text_mask(mask, layout.text, layout.image, inputs["hidden_states"].dtype)
         layout = SeqLayout(layout.text, layout.image, bias)
     return layout
+
+
+def _shard_block_image_inputs(transformer, inputs: dict[str, int], context: USPContext, rank: int) -> None:
+    """Every block is handed the full-length tensor and narrows it to this rank's image tokens on the way in."""
+    def narrow(block, args, kwargs):
+        layout = context.current_layout()
+        for name, dim in inputs.items():
+            if kwargs.get(name) is not None:
+                kwargs[name] = _shard(kwargs[name], layout.image_slice(rank), dim)
+        return args, kwargs
+
+    for block in transformer.transformer_blocks:
+        block.register_forward_pre_hook(narrow, with_kwargs=True)
 
 
 def _shard_qwen_rope(pos_embed, context: USPContext, rank: int) -> None:

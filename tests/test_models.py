@@ -1,4 +1,6 @@
 """Parallel FLUX / Qwen-Image transformers equal the single-process model (float32, CPU, gloo)."""
+import functools
+
 import pytest
 import torch
 
@@ -7,7 +9,8 @@ from _dist import run_distributed
 from tiny_models import flux_inputs, qwen_inputs, tiny_flux, tiny_qwen
 
 LAYOUTS = [(2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]  # (ulysses, ring)
-MODELS = {"flux": (tiny_flux, flux_inputs), "qwen": (tiny_qwen, qwen_inputs)}
+MODELS = {"flux": (tiny_flux, flux_inputs), "qwen": (tiny_qwen, qwen_inputs),
+          "qwen-edit-2511": (functools.partial(tiny_qwen, zero_cond_t=True), qwen_inputs)}
 
 
 def _parallel_forward(build, inputs, ulysses, ring, fp8_comm=False, return_dict=False, options=None):
@@ -29,6 +32,20 @@ def assert_parallel_matches_single(name, layout, tol=1e-4, fp8_comm=False, optio
         err = ((out - ref).norm() / ref.norm()).item()
         assert err < tol, f"rank {rank}: relative error {err:.2e} >= {tol}"
     return outs
+
+
+@pytest.mark.parametrize("layout", [(2, 1), (1, 2), (2, 2)], ids=lambda l: f"u{l[0]}r{l[1]}")
+def test_qwen_image_edit_2511_reference_tokens(layout):
+    # zero_cond_t: the edited image's 15 tokens, then a reference image's 8, which every block modulates as at t = 0
+    # (modulate_index, built inside the forward for all 23 tokens). The reference tokens sit on the last ranks, so a
+    # rank that used other ranks' rows of modulate_index would modulate them as the edited image.
+    inputs = qwen_inputs(batch=2, height=3, width=5, text_len=5, valid_lens=[2, 5], reference_hw=(2, 4))
+    with torch.no_grad():  # precondition: the reference tokens' own modulation matters to the output
+        plain = tiny_qwen()(**inputs, return_dict=False)[0]
+        edit = tiny_qwen(zero_cond_t=True)(**inputs, return_dict=False)[0]
+    assert ((plain - edit).norm() / edit.norm()).item() > 1e-2
+    assert_parallel_matches_single("qwen-edit-2511", layout, batch=2, height=3, width=5, text_len=5,
+                                   valid_lens=[2, 5], reference_hw=(2, 4))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"u{l[0]}r{l[1]}")

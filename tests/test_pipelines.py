@@ -11,7 +11,7 @@ import torch
 
 from _dist import run_distributed
 from tiny_pipelines import (prompt_kwargs, tiny_call_kwargs, tiny_controlnet_pipeline, tiny_flux_pipeline,
-                            tiny_qwen_pipeline)
+                            tiny_qwen_edit_pipeline, tiny_qwen_pipeline)
 
 H, W, STEPS = 32, 48, 2
 IMAGE_TOKENS = (H // 4) * (W // 4)
@@ -208,3 +208,33 @@ def _latents_given_by_caller(name: str) -> tuple:
 def test_callers_latents_are_not_overwritten():
     # Rank 0's latents are broadcast into a copy: rank 1's own tensor must stay what the caller made.
     assert [same for same, _ in run_distributed(_latents_given_by_caller, 2, "flux")] == [True, True]
+
+
+def _edit(pipe, reference_seed: int = 7, degrees: dict | None = None) -> torch.Tensor:
+    """Qwen-Image-Edit with true CFG (a 7-token prompt, a 4-token negative one) on one 24x40 reference image."""
+    import numpy as np
+    import PIL.Image
+
+    import fastusp
+
+    if degrees:
+        fastusp.parallelize(pipe, **degrees)
+    prompt, negative = prompt_kwargs(pipe, text_len=7), prompt_kwargs(pipe, text_len=4, seed=1)
+    pixels = np.random.default_rng(reference_seed).random((24, 40, 3))
+    return pipe(image=PIL.Image.fromarray((pixels * 255).astype("uint8")), **prompt,
+                negative_prompt_embeds=negative["prompt_embeds"],
+                negative_prompt_embeds_mask=negative["prompt_embeds_mask"], true_cfg_scale=3.0, height=H, width=W,
+                num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+
+@pytest.mark.parametrize("degrees", [dict(ulysses=2), dict(ring=2), dict(cfg=2)], ids=["ulysses2", "ring2", "cfg2"])
+def test_qwen_image_edit_2511_pipeline_matches_single_process(monkeypatch, degrees):
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
+
+    monkeypatch.setattr(edit_plus, "VAE_IMAGE_SIZE", 24 * 40)  # a small reference image (forked ranks inherit it)
+    expected = _edit(tiny_qwen_edit_pipeline())
+    # precondition: another reference image moves the output by several times the tolerance (8e-4 with these tiny
+    # random weights), so mishandled reference tokens would show
+    assert ((_edit(tiny_qwen_edit_pipeline(), reference_seed=8) - expected).norm() / expected.norm()).item() > 3 * TOL
+    for rank, out in enumerate(run_distributed(_edit, 2, tiny_qwen_edit_pipeline(), 7, degrees)):
+        _assert_close(out, expected, f"rank {rank} latents vs single process")

@@ -73,8 +73,8 @@ def test_unsupported_qwen_variant():
     from diffusers import QwenImageTransformer2DModel
 
     model = QwenImageTransformer2DModel(num_layers=1, attention_head_dim=16, num_attention_heads=2,
-                                        joint_attention_dim=8, axes_dims_rope=(4, 6, 6), zero_cond_t=True)
-    with pytest.raises(NotImplementedError, match="zero_cond_t"):
+                                        joint_attention_dim=8, axes_dims_rope=(4, 6, 6), use_layer3d_rope=True)
+    with pytest.raises(NotImplementedError, match="layer-3D RoPE"):
         fastusp.parallelize(model, ulysses=2)
 
 

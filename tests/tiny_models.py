@@ -17,13 +17,14 @@ def tiny_flux():
     ).eval()
 
 
-def tiny_qwen():
+def tiny_qwen(zero_cond_t: bool = False):
+    """zero_cond_t: Qwen-Image-Edit-2511's variant (reference-image tokens modulated as at t = 0)."""
     from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(0)
     return QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-        num_attention_heads=HEADS, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+        num_attention_heads=HEADS, joint_attention_dim=32, axes_dims_rope=(4, 6, 6), zero_cond_t=zero_cond_t,
     ).eval()
 
 
@@ -43,18 +44,20 @@ def flux_inputs(batch=1, height=4, width=5, text_len=7, seed=1):
     )
 
 
-def qwen_inputs(batch=1, height=4, width=5, text_len=7, valid_lens=None, seed=1):
-    """valid_lens: per-sample count of real text tokens (the rest is padding), or None for no mask."""
+def qwen_inputs(batch=1, height=4, width=5, text_len=7, valid_lens=None, seed=1, reference_hw=None):
+    """valid_lens: per-sample count of real text tokens (the rest is padding), or None for no mask.
+    reference_hw: (h, w) of a reference image whose tokens follow the edited image's, as Qwen-Image-Edit passes them."""
     g = torch.Generator().manual_seed(seed)
     mask = None
     if valid_lens is not None:
         mask = (torch.arange(text_len)[None, :] < torch.tensor(valid_lens)[:, None]).long()
+    shapes = [(1, height, width)] + ([(1, *reference_hw)] if reference_hw else [])
     return dict(
-        hidden_states=torch.randn(batch, height * width, 16, generator=g),
+        hidden_states=torch.randn(batch, sum(h * w for _, h, w in shapes), 16, generator=g),
         encoder_hidden_states=torch.randn(batch, text_len, 32, generator=g),
         encoder_hidden_states_mask=mask,
         timestep=torch.full((batch,), 0.5),
-        img_shapes=[[(1, height, width)]] * batch,
+        img_shapes=[shapes] * batch,
     )
 
 

@@ -92,6 +92,18 @@ def tiny_qwen_pipeline():
     return pipe
 
 
+def tiny_qwen_edit_pipeline():
+    """QwenImageEditPlusPipeline (what Qwen-Image-Edit-2509 / 2511 run) around tiny_qwen(zero_cond_t=True), the
+    2511 transformer: the edited image's tokens, then the reference images' tokens, which it modulates as at t = 0.
+    The pipeline resizes references to VAE_IMAGE_SIZE pixels (1024², thousands of tokens at this VAE's factor):
+    callers shrink it (tests: monkeypatch)."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    base = tiny_qwen_pipeline()
+    return QwenImageEditPlusPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=None, tokenizer=None,
+                                     processor=None, transformer=tiny_qwen(zero_cond_t=True))
+
+
 def _check_fit(pipe, latent_channels: int) -> None:
     """Fail loudly if tiny_models' transformer config stops matching the VAE (2x2 packed latents)."""
     cfg = pipe.transformer.config
