@@ -92,6 +92,7 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
 
     context = USPContext(config)
     apply_usp_processors(transformer, spec, context)
+    _refuse_processor_changes(transformer)
     apply_sequence_sharding(transformer, spec, context)
     if obj is not transformer:
         apply_rank_consistency(obj)
@@ -154,6 +155,16 @@ def apply_usp_processors(transformer, spec: ModelSpec, context: USPContext) -> N
         name: adapters[type(p).__name__](p, context) if type(p).__name__ in adapters else shared
         for name, p in transformer.attn_processors.items()
     })
+
+
+def _refuse_processor_changes(transformer) -> None:
+    """A processor set after parallelize (set_attn_processor, diffusers' unload_ip_adapter) would run diffusers'
+    attention on this rank's tokens alone: refuse it rather than return a silently wrong image."""
+    def set_attn_processor(processor):
+        raise ValueError("this transformer is parallelized by fastusp: set attention processors, and load or unload "
+                         "adapters that change them (IP-Adapter), before fastusp.parallelize")
+
+    transformer.set_attn_processor = set_attn_processor
 
 
 def _shard(value, index: slice, dim: int):

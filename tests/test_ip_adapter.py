@@ -74,16 +74,20 @@ def test_ip_adapter_pipeline_with_true_cfg_matches_one_process(degrees):
         assert ((out - ref).norm() / ref.norm()).item() < 1e-4
 
 
-def _load_after_parallelize():
+def _change_processors_after_parallelize():
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
     model = tiny_flux()
     fastusp.parallelize(model, ulysses=2)
     with pytest.raises(ValueError, match="before calling fastusp.parallelize"):
         model._load_ip_adapter_weights(random_ip_adapter_state_dict(model, CLIP_DIM), low_cpu_mem_usage=False)
+    with pytest.raises(ValueError, match="before fastusp.parallelize"):  # what unload_ip_adapter does, and users
+        model.set_attn_processor(FluxAttnProcessor())
     return {type(p).__name__ for p in model.attn_processors.values()}
 
 
-def test_loading_an_ip_adapter_after_parallelize_is_refused_and_changes_nothing():
-    for names in run_distributed(_load_after_parallelize, 2):
+def test_changing_processors_after_parallelize_is_refused_and_changes_nothing():
+    for names in run_distributed(_change_processors_after_parallelize, 2):
         assert names == {"FastUSPFluxAttnProcessor"}
 
 

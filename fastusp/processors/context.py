@@ -34,9 +34,9 @@ def cached_call_signature(cls: type) -> type:
 
 def require_context(context: USPContext | None, processor_cls: type) -> USPContext:
     """Processors are made by fastusp.parallelize with the transformer's context. diffusers' adapter loaders
-    (load_ip_adapter) rebuild the processors they find with no arguments: after parallelize that must fail clearly,
-    not run fastusp's processor without its sharded forward."""
+    (load_ip_adapter, unload_ip_adapter) rebuild the processors they find with no arguments: after parallelize that
+    must fail clearly, not run fastusp's processor without its sharded forward."""
     if context is None:
-        raise ValueError(f"{processor_cls.__name__} is made by fastusp.parallelize; load adapters that change the "
-                         f"attention processors (IP-Adapter) before calling fastusp.parallelize, not after")
+        raise ValueError(f"{processor_cls.__name__} is made by fastusp.parallelize; load or unload adapters that "
+                         f"change the attention processors (IP-Adapter) before calling fastusp.parallelize")
     return context
