@@ -3,6 +3,7 @@
 After it the transformer takes the same full inputs on every rank and returns the full output on every rank:
   apply_usp_processors      swap each attention processor for the fastusp one (diffusers' math, USP attention)
   apply_sequence_sharding   wrap forward: cut inputs along the sequence, run diffusers' forward, gather the output
+  apply_controlnet_sharding pipelines with a ControlNet: it is sharded too, its residuals stay sharded
   apply_rank_consistency    pipelines only: same initial noise on every rank, progress bar on rank 0
   apply_cfg_parallel        pipelines with cfg=2 only: each half of the ranks runs one guidance pass of a step
 """
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from ._forward import wrap_forward
 from .cfg_parallel import apply_cfg_parallel, track_denoising_loop
 from .config import ParallelConfig, maybe_init_distributed
+from .controlnet import apply_controlnet_sharding
 from .distributed.gather import gather_seq
 from .processors.context import USPContext
 from .processors.flux import FastUSPFluxAttnProcessor, FastUSPFluxIPAdapterAttnProcessor
@@ -35,6 +37,8 @@ class ModelSpec:
     default_processor: str
     text_inputs: dict[str, int]
     image_inputs: dict[str, int]
+    # ControlNet residuals: full length, or already this rank's image tokens (from a sharded ControlNet)
+    residual_inputs: dict[str, int]
     # diffusers adapter processors (by class name) -> fastusp's version, made from the loaded one and the context
     adapter_processors: dict | None = None
     text_mask: str | None = None
@@ -51,14 +55,15 @@ def _model_specs() -> dict[type, ModelSpec]:
         FluxTransformer2DModel: ModelSpec(
             FastUSPFluxAttnProcessor, "FluxAttnProcessor",
             text_inputs={"encoder_hidden_states": -2, "txt_ids": -2},
-            image_inputs={"hidden_states": -2, "img_ids": -2, "controlnet_block_samples": -2,
-                          "controlnet_single_block_samples": -2},
+            image_inputs={"hidden_states": -2, "img_ids": -2},
+            residual_inputs={"controlnet_block_samples": -2, "controlnet_single_block_samples": -2},
             adapter_processors={"FluxIPAdapterAttnProcessor": FastUSPFluxIPAdapterAttnProcessor.from_diffusers},
         ),
         QwenImageTransformer2DModel: ModelSpec(
             FastUSPQwenImageAttnProcessor, "QwenDoubleStreamAttnProcessor2_0",
             text_inputs={"encoder_hidden_states": -2},
-            image_inputs={"hidden_states": -2, "controlnet_block_samples": -2},
+            image_inputs={"hidden_states": -2},
+            residual_inputs={"controlnet_block_samples": -2},
             text_mask="encoder_hidden_states_mask", rope_from_shapes=True,
             # zero_cond_t (Qwen-Image-Edit-2511): which image tokens are the edited image (0) and which the
             # reference images (1, modulated as at t = 0)
@@ -95,6 +100,7 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     _refuse_processor_changes(transformer)
     apply_sequence_sharding(transformer, spec, context)
     if obj is not transformer:
+        apply_controlnet_sharding(obj, config, spec.processor_cls)
         apply_rank_consistency(obj)
         obj._fastusp_parallelized = True
     if config.cfg > 1:
@@ -116,6 +122,7 @@ def _add_pipeline(pipe, transformer, config: ParallelConfig):
     if shared.settings() != config.settings():
         raise ValueError(f"this pipeline's transformer is already parallelized with {shared.settings()}; a pipeline "
                          f"that shares it (from_pipe) must use the same settings, got {config.settings()}")
+    apply_controlnet_sharding(pipe, shared, _model_specs()[type(transformer)].processor_cls)  # the built groups
     apply_rank_consistency(pipe)
     if config.cfg > 1:
         track_denoising_loop(pipe, transformer)
@@ -157,6 +164,17 @@ def apply_usp_processors(transformer, spec: ModelSpec, context: USPContext) -> N
     })
 
 
+def _shard_residual(residual: torch.Tensor, layout: SeqLayout, rank: int, dim: int) -> torch.Tensor:
+    """A ControlNet residual: full length from a ControlNet that ran whole, this rank's rows from a sharded one."""
+    length = residual.shape[dim]
+    if length == sum(layout.image):
+        return _shard(residual, layout.image_slice(rank), dim)
+    if length == layout.image[rank]:
+        return residual
+    raise ValueError(f"a ControlNet residual has {length} image tokens; expected all {sum(layout.image)} or this "
+                     f"rank's {layout.image[rank]}")
+
+
 def _refuse_processor_changes(transformer) -> None:
     """A processor set after parallelize (set_attn_processor, diffusers' unload_ip_adapter) would run diffusers'
     attention on this rank's tokens alone: refuse it rather than return a silently wrong image."""
@@ -195,6 +213,9 @@ def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -
         for name, dim in spec.image_inputs.items():
             if name in inputs:
                 inputs[name] = _shard(inputs[name], layout.image_slice(rank), dim)
+        for name, dim in spec.residual_inputs.items():
+            if inputs.get(name) is not None:
+                inputs[name] = [_shard_residual(r, layout, rank, dim) for r in inputs[name]]
         try:
             sample = original(**inputs, return_dict=False)[0]
         finally:

@@ -146,9 +146,12 @@ def _controlnet_worker(name: str, degrees: dict) -> dict:
 
     pipe = tiny_controlnet_pipeline(name)
     fastusp.parallelize(pipe, **degrees)
-    calls = []
+    calls, controlnet_calls = [], []
     getattr(pipe.transformer, EMBEDDERS[name][0]).register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[1]))
-    return dict(_generate(pipe, 0, _controlnet_kwargs(pipe, guidance="cfg" in degrees)), calls=calls)
+    getattr(pipe.controlnet, EMBEDDERS[name][0]).register_forward_pre_hook(
+        lambda m, a: controlnet_calls.append(a[0].shape[1]))
+    return dict(_generate(pipe, 0, _controlnet_kwargs(pipe, guidance="cfg" in degrees)), calls=calls,
+                controlnet_calls=controlnet_calls)
 
 
 @pytest.mark.parametrize("name, degrees", [("flux", dict(ulysses=2)), ("flux", dict(ring=2)), ("flux", dict(cfg=2)),
@@ -171,6 +174,9 @@ def test_controlnet_pipeline_matches_single_process(name, degrees):
     passes = 2 if guidance else 1
     expected_calls = [IMAGE_TOKENS] * STEPS if "cfg" in degrees else [IMAGE_TOKENS // 2] * (STEPS * passes)
     assert [out["calls"] for out in results] == [expected_calls] * 2
+    # the ControlNet is sharded like the transformer (cfg=2 with one rank per group: nothing to shard)
+    tokens = IMAGE_TOKENS if "cfg" in degrees else IMAGE_TOKENS // 2
+    assert all(out["controlnet_calls"] and set(out["controlnet_calls"]) == {tokens} for out in results)
 
 
 def _from_pipe_worker(name: str) -> dict:

@@ -1,0 +1,113 @@
+"""Sharded ControlNets: each rank's residuals are its own image tokens' rows of the one-process residuals, for FLUX
+ControlNets with a mode token (Union) and with a control-image hint block (XLabs style) as well as plain ones, and
+Multi-ControlNet pipelines equal one process. (tests/test_pipelines.py runs the plain FLUX / Qwen-Image ControlNet
+pipelines under Ulysses, Ring and cfg=2.)"""
+import pytest
+import torch
+
+import fastusp
+from _dist import run_distributed
+from fastusp.sharding import split_sizes
+from tiny_models import flux_inputs
+from tiny_pipelines import tiny_call_kwargs, tiny_flux_pipeline
+
+VARIANTS = {"plain": {}, "union": {"num_mode": 3}, "hint": {"conditioning_embedding_channels": 16}}
+HEIGHT, WIDTH, TEXT = 3, 5, 5  # 15 image tokens and 5 text tokens: uneven over 2 ranks
+
+
+def tiny_flux_controlnet(variant: str, seed: int = 2):
+    """One block of each kind, with random (not zero) output layers so the residuals are not zero. The hint block
+    turns an 8x larger control image into one token per latent pixel (tiny_flux: patch size 1, 16 channels)."""
+    from diffusers import FluxControlNetModel
+
+    config = dict(tiny_flux_pipeline().transformer.config, num_layers=1, num_single_layers=1, **VARIANTS[variant])
+    torch.manual_seed(seed)
+    net = FluxControlNetModel.from_config(config)
+    for module in (net.controlnet_x_embedder, net.controlnet_blocks, net.controlnet_single_blocks):
+        for param in module.parameters():
+            torch.nn.init.normal_(param, std=0.5)
+    return net.eval()
+
+
+def controlnet_inputs(variant: str) -> dict:
+    g = torch.Generator().manual_seed(6)
+    inputs = flux_inputs(batch=2, height=HEIGHT, width=WIDTH, text_len=TEXT)
+    cond = torch.rand(2, 3, 8 * HEIGHT, 8 * WIDTH, generator=g) if variant == "hint" else \
+        torch.randn(2, HEIGHT * WIDTH, 16, generator=g)
+    mode = torch.tensor([[1], [2]]) if variant == "union" else None
+    # distinct text positions (pipelines pass zeros): the Union mode token takes the first one's, so a rank that
+    # kept its own copy of the mode token instead of rank 0's would rotate it differently
+    txt_ids = torch.arange(TEXT, dtype=torch.float32)[:, None].expand(TEXT, 3).contiguous()
+    return dict(inputs, txt_ids=txt_ids, controlnet_cond=cond, controlnet_mode=mode, conditioning_scale=0.8,
+                return_dict=False)
+
+
+def _residuals(variant: str, degrees: dict | None):
+    from diffusers import FluxControlNetPipeline
+
+    pipe = FluxControlNetPipeline.from_pipe(tiny_flux_pipeline(), controlnet=tiny_flux_controlnet(variant))
+    if degrees:
+        fastusp.parallelize(pipe, **degrees)
+    with torch.no_grad():
+        double, single = pipe.controlnet(**controlnet_inputs(variant))
+    return list(double) + list(single)
+
+
+@pytest.mark.parametrize("degrees", [dict(ulysses=2), dict(ring=2)], ids=["ulysses2", "ring2"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sharded_controlnet_gives_each_rank_its_rows_of_the_residuals(variant, degrees):
+    expected = _residuals(variant, None)
+    for rank, residuals in enumerate(run_distributed(_residuals, 2, variant, degrees)):
+        sizes = split_sizes(HEIGHT * WIDTH, 2)
+        rows = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+        assert len(residuals) == len(expected) == 2
+        for got, full in zip(residuals, expected):
+            assert got.shape[1] == sizes[rank]  # sharded: only this rank's image tokens were computed
+            assert ((got - full[:, rows]).norm() / full[:, rows].norm()).item() < 1e-4
+
+
+def _multi_controlnet_pipeline():
+    from diffusers import FluxControlNetPipeline
+
+    nets = [tiny_flux_controlnet("plain", seed=2), tiny_flux_controlnet("union", seed=3)]
+    return FluxControlNetPipeline.from_pipe(tiny_flux_pipeline(), controlnet=nets)
+
+
+def _generate_multi(degrees: dict | None = None, scales=(1.0, 0.7)) -> torch.Tensor:
+    pipe = _multi_controlnet_pipeline()
+    if degrees:
+        fastusp.parallelize(pipe, **degrees)
+    images = [torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(s)) for s in (5, 6)]
+    return pipe(**tiny_call_kwargs(pipe), control_image=images, control_mode=[None, 1],
+                controlnet_conditioning_scale=list(scales), height=32, width=48, num_inference_steps=2,
+                generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+
+@pytest.mark.parametrize("degrees", [dict(ulysses=2), dict(ring=2)], ids=["ulysses2", "ring2"])
+def test_multi_controlnet_pipeline_matches_one_process(degrees):
+    expected = _generate_multi()
+    # precondition: the second (Union) ControlNet moves the result, so it must be sharded right too
+    assert ((_generate_multi(scales=(1.0, 0.0)) - expected).norm() / expected.norm()).item() > 1e-2
+    for out in run_distributed(_generate_multi, 2, degrees):
+        assert ((out - expected).norm() / expected.norm()).item() < 1e-4
+
+
+def _from_pipe_controlnet(degrees: dict | None = None) -> torch.Tensor:
+    from diffusers import FluxControlNetPipeline
+
+    base = tiny_flux_pipeline()
+    if degrees:
+        fastusp.parallelize(base, **degrees)
+    pipe = FluxControlNetPipeline.from_pipe(base, controlnet=tiny_flux_controlnet("plain"))
+    if degrees:  # the transformer is parallelized already: only the pipeline's parts, its ControlNet among them
+        fastusp.parallelize(pipe, **degrees)
+        assert pipe.controlnet._fastusp_config is pipe.transformer._fastusp_config
+    image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(5))
+    return pipe(**tiny_call_kwargs(pipe), control_image=image, height=32, width=48, num_inference_steps=2,
+                generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+
+def test_a_controlnet_pipeline_made_with_from_pipe_shards_its_controlnet():
+    expected = _from_pipe_controlnet()
+    for out in run_distributed(_from_pipe_controlnet, 2, dict(ulysses=2)):
+        assert ((out - expected).norm() / expected.norm()).item() < 1e-4
