@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._forward import wrap_forward
+from .controlnet import controlnets
 from .cuda_graphs import GraphedForward
 
 logger = logging.getLogger("fastusp")
@@ -56,6 +57,8 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
     mode: Inductor mode for the compiled regions ("default", "max-autotune-no-cudagraphs").
     cuda_graphs: capture the whole transformer forward as one CUDA graph per input shape (default: on CUDA).
     regional: compile each repeated block once (default) instead of the whole transformer (slow to compile).
+        A pipeline's ControlNets have their blocks compiled either way (they are the transformer's block kinds); they
+        run outside the CUDA graphs.
     reorder_comm: turn on Inductor's reorder_for_compute_comm_overlap. Its list of passes is empty by default
         in torch 2.11 to 2.13, so this reorders nothing unless you set
         torch._inductor.config.reorder_for_compute_comm_overlap_passes; the overlap fastusp relies on comes from
@@ -81,7 +84,7 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
     if config is not None and config.ring > 1:
         report.opaque.append("ring attention (fastusp::ring_attention custom op)")
     if backend is not None:
-        apply_compile(transformer, report, regional, reorder_comm, backend)
+        apply_compile(transformer, report, regional, reorder_comm, backend, controlnets(obj))
     if use_graphs:  # beneath cfg parallelism's wrapper, if any: which guidance pass a group runs is not captured
         apply_cuda_graphs(getattr(transformer, "_fastusp_forward_slot", transformer), report)
     transformer._fastusp_compile_report = report
@@ -94,17 +97,22 @@ def compile_report(obj) -> CompileReport | None:
     return getattr(getattr(obj, "transformer", obj), "_fastusp_compile_report", None)
 
 
-def apply_compile(transformer, report: CompileReport, regional: bool, reorder_comm: bool, backend) -> None:
+def apply_compile(transformer, report: CompileReport, regional: bool, reorder_comm: bool, backend,
+                  controlnets=()) -> None:
     options = None
     if backend == "inductor":  # torch.compile takes mode or options, not both: spell the mode out as options
         options = dict(torch._inductor.list_mode_options(report.mode), reorder_for_compute_comm_overlap=reorder_comm)
     regions = _repeated_blocks(transformer) if regional else [("transformer", transformer)]
-    fallback = _EagerFallback(report, regions)
-    for name, module in regions:
-        compiled = torch.compile(module._call_impl, fullgraph=regional, dynamic=False, backend=backend,
+    controlnet_blocks = [(f"controlnet {i}: {name}", block) for i, net in enumerate(controlnets)
+                         for name, block in _repeated_blocks(net, kinds=transformer._repeated_blocks)]
+    fallback = _EagerFallback(report, regions + controlnet_blocks)
+    for name, module in regions + controlnet_blocks:
+        whole = name == "transformer"
+        compiled = torch.compile(module._call_impl, fullgraph=not whole, dynamic=False, backend=backend,
                                  options=options)
         module._compiled_call_impl = fallback.guard(name, compiled, module)
     report.compiled = sorted({type(m).__name__ for _, m in regions})
+    report.compiled += sorted({f"{type(net).__name__} blocks" for net in controlnets})
 
 
 def apply_cuda_graphs(transformer, report: CompileReport) -> None:
@@ -130,11 +138,12 @@ def apply_cuda_graphs(transformer, report: CompileReport) -> None:
     wrap_forward(transformer, run_graphed)
 
 
-def _repeated_blocks(transformer) -> list[tuple[str, torch.nn.Module]]:
-    kinds = set(getattr(transformer, "_repeated_blocks", None) or [])
-    blocks = [(n, m) for n, m in transformer.named_modules() if type(m).__name__ in kinds]
+def _repeated_blocks(model, kinds=None) -> list[tuple[str, torch.nn.Module]]:
+    """The model's blocks of the kinds it declares repeated (or of `kinds`: a ControlNet has the transformer's)."""
+    kinds = set(kinds or getattr(model, "_repeated_blocks", None) or [])
+    blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ in kinds]
     if not blocks:
-        raise ValueError(f"{type(transformer).__name__} declares no repeated blocks to compile")
+        raise ValueError(f"{type(model).__name__} declares no repeated blocks to compile")
     return blocks
 
 

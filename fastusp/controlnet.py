@@ -27,13 +27,16 @@ from .sharding import SeqLayout, key_bias_from_text_mask, split_sizes
 logger = logging.getLogger("fastusp")
 
 
-def apply_controlnet_sharding(pipe, config: ParallelConfig, make_processor) -> None:
-    """Shard every ControlNet of the pipeline (a Multi-ControlNet's nets each), if it has any.
-    make_processor(context) -> the attention processor for this model family."""
+def controlnets(pipe) -> list:
+    """The pipeline's ControlNets: none, one, or a Multi-ControlNet's nets."""
     controlnet = getattr(pipe, "controlnet", None)
-    if controlnet is None:
-        return
-    for net in getattr(controlnet, "nets", [controlnet]):
+    return [] if controlnet is None else list(getattr(controlnet, "nets", [controlnet]))
+
+
+def apply_controlnet_sharding(pipe, config: ParallelConfig, make_processor) -> None:
+    """Shard every ControlNet of the pipeline. make_processor(context) -> the attention processor for this model
+    family."""
+    for net in controlnets(pipe):
         shard_controlnet(net, config, make_processor)
 
 

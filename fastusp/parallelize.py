@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ._forward import wrap_forward
 from .cfg_parallel import apply_cfg_parallel, track_denoising_loop
 from .config import ParallelConfig, maybe_init_distributed
-from .controlnet import apply_controlnet_sharding
+from .controlnet import apply_controlnet_sharding, controlnets
 from .distributed.gather import gather_seq
 from .processors.context import USPContext
 from .processors.flux import FastUSPFluxAttnProcessor, FastUSPFluxIPAdapterAttnProcessor
@@ -89,7 +89,8 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     if obj is not transformer and getattr(transformer, "_fastusp_config", None) is not None:
         return _add_pipeline(obj, transformer, config)
     spec = _spec_for(transformer)
-    config.validate_heads(transformer.config.num_attention_heads)
+    for model in [transformer, *controlnets(obj)]:
+        config.validate_heads(model.config.num_attention_heads)
     device = transformer.device
     maybe_init_distributed(device)
     config.validate_world(dist.get_world_size())

@@ -111,3 +111,37 @@ def test_a_controlnet_pipeline_made_with_from_pipe_shards_its_controlnet():
     expected = _from_pipe_controlnet()
     for out in run_distributed(_from_pipe_controlnet, 2, dict(ulysses=2)):
         assert ((out - expected).norm() / expected.norm()).item() < 1e-4
+
+
+def test_a_controlnet_whose_heads_ulysses_cannot_split_is_refused_before_anything_changes():
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    base = tiny_flux_pipeline()
+    net = FluxControlNetModel.from_config(dict(base.transformer.config, num_layers=1, num_single_layers=1,
+                                               num_attention_heads=3))
+    pipe = FluxControlNetPipeline.from_pipe(base, controlnet=net)
+    with pytest.raises(ValueError, match=r"ulysses \(2\) must divide the number of attention heads \(3\)"):
+        fastusp.parallelize(pipe, ulysses=2)  # raised before any process group is needed
+    assert getattr(pipe.transformer, "_fastusp_config", None) is None
+
+
+def _compiled_union_pipeline(degrees: dict | None):
+    from diffusers import FluxControlNetPipeline
+
+    pipe = FluxControlNetPipeline.from_pipe(tiny_flux_pipeline(), controlnet=tiny_flux_controlnet("union"))
+    if degrees:
+        fastusp.parallelize(pipe, **degrees)
+        # Dynamo traces every block, the ControlNet's too (fullgraph); aot_eager keeps CI fast (Inductor on this
+        # pipeline takes a minute of CPU; it matched to 8e-8 when run by hand)
+        fastusp.compile_pipeline(pipe, backend="aot_eager")
+    image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(5))
+    out = pipe(**tiny_call_kwargs(pipe), control_image=image, control_mode=1, height=32, width=48,
+               num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    return out, fastusp.compile_report(pipe) if degrees else None
+
+
+def test_compile_pipeline_compiles_the_controlnet_blocks_too():
+    expected, _ = _compiled_union_pipeline(None)
+    for out, report in run_distributed(_compiled_union_pipeline, 2, dict(ulysses=2)):
+        assert "FluxControlNetModel blocks" in report.compiled and not report.fell_back
+        assert ((out - expected).norm() / expected.norm()).item() < 1e-4
