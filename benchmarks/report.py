@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 
 # what makes two records the same configuration (a later one replaces an earlier one)
 CONFIG_KEY = ("card", "model", "res", "txt", "world", "impl", "config", "compiled", "compile_mode", "backend", "tiny",
-              "text_mask", "true_cfg")
+              "text_mask", "true_cfg", "controlnet", "controlnet_whole")
 
 
 # --- reading ------------------------------------------------------------------------------------------------------

@@ -26,6 +26,11 @@ when it fails (`err` is then set), and appends it to $OUT/results.jsonl when $OU
                   same transformer, no VAE or text encoder) with true classifier-free guidance at scale S: two
                   transformer passes per step (random prompt and negative prompt embeds of --txt tokens, no mask).
                   Steps are timed from one pipeline call; its first --warmup steps are the warm-up.
+--controlnet D+S  FLUX: every timed step runs a ControlNet of D double and S single blocks first (random weights,
+                  random control latents) and feeds its residuals to the transformer. fastusp shards it (a
+                  FluxControlNetPipeline shell around both goes to parallelize / compile_pipeline); with
+                  --controlnet-whole, and for the other impls, it runs whole on every rank, blocks compiled one by
+                  one when --compile 1. InstantX's FLUX Union ControlNet is 5+10.
 --tiny            CPU + gloo, float32, a one-layer model and a 256x256 image: checks the harness, not speed.
 """
 from __future__ import annotations
@@ -89,6 +94,11 @@ def parse_args(argv=None):
                          "does for an unpadded prompt); recorded in the result when none")
     ap.add_argument("--true-cfg", type=float, default=0.0, metavar="SCALE",
                     help="time the pipeline's step with true CFG (two passes) at this scale; 0: one forward")
+    ap.add_argument("--controlnet", default=None, metavar="DOUBLE+SINGLE",
+                    help="FLUX: each step also runs a ControlNet of DOUBLE double and SINGLE single blocks (random "
+                         "weights) and feeds its residuals to the transformer; 5+10 is InstantX Union's size")
+    ap.add_argument("--controlnet-whole", action="store_true",
+                    help="fastusp: run the ControlNet whole on every rank, as fastusp did before it sharded them")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
@@ -108,6 +118,13 @@ def parse_args(argv=None):
         ap.error("--fuse-qkv: FLUX only (diffusers' Qwen-Image processor has no fused projections)")
     if a.true_cfg and (a.profile or a.host_profile or a.compile_mode == "whole"):
         ap.error("--true-cfg times a pipeline call: no --profile, --host-profile or --compile-mode whole")
+    if a.controlnet and (a.model != "flux" or a.true_cfg or a.compile_mode == "whole"
+                         or not re.fullmatch(r"\d+\+\d+", a.controlnet)):
+        ap.error("--controlnet DOUBLE+SINGLE: FLUX only, without --true-cfg or --compile-mode whole")
+    if a.controlnet_whole and not (a.controlnet and a.impl == "fastusp"):
+        ap.error("--controlnet-whole: with --controlnet and --impl fastusp")
+    if a.controlnet and a.impl == "fastusp" and not a.controlnet_whole and a.compile_mode not in ("auto", "graphs"):
+        ap.error("--controlnet with fastusp's sharded ControlNet: --compile-mode auto or graphs")
     size = 256 if a.tiny else 1024
     a.height = a.height or size
     a.width = a.width or size
@@ -365,6 +382,54 @@ def timed_steps(fwd, kw, device, world, steps):
     return out, times_ms
 
 
+# --- a step with a ControlNet (--controlnet) --------------------------------------------------------------------
+
+def build_controlnet(model, layers: str, device, dtype):
+    """A FLUX ControlNet of the transformer's widths with random weights, built like build_model."""
+    from diffusers import FluxControlNetModel
+
+    double, single = map(int, layers.split("+"))
+    with torch.device("meta"):
+        net = FluxControlNetModel.from_config(dict(model.config, num_layers=double, num_single_layers=single))
+    net = net.to(dtype).to_empty(device=device)
+    fill_random_(net, device)
+    return net.eval()
+
+
+def controlnet_target(model, net, a):
+    """What APPLY and compilation get: for fastusp (unless --controlnet-whole) a FluxControlNetPipeline shell around
+    both, so parallelize shards the ControlNet and compile_pipeline compiles its blocks; otherwise the transformer,
+    and the ControlNet runs whole on every rank (its blocks compiled by compile_controlnet_blocks)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetPipeline
+
+    if a.impl != "fastusp" or a.controlnet_whole:
+        return model
+    return FluxControlNetPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                                  tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=model,
+                                  controlnet=net)
+
+
+def compile_controlnet_blocks(net) -> None:
+    """The ControlNet's blocks compiled one by one, as diffusers' regional compile does the transformer's."""
+    for block in [*net.transformer_blocks, *net.single_transformer_blocks]:
+        block.compile(fullgraph=True, dynamic=False)
+
+
+def controlnet_step(fwd, net, kw, device, dtype):
+    """fwd with the ControlNet before it: one denoising step of a ControlNet pipeline (control latents random)."""
+    g = torch.Generator(device=device).manual_seed(2)
+    cond = torch.randn(kw["hidden_states"].shape, device=device, dtype=dtype, generator=g)
+    shared = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
+              "guidance")
+
+    def step(**kw):
+        double, single = net(controlnet_cond=cond, conditioning_scale=1.0, return_dict=False,
+                             **{name: kw[name] for name in shared})
+        return fwd(**kw, controlnet_block_samples=double, controlnet_single_block_samples=single)
+
+    return step
+
+
 # --- a pipeline step with true CFG (--true-cfg) ------------------------------------------------------------------
 
 def build_pipeline(model_name, model):
@@ -465,7 +530,9 @@ def base_record(a, world, device) -> dict:
                 **({"sm_carveout": a.sm_carveout} if a.sm_carveout else {}),
                 **({"fuse_qkv": True} if a.fuse_qkv else {}),
                 **({"text_mask": a.text_mask} if a.text_mask != "ones" else {}),
-                **({"true_cfg": a.true_cfg} if a.true_cfg else {}))
+                **({"true_cfg": a.true_cfg} if a.true_cfg else {}),
+                **({"controlnet": a.controlnet} if a.controlnet else {}),
+                **({"controlnet_whole": True} if a.controlnet_whole else {}))
 
 
 def emit(record: dict):
@@ -500,11 +567,19 @@ def run(a, world, rank, device, record):
     if a.fuse_qkv:
         model.fuse_qkv_projections()
     pipe = build_pipeline(a.model, model) if a.true_cfg else None
+    net = build_controlnet(model, a.controlnet, device, dtype) if a.controlnet else None
+    target = controlnet_target(model, net, a) if net is not None else model
     phase(rank, f"apply {a.impl}")
-    APPLY[a.impl](pipe or model, a, world)
-    fwd = maybe_compile(model, a)
+    APPLY[a.impl](pipe or target, a, world)
+    fwd = maybe_compile(target, a)
+    if target is not model:  # the ControlNet pipeline shell: compile_pipeline changed its transformer in place
+        fwd = model
     kw = pipeline_inputs(model, a, device, dtype) if pipe else make_inputs(a.model, device, dtype, a.height, a.width,
                                                                              a.txt, a.text_mask)
+    if net is not None:
+        if a.compile and target is model:  # else compile_pipeline compiled the ControlNet's blocks with the rest
+            compile_controlnet_blocks(net)
+        fwd = controlnet_step(fwd, net, kw, device, dtype)
     sync(device)
     record["build_s"] = round(time.perf_counter() - t0, 2)
     if device.type == "cuda":  # peak_mem_gb: the steady state (weights + activations), not the build

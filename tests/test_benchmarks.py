@@ -150,3 +150,35 @@ def test_masked_attention_benchmark_agrees_with_the_biased_call():
     for r in records:
         assert r["us"] > 0
         assert (r["rel_err_vs_biased"] < 1e-5) == (r["kind"] != "unmasked")
+
+
+def _controlnet_step_worker(config: str | None, whole: bool):
+    """step_latency's --controlnet path, --tiny, eager, on this rank: the ControlNet + transformer step it times."""
+    import torch
+
+    import step_latency
+
+    args = ["--tiny", "--controlnet", "1+1", "--txt", "5"]
+    args += (["--impl", "fastusp", "--config", config] + (["--controlnet-whole"] if whole else [])) if config else []
+    a = step_latency.parse_args(args)
+    device = torch.device("cpu")
+    model = step_latency.build_model(a.model, device, torch.float32, tiny=True)
+    net = step_latency.build_controlnet(model, a.controlnet, device, torch.float32)
+    target = step_latency.controlnet_target(model, net, a)
+    step_latency.APPLY[a.impl](target, a, 2 if config else 1)
+    kw = step_latency.make_inputs(a.model, device, torch.float32, 64, 64, a.txt)
+    step = step_latency.controlnet_step(model, net, kw, device, torch.float32)
+    with torch.no_grad():
+        return step(**kw)[0], getattr(net, "_fastusp_config", None) is not None
+
+
+def test_controlnet_step_gives_one_process_output_sharded_or_whole():
+    import torch
+
+    from _dist import run_distributed
+
+    [(expected, _)] = run_distributed(_controlnet_step_worker, 1, None, False)
+    for whole in (False, True):
+        for out, sharded in run_distributed(_controlnet_step_worker, 2, "u2r1", whole):
+            assert sharded == (not whole)
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
