@@ -137,14 +137,79 @@ def check_ip_adapter(world: int, rank: int, device) -> int:
     return failures
 
 
+def check_controlnet(world: int, rank: int, device) -> int:
+    """FLUX with a sharded ControlNet-Union (its mode-token copies masked on all ranks but the first), Ulysses over
+    all ranks, eager and compiled (its blocks compiled; the transformer in CUDA graphs): the transformer's output
+    with the ControlNet's residuals against one GPU. Returns the number of failed checks."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline
+
+    def build_pipe():
+        model = build("flux", device)
+        torch.manual_seed(3)
+        with torch.device(device):
+            net = FluxControlNetModel.from_config(dict(model.config, num_layers=1, num_single_layers=1, num_mode=3))
+        for module in (net.controlnet_x_embedder, net.controlnet_blocks, net.controlnet_single_blocks):
+            for param in module.parameters():  # zero-initialized, as untrained ControlNets are: no residuals
+                torch.nn.init.normal_(param, std=0.02)
+        return FluxControlNetPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                                      tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=model,
+                                      controlnet=net.to(torch.bfloat16).eval())
+
+    x = inputs("flux", device, batch=1, image_hw=(33, 31), text_len=77)
+    cond = torch.randn(x["hidden_states"].shape, device=device, dtype=torch.bfloat16,
+                       generator=torch.Generator(device=device).manual_seed(4))
+    shared = {k: x[k] for k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
+                                "img_ids", "txt_ids", "guidance")}
+
+    def step(pipe):
+        double, single = pipe.controlnet(controlnet_cond=cond, controlnet_mode=torch.tensor([[1]], device=device),
+                                         return_dict=False, **shared)
+        return pipe.transformer(**x, controlnet_block_samples=double, controlnet_single_block_samples=single,
+                                return_dict=False)[0].float()
+
+    with torch.no_grad():
+        reference = build_pipe()
+        ref = step(reference)
+        without = reference.transformer(**x, return_dict=False)[0].float()
+    failures = 0
+    if ((without - ref).norm() / ref.norm()).item() < 2 * BF16_TOL:  # residuals too small to test anything
+        print(json.dumps(dict(check="controlnet_union", ok=False, error="residuals do not change the output")))
+        failures += 1
+    del reference
+    for compiled in (False, True):
+        pipe = fastusp.parallelize(build_pipe(), ulysses=world)
+        with torch.no_grad():
+            if compiled:
+                fastusp.compile_pipeline(pipe)
+                step(pipe)  # warm-up: compile and record
+            out = step(pipe)
+        err = ((out - ref).norm() / ref.norm()).item()
+        ok = err < BF16_TOL and torch.isfinite(out).all().item()
+        failures += not ok
+        if rank == 0:
+            print(json.dumps(dict(check="controlnet_union", model="flux", world=world, ulysses=world,
+                                  compiled=compiled, rel_err=round(err, 5), ok=ok,
+                                  compile=fastusp.compile_report(pipe).summary() if compiled else None,
+                                  card=torch.cuda.get_device_name(device))), flush=True)
+        del pipe
+        torch._dynamo.reset()
+    return failures
+
+
 def run_checks() -> int:
+    """All checks; --quick: the transformer smoke test only; --only NAME: ip-adapter, controlnet or main."""
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", device_id=device)
     world, rank = dist.get_world_size(), dist.get_rank()
-    failures = 0 if "--quick" in sys.argv else check_ip_adapter(world, rank, device)
-    if "--ip-adapter-only" not in sys.argv:
-        failures += main(device, world, rank)
+    checks = {"ip-adapter": check_ip_adapter, "controlnet": check_controlnet, "main": main}
+    if "--only" in sys.argv:
+        checks = {name: checks[name] for name in sys.argv[sys.argv.index("--only") + 1].split(",")}
+    elif "--quick" in sys.argv:
+        checks = {"main": main}
+    failures = 0
+    for name, check in checks.items():
+        failures += check(world, rank, device) if check is not main else main(device, world, rank)
     dist.barrier()
     return 1 if failures else 0
 
