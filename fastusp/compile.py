@@ -103,8 +103,9 @@ def apply_compile(transformer, report: CompileReport, regional: bool, reorder_co
     if backend == "inductor":  # torch.compile takes mode or options, not both: spell the mode out as options
         options = dict(torch._inductor.list_mode_options(report.mode), reorder_for_compute_comm_overlap=reorder_comm)
     regions = _repeated_blocks(transformer) if regional else [("transformer", transformer)]
+    kinds = set(transformer._repeated_blocks)  # a ControlNet is made of the transformer's block kinds
     controlnet_blocks = [(f"controlnet {i}: {name}", block) for i, net in enumerate(controlnets)
-                         for name, block in _repeated_blocks(net, kinds=transformer._repeated_blocks)]
+                         for name, block in net.named_modules() if type(block).__name__ in kinds]
     fallback = _EagerFallback(report, regions + controlnet_blocks)
     for name, module in regions + controlnet_blocks:
         whole = name == "transformer"
@@ -112,7 +113,8 @@ def apply_compile(transformer, report: CompileReport, regional: bool, reorder_co
                                  options=options)
         module._compiled_call_impl = fallback.guard(name, compiled, module)
     report.compiled = sorted({type(m).__name__ for _, m in regions})
-    report.compiled += sorted({f"{type(net).__name__} blocks" for net in controlnets})
+    report.compiled += sorted({f"{type(net).__name__} blocks" for net in controlnets
+                               if any(type(m).__name__ in kinds for m in net.modules())})
 
 
 def apply_cuda_graphs(transformer, report: CompileReport) -> None:
@@ -138,12 +140,11 @@ def apply_cuda_graphs(transformer, report: CompileReport) -> None:
     wrap_forward(transformer, run_graphed)
 
 
-def _repeated_blocks(model, kinds=None) -> list[tuple[str, torch.nn.Module]]:
-    """The model's blocks of the kinds it declares repeated (or of `kinds`: a ControlNet has the transformer's)."""
-    kinds = set(kinds or getattr(model, "_repeated_blocks", None) or [])
-    blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ in kinds]
+def _repeated_blocks(transformer) -> list[tuple[str, torch.nn.Module]]:
+    kinds = set(getattr(transformer, "_repeated_blocks", None) or [])
+    blocks = [(n, m) for n, m in transformer.named_modules() if type(m).__name__ in kinds]
     if not blocks:
-        raise ValueError(f"{type(model).__name__} declares no repeated blocks to compile")
+        raise ValueError(f"{type(transformer).__name__} declares no repeated blocks to compile")
     return blocks
 
 

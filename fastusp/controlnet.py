@@ -22,7 +22,7 @@ import torch
 
 from .config import ParallelConfig
 from .processors.context import USPContext
-from .sharding import SeqLayout, key_bias_from_text_mask, split_sizes
+from .sharding import SeqLayout, key_bias_from_text_mask
 
 logger = logging.getLogger("fastusp")
 
@@ -90,9 +90,7 @@ def _shard_flux_controlnet(net, context: USPContext) -> None:
 
     def prepare(inputs: dict) -> SeqLayout:
         hidden = inputs["hidden_states"]
-        text_len = inputs["encoder_hidden_states"].shape[1]
-        text = split_sizes(text_len, ranks)
-        layout = SeqLayout.even(text_len, hidden.shape[1], ranks)
+        layout = SeqLayout.even(inputs["encoder_hidden_states"].shape[1], hidden.shape[1], ranks)
         text_rows = layout.text_slice(rank)
         for name in ("encoder_hidden_states", "txt_ids"):  # txt_ids: 2D (tokens, 3), or deprecated 3D
             inputs[name] = _narrow(inputs[name], text_rows)
@@ -102,7 +100,7 @@ def _shard_flux_controlnet(net, context: USPContext) -> None:
         if net.input_hint_block is None:
             inputs["controlnet_cond"] = _narrow(inputs["controlnet_cond"], image_rows)
         if union:  # every rank's text chunk gets the mode token in front; only rank 0's copy is a key
-            layout = SeqLayout(tuple(t + 1 for t in text), layout.image)
+            layout = SeqLayout(tuple(t + 1 for t in layout.text), layout.image)
             layout = SeqLayout(layout.text, layout.image, _mode_token_copies_bias(layout, hidden))
         return layout
 
