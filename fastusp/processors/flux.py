@@ -17,9 +17,12 @@ from ..attention.usp import usp_attention
 from .context import USPContext, cached_call_signature, require_context
 
 
-def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden_states, attention_mask,
+                        image_rotary_emb):
     """FluxAttnProcessor's math with USP attention. Returns (its outputs, the image tokens' query before RoPE, which
     the IP-Adapter attends with)."""
+    if attention_mask is not None:
+        raise NotImplementedError("fastusp's FLUX processors do not take an attention_mask")
     query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
         attn, hidden_states, encoder_hidden_states
     )
@@ -66,9 +69,8 @@ class FastUSPFluxAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
-        if attention_mask is not None:
-            raise NotImplementedError("fastusp's FLUX processor does not take an attention_mask")
-        outputs, _ = joint_usp_attention(self.context, attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        outputs, _ = joint_usp_attention(self.context, attn, hidden_states, encoder_hidden_states, attention_mask,
+                                         image_rotary_emb)
         return outputs
 
 
@@ -94,10 +96,8 @@ class FastUSPFluxIPAdapterAttnProcessor(FluxIPAdapterAttnProcessor):
         ip_hidden_states: list[torch.Tensor] | None = None,
         ip_adapter_masks: torch.Tensor | None = None,  # taken and ignored, as diffusers' FLUX processor does
     ):
-        if attention_mask is not None:
-            raise NotImplementedError("fastusp's FLUX processor does not take an attention_mask")
         outputs, ip_query = joint_usp_attention(self.context, attn, hidden_states, encoder_hidden_states,
-                                                image_rotary_emb)
+                                                attention_mask, image_rotary_emb)
         if encoder_hidden_states is None:
             return outputs
         hidden_states, encoder_hidden_states = outputs
