@@ -27,6 +27,8 @@ from .cuda_graphs import GraphedForward
 logger = logging.getLogger("fastusp")
 
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+# what a fullgraph compile raises past Dynamo's recompile_limit (torch >= 2.7 spells it so; nothing to catch before)
+_RECOMPILE_LIMIT_HIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())
 
 
 @dataclass
@@ -149,7 +151,12 @@ def _repeated_blocks(transformer) -> list[tuple[str, torch.nn.Module]]:
 
 
 class _EagerFallback:
-    """Runs compiled regions until one fails to compile, then runs every region eagerly and records why."""
+    """Runs compiled regions until one fails to compile, then runs every region eagerly and records why.
+
+    Code is compiled per input shape (dynamic=False), and Dynamo keeps at most torch._dynamo.config.recompile_limit
+    (8) versions per block kind; with fullgraph it then raises instead of running. Such a call runs eagerly (every
+    rank sees the same shapes, so every rank does), shapes compiled before stay compiled, and the report says so.
+    """
 
     def __init__(self, report: CompileReport, regions):
         self.report, self.regions, self.failed = report, regions, False
@@ -159,11 +166,21 @@ class _EagerFallback:
             if not self.failed:
                 try:
                     return compiled(*args, **kwargs)
+                except _RECOMPILE_LIMIT_HIT:  # raised before anything ran, as below
+                    self._note_shape_limit()
                 except torch._dynamo.exc.TorchDynamoException as e:  # tracing/compiling, before anything ran
                     self._give_up(name, e)
             return module._call_impl(*args, **kwargs)
 
         return call
+
+    def _note_shape_limit(self) -> None:
+        if "new shapes" not in self.report.fell_back:
+            limit = getattr(torch._dynamo.config, "recompile_limit", None)
+            self.report.fell_back["new shapes"] = (
+                f"Dynamo's recompile_limit ({limit}) input shapes are compiled; blocks run eagerly for any other "
+                f"(raise torch._dynamo.config.recompile_limit to compile more)")
+            logger.warning(self.report.summary())
 
     def _give_up(self, name, error: Exception) -> None:
         self.failed = True
