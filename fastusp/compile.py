@@ -27,7 +27,7 @@ from .cuda_graphs import GraphedForward
 logger = logging.getLogger("fastusp")
 
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-# what a fullgraph compile raises past Dynamo's recompile_limit (torch >= 2.7 spells it so; nothing to catch before)
+# what a fullgraph compile raises past Dynamo's recompile_limit (so named in torch 2.11 to 2.13; () catches nothing)
 _RECOMPILE_LIMIT_HIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())
 
 
