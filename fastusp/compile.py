@@ -106,17 +106,19 @@ def apply_compile(transformer, report: CompileReport, regional: bool, reorder_co
         options = dict(torch._inductor.list_mode_options(report.mode), reorder_for_compute_comm_overlap=reorder_comm)
     regions = _repeated_blocks(transformer) if regional else [("transformer", transformer)]
     kinds = set(transformer._repeated_blocks)  # a ControlNet is made of the transformer's block kinds
-    controlnet_blocks = [(f"controlnet {i}: {name}", block) for i, net in enumerate(controlnets)
-                         for name, block in net.named_modules() if type(block).__name__ in kinds]
+    controlnet_blocks, controlnet_names = [], set()
+    for i, net in enumerate(controlnets):
+        blocks = [(f"controlnet {i}: {name}", m) for name, m in net.named_modules() if type(m).__name__ in kinds]
+        controlnet_blocks += blocks
+        if blocks:
+            controlnet_names.add(f"{type(net).__name__} blocks")
     fallback = _EagerFallback(report, regions + controlnet_blocks)
     for name, module in regions + controlnet_blocks:
         whole = name == "transformer"
         compiled = torch.compile(module._call_impl, fullgraph=not whole, dynamic=False, backend=backend,
                                  options=options)
         module._compiled_call_impl = fallback.guard(name, compiled, module)
-    report.compiled = sorted({type(m).__name__ for _, m in regions})
-    report.compiled += sorted({f"{type(net).__name__} blocks" for net in controlnets
-                               if any(type(m).__name__ in kinds for m in net.modules())})
+    report.compiled = sorted({type(m).__name__ for _, m in regions}) + sorted(controlnet_names)
 
 
 def apply_cuda_graphs(transformer, report: CompileReport) -> None:

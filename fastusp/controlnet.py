@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -33,17 +34,18 @@ def controlnets(pipe) -> list:
     return [] if controlnet is None else list(getattr(controlnet, "nets", [controlnet]))
 
 
-def apply_controlnet_sharding(pipe, config: ParallelConfig, make_processor) -> None:
-    """Shard every ControlNet of the pipeline. make_processor(context) -> the attention processor for this model
-    family."""
+def apply_controlnet_sharding(pipe, config: ParallelConfig, spec) -> None:
+    """Shard every ControlNet of the pipeline. spec: the ModelSpec of the transformer they feed."""
     for net in controlnets(pipe):
-        shard_controlnet(net, config, make_processor)
+        shard_controlnet(net, config, spec)
 
 
-def shard_controlnet(net, config: ParallelConfig, make_processor) -> None:
+def shard_controlnet(net, config: ParallelConfig, spec) -> None:
+    """The transformer's sharding, minus the gather: its processors, its ModelSpec's inputs (plus the control
+    tokens, without the residuals it takes), its RoPE rows."""
     from diffusers import FluxControlNetModel, QwenImageControlNetModel
 
-    from .parallelize import _refuse_processor_changes
+    from .parallelize import _refuse_processor_changes, _shard, _shard_qwen_rope, shard_inputs
 
     if getattr(net, "_fastusp_config", None) is not None:
         return  # shared with a pipeline parallelized before (from_pipe)
@@ -52,12 +54,26 @@ def shard_controlnet(net, config: ParallelConfig, make_processor) -> None:
                        "QwenImageControlNetModel)", type(net).__name__)
         return
     context = USPContext(config)
-    net.set_attn_processor(make_processor(context))
+    net.set_attn_processor(spec.processor_cls(context))
     _refuse_processor_changes(net)
-    if isinstance(net, FluxControlNetModel):
-        _shard_flux_controlnet(net, context)
-    else:
-        _shard_qwen_controlnet(net, context)
+    ranks, rank = config.sequence_size, config.sequence_rank
+    if spec.rope_from_shapes:
+        _shard_qwen_rope(net.pos_embed, context, rank)
+    hint_block = getattr(net, "input_hint_block", None) is not None
+    if hint_block:  # the control image becomes full-length tokens inside the forward: cut them there
+        net.controlnet_x_embedder.register_forward_pre_hook(
+            lambda module, args: (_shard(args[0], context.current_layout().image_slice(rank), -2),))
+    cond = {} if hint_block else {"controlnet_cond": -2}
+    net_spec = replace(spec, image_inputs={**spec.image_inputs, **cond}, residual_inputs={}, block_image_inputs=None)
+    union = bool(getattr(net, "union", False))
+
+    def prepare(inputs: dict) -> SeqLayout:
+        layout = shard_inputs(inputs, net_spec, ranks, rank)
+        if union:  # every rank's text chunk gets the mode token in front; only rank 0's copy is a key
+            layout = _with_mode_token_copies(layout, inputs["hidden_states"])
+        return layout
+
+    _wrap(net, context, prepare)
     net._fastusp_config = config
 
 
@@ -79,65 +95,13 @@ def _wrap(net, context: USPContext, prepare) -> None:
     net.forward = sharded
 
 
-def _narrow(value: torch.Tensor, index: slice, dim: int = -2) -> torch.Tensor:
-    return value.narrow(dim, index.start, index.stop - index.start)
-
-
-def _shard_flux_controlnet(net, context: USPContext) -> None:
-    config = context.config
-    ranks, rank = config.sequence_size, config.sequence_rank
-    union = bool(net.union)
-
-    def prepare(inputs: dict) -> SeqLayout:
-        hidden = inputs["hidden_states"]
-        layout = SeqLayout.even(inputs["encoder_hidden_states"].shape[1], hidden.shape[1], ranks)
-        text_rows = layout.text_slice(rank)
-        for name in ("encoder_hidden_states", "txt_ids"):  # txt_ids: 2D (tokens, 3), or deprecated 3D
-            inputs[name] = _narrow(inputs[name], text_rows)
-        image_rows = layout.image_slice(rank)
-        for name in ("hidden_states", "img_ids"):
-            inputs[name] = _narrow(inputs[name], image_rows)
-        if net.input_hint_block is None:
-            inputs["controlnet_cond"] = _narrow(inputs["controlnet_cond"], image_rows)
-        if union:  # every rank's text chunk gets the mode token in front; only rank 0's copy is a key
-            layout = SeqLayout(tuple(t + 1 for t in layout.text), layout.image)
-            layout = SeqLayout(layout.text, layout.image, _mode_token_copies_bias(layout, hidden))
-        return layout
-
-    if net.input_hint_block is not None:  # the control image becomes full-length tokens inside the forward
-        net.controlnet_x_embedder.register_forward_pre_hook(
-            lambda module, args: (_narrow(args[0], context.current_layout().image_slice(rank)),))
-    _wrap(net, context, prepare)
-
-
-def _mode_token_copies_bias(layout: SeqLayout, hidden: torch.Tensor) -> torch.Tensor:
-    """Key bias in the global key order masking the first text token of every rank but the first."""
-    keep = torch.ones(hidden.shape[0], sum(layout.text), dtype=torch.bool, device=hidden.device)
+def _with_mode_token_copies(layout: SeqLayout, hidden: torch.Tensor) -> SeqLayout:
+    """The layout with each rank's text one token longer (its copy of the mode token), and a key bias masking the
+    copies of every rank but the first. FLUX ControlNets take no text mask, so there is no other bias to merge."""
+    text = tuple(t + 1 for t in layout.text)
+    keep = torch.ones(hidden.shape[0], sum(text), dtype=torch.bool, device=hidden.device)
     first = 0
-    for t in layout.text[:-1]:
+    for t in text[:-1]:
         first += t
         keep[:, first] = False  # the next rank's first text token: its mode-token copy
-    return key_bias_from_text_mask(keep, layout.text, layout.image, hidden.dtype)
-
-
-def _shard_qwen_controlnet(net, context: USPContext) -> None:
-    from .parallelize import _shard_qwen_rope
-
-    config = context.config
-    ranks, rank = config.sequence_size, config.sequence_rank
-    _shard_qwen_rope(net.pos_embed, context, rank)
-
-    def prepare(inputs: dict) -> SeqLayout:
-        hidden, text = inputs["hidden_states"], inputs["encoder_hidden_states"]
-        layout = SeqLayout.even(text.shape[1], hidden.shape[1], ranks)
-        mask = inputs.get("encoder_hidden_states_mask")
-        if mask is not None:  # carried by the key bias, as in the transformer
-            layout = SeqLayout(layout.text, layout.image,
-                               key_bias_from_text_mask(mask, layout.text, layout.image, hidden.dtype))
-            inputs["encoder_hidden_states_mask"] = None
-        inputs["encoder_hidden_states"] = _narrow(text, layout.text_slice(rank))
-        for name in ("hidden_states", "controlnet_cond"):
-            inputs[name] = _narrow(inputs[name], layout.image_slice(rank))
-        return layout
-
-    _wrap(net, context, prepare)
+    return SeqLayout(text, layout.image, key_bias_from_text_mask(keep, text, layout.image, hidden.dtype))

@@ -101,7 +101,7 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     _refuse_processor_changes(transformer)
     apply_sequence_sharding(transformer, spec, context)
     if obj is not transformer:
-        apply_controlnet_sharding(obj, config, spec.processor_cls)
+        apply_controlnet_sharding(obj, config, spec)
         apply_rank_consistency(obj)
         obj._fastusp_parallelized = True
     if config.cfg > 1:
@@ -123,7 +123,7 @@ def _add_pipeline(pipe, transformer, config: ParallelConfig):
     if shared.settings() != config.settings():
         raise ValueError(f"this pipeline's transformer is already parallelized with {shared.settings()}; a pipeline "
                          f"that shares it (from_pipe) must use the same settings, got {config.settings()}")
-    apply_controlnet_sharding(pipe, shared, _model_specs()[type(transformer)].processor_cls)  # the built groups
+    apply_controlnet_sharding(pipe, shared, _model_specs()[type(transformer)])  # shared: the built groups
     apply_rank_consistency(pipe)
     if config.cfg > 1:
         track_denoising_loop(pipe, transformer)
@@ -205,18 +205,7 @@ def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -
             _shard_block_image_inputs(transformer, inputs, context, rank)
 
     def run_sharded(original, inputs):
-        context.layout = layout = _layout_for(inputs, spec, ranks)
-        if spec.text_mask in inputs:  # now carried by layout.key_bias; diffusers' own mask code is not needed
-            inputs[spec.text_mask] = None
-        for name, dim in spec.text_inputs.items():
-            if name in inputs:
-                inputs[name] = _shard(inputs[name], layout.text_slice(rank), dim)
-        for name, dim in spec.image_inputs.items():
-            if name in inputs:
-                inputs[name] = _shard(inputs[name], layout.image_slice(rank), dim)
-        for name, dim in spec.residual_inputs.items():
-            if inputs.get(name) is not None:
-                inputs[name] = [_shard_residual(r, layout, rank, dim) for r in inputs[name]]
+        context.layout = layout = shard_inputs(inputs, spec, ranks, rank)
         try:
             sample = original(**inputs, return_dict=False)[0]
         finally:
@@ -224,6 +213,24 @@ def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -
         return gather_seq(sample, list(layout.image), config.sequence_group, dim=1)
 
     wrap_forward(transformer, run_sharded)
+
+
+def shard_inputs(inputs: dict, spec: ModelSpec, ranks: int, rank: int) -> SeqLayout:
+    """Cut a forward's bound inputs to this rank's tokens, in place; returns the layout (with the key bias of a
+    text mask, which replaces the mask). Used for the transformer and for its ControlNets."""
+    layout = _layout_for(inputs, spec, ranks)
+    if spec.text_mask in inputs:  # now carried by layout.key_bias; diffusers' own mask code is not needed
+        inputs[spec.text_mask] = None
+    for name, dim in spec.text_inputs.items():
+        if name in inputs:
+            inputs[name] = _shard(inputs[name], layout.text_slice(rank), dim)
+    for name, dim in spec.image_inputs.items():
+        if name in inputs:
+            inputs[name] = _shard(inputs[name], layout.image_slice(rank), dim)
+    for name, dim in spec.residual_inputs.items():
+        if inputs.get(name) is not None:
+            inputs[name] = [_shard_residual(r, layout, rank, dim) for r in inputs[name]]
+    return layout
 
 
 def _layout_for(inputs: dict, spec: ModelSpec, ranks: int) -> SeqLayout:
