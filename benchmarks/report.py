@@ -85,15 +85,16 @@ def dedupe(records):
 # --- baselines and speed-ups --------------------------------------------------------------------------------------
 
 def workload(r):
-    """What one table compares: the same model, size and text, and the same kind of step (--text-mask none and
-    --true-cfg change what is timed)."""
-    return (r["model"], r["res"], r["txt"], r["tiny"], r["text_mask"], r["true_cfg"])
+    """What one table compares: the same model, size and text, and the same kind of step (--text-mask none,
+    --true-cfg and --controlnet change what is timed)."""
+    return (r["model"], r["res"], r["txt"], r["tiny"], r["text_mask"], r["true_cfg"], r["controlnet"] or "")
 
 
 def workload_title(w) -> str:
-    model, res, txt, tiny, text_mask, true_cfg = w
+    model, res, txt, tiny, text_mask, true_cfg, controlnet = w
     return (f"{model} {res}, {txt} text tokens"
             + (f", pipeline step with true CFG {true_cfg:g} (two passes)" if true_cfg else "")
+            + (f", with a {controlnet}-block ControlNet" if controlnet else "")
             + (", no text mask" if text_mask == "none" else "") + (" (tiny model)" if tiny else ""))
 
 
@@ -186,13 +187,18 @@ def markdown(card, records) -> str:
         for r in rows:
             err = error_cell(r)
             lines.append(
-                f"| {r['world']} | {r['impl']} | {r['config']} | {r['backend'] or '–'} | {mode_label(r)} "
+                f"| {r['world']} | {r['impl']} | {config_label(r)} | {r['backend'] or '–'} | {mode_label(r)} "
                 f"| {fmt(r['median_ms'])} | {fmt(r['min_ms'])} | {fmt(r.get('speedup_vs_eager'), '{:.2f}×')} "
                 f"| {fmt(r.get('speedup_vs_same_mode'), '{:.2f}×')} | {fmt(r['compile_s'])} "
                 f"| {fmt(r['peak_mem_gb'])} | {'' if r['finite'] is None else r['finite']} "
                 f"| {err} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def config_label(r) -> str:
+    """The config, and for --controlnet-whole that fastusp ran the ControlNet whole on every rank."""
+    return r["config"] + (" (ControlNet whole)" if r["controlnet_whole"] else "")
 
 
 # --- plot ---------------------------------------------------------------------------------------------------------
@@ -209,7 +215,7 @@ def strategy(r) -> str:
         ring = int((re.search(r"ring(\d+)", r["config"] or "") or [0, 1])[1])
         suffix = ""
     kind = "usp" if u > 1 and ring > 1 else "ulysses" if u > 1 else "ring" if ring > 1 else "none"
-    return prefix + kind + suffix
+    return prefix + kind + suffix + (" controlnet-whole" if r["controlnet_whole"] else "")
 
 
 def series(records):

@@ -182,3 +182,24 @@ def test_controlnet_step_gives_one_process_output_sharded_or_whole():
         for out, sharded in run_distributed(_controlnet_step_worker, 2, "u2r1", whole):
             assert sharded == (not whole)
             torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_report_keeps_controlnet_steps_apart_and_labels_the_whole_controlnet():
+    # A step with a ControlNet is another workload: its speed-ups are against the one-GPU ControlNet step, not the
+    # plain one, and --controlnet-whole rows say so.
+    import report
+
+    base = dict(model="flux", res="1024x1024", txt=512, tiny=False, card="H200", compiled=True, backend=None,
+                date="2026-11-27", finite=True, err=None)
+    records = [dict(base, world=1, impl="single", config="-", compile_mode="regional", median_ms=131.0),
+               dict(base, world=1, impl="single", config="-", compile_mode="regional", median_ms=170.0,
+                    controlnet="5+10"),
+               dict(base, world=2, impl="fastusp", config="u2r1", compile_mode="pipeline", median_ms=100.0,
+                    controlnet="5+10"),
+               dict(base, world=2, impl="fastusp", config="u2r1", compile_mode="pipeline", median_ms=110.0,
+                    controlnet="5+10", controlnet_whole=True)]
+    rows = report.add_speedups(report.dedupe([report.normalize(r) for r in records]))
+    sharded, whole = [r for r in rows if r["impl"] == "fastusp"]
+    assert (sharded["speedup_vs_same_mode"], whole["speedup_vs_same_mode"]) == (1.7, round(170.0 / 110.0, 3))
+    text = report.markdown("H200", rows)
+    assert "with a 5+10-block ControlNet" in text and "| u2r1 (ControlNet whole) |" in text
