@@ -389,8 +389,12 @@ def build_controlnet(model, layers: str, device, dtype):
     from diffusers import FluxControlNetModel
 
     double, single = map(int, layers.split("+"))
+    # without "_use_default_values": from_config drops the keys it lists (here every key, since build_model passes
+    # no widths), num_layers included, and the ControlNet would silently get the transformer's 19 + 38 blocks
+    config = {k: v for k, v in model.config.items() if k != "_use_default_values"}
     with torch.device("meta"):
-        net = FluxControlNetModel.from_config(dict(model.config, num_layers=double, num_single_layers=single))
+        net = FluxControlNetModel.from_config(dict(config, num_layers=double, num_single_layers=single))
+    assert (len(net.transformer_blocks), len(net.single_transformer_blocks)) == (double, single)
     net = net.to(dtype).to_empty(device=device)
     fill_random_(net, device)
     return net.eval()

@@ -203,3 +203,19 @@ def test_report_keeps_controlnet_steps_apart_and_labels_the_whole_controlnet():
     assert (sharded["speedup_vs_same_mode"], whole["speedup_vs_same_mode"]) == (1.7, round(170.0 / 110.0, 3))
     text = report.markdown("H200", rows)
     assert "with a 5+10-block ControlNet" in text and "| u2r1 (ControlNet whole) |" in text
+
+
+def test_controlnet_of_a_full_size_transformer_has_the_blocks_asked_for(monkeypatch):
+    """build_model passes no widths, so its config lists every key as a default: a ControlNet built from it must
+    still get --controlnet's block counts, not the transformer's 19 + 38 (what the first GPU timing measured)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    import step_latency
+
+    monkeypatch.setattr(step_latency, "fill_random_", lambda model, device: None)  # nothing to fill on meta
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(guidance_embeds=True)
+    net = step_latency.build_controlnet(model, "5+10", torch.device("meta"), torch.bfloat16)
+    assert (len(net.transformer_blocks), len(net.single_transformer_blocks)) == (5, 10)
+    assert net.config.num_attention_heads == 24 and net.config.attention_head_dim == 128
