@@ -15,6 +15,8 @@ are keyed by input shapes, so a new resolution or text length recompiles / recap
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from dataclasses import dataclass, field
 
@@ -59,8 +61,8 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
     mode: Inductor mode for the compiled regions ("default", "max-autotune-no-cudagraphs").
     cuda_graphs: capture the whole transformer forward as one CUDA graph per input shape (default: on CUDA).
     regional: compile each repeated block once (default) instead of the whole transformer (slow to compile).
-        A pipeline's ControlNets have their blocks compiled either way (they are the transformer's block kinds); they
-        run outside the CUDA graphs.
+        A pipeline's ControlNets have their blocks compiled either way (they are the transformer's block kinds), and
+        with cuda_graphs each ControlNet's forward is captured as graphs of its own.
     reorder_comm: turn on Inductor's reorder_for_compute_comm_overlap. Its list of passes is empty by default
         in torch 2.11 to 2.13, so this reorders nothing unless you set
         torch._inductor.config.reorder_for_compute_comm_overlap_passes; the overlap fastusp relies on comes from
@@ -87,8 +89,8 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
         report.opaque.append("ring attention (fastusp::ring_attention custom op)")
     if backend is not None:
         apply_compile(transformer, report, regional, reorder_comm, backend, controlnets(obj))
-    if use_graphs:  # beneath cfg parallelism's wrapper, if any: which guidance pass a group runs is not captured
-        apply_cuda_graphs(getattr(transformer, "_fastusp_forward_slot", transformer), report)
+    if use_graphs:
+        apply_pipeline_cuda_graphs(obj, report)
     transformer._fastusp_compile_report = report
     logger.info(report.summary())
     return obj
@@ -121,14 +123,44 @@ def apply_compile(transformer, report: CompileReport, regional: bool, reorder_co
     report.compiled = sorted({type(m).__name__ for _, m in regions}) + sorted(controlnet_names)
 
 
+def apply_pipeline_cuda_graphs(obj, report: CompileReport) -> None:
+    """CUDA graphs for the transformer (beneath cfg parallelism's wrapper, if any: which guidance pass a group runs
+    is not captured) and for each ControlNet of a pipeline."""
+    transformer = getattr(obj, "transformer", obj)
+    apply_cuda_graphs(getattr(transformer, "_fastusp_forward_slot", transformer), report)
+    for i, net in enumerate(controlnets(obj)):
+        apply_controlnet_cuda_graphs(net, report, f"controlnet {i}")
+
+
 def apply_cuda_graphs(transformer, report: CompileReport) -> None:
     """Replace forward (of the transformer, or of the slot that cfg parallelism calls) by one that replays a CUDA
     graph of the whole forward per input signature."""
     forward = transformer.forward
-    state = {"graphed": GraphedForward(lambda **kw: forward(**kw, return_dict=False)[0])}
+    graphed = _graphed_or_eager(GraphedForward(lambda **kw: forward(**kw, return_dict=False)[0]), report,
+                                "cuda graphs")
+    wrap_forward(transformer, lambda forward, inputs: graphed(inputs, lambda: forward(**inputs, return_dict=False)[0]))
 
-    def run_graphed(forward, inputs):
-        eager = lambda: forward(**inputs, return_dict=False)[0]
+
+def apply_controlnet_cuda_graphs(net, report: CompileReport, name: str) -> None:
+    """The same for a ControlNet, whose forward returns its residuals (lists of tensors, or diffusers' output
+    class): outside the transformer's graph, it would launch its blocks' kernels one by one."""
+    forward = net.forward
+    signature = inspect.signature(forward)
+    graphed = _graphed_or_eager(GraphedForward(forward), report, f"cuda graphs ({name})")
+
+    @functools.wraps(forward)
+    def graphed_forward(*args, **kwargs):
+        inputs = signature.bind(*args, **kwargs).arguments
+        return graphed(inputs, lambda: forward(**inputs))
+
+    net.forward = graphed_forward
+
+
+def _graphed_or_eager(graphed_forward: GraphedForward, report: CompileReport, region: str):
+    """call(inputs, eager): the graphed forward on inputs, or eager() when autograd records or capture failed."""
+    state = {"graphed": graphed_forward}
+
+    def call(inputs: dict, eager):
         if torch.is_grad_enabled() or state["graphed"] is None:  # graphs are for inference only
             return eager()
         try:
@@ -137,11 +169,11 @@ def apply_cuda_graphs(transformer, report: CompileReport) -> None:
             if "captur" not in str(e).lower():  # only capture failures fall back; real errors propagate
                 raise
             state["graphed"] = None
-            report.fell_back["cuda graphs"] = " ".join(str(e).split())[:300]
+            report.fell_back[region] = " ".join(str(e).split())[:300]
             logger.warning(report.summary())
             return eager()
 
-    wrap_forward(transformer, run_graphed)
+    return call
 
 
 def _repeated_blocks(transformer) -> list[tuple[str, torch.nn.Module]]:

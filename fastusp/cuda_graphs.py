@@ -28,7 +28,8 @@ logger = logging.getLogger("fastusp")
 
 
 class GraphedForward:
-    """Wraps forward(**kwargs) -> Tensor; replays a CUDA graph per input signature, up to `max_graphs`."""
+    """Wraps forward(**kwargs) -> a tensor or a pytree of them (a ControlNet's residual lists, a diffusers output
+    class); replays a CUDA graph per input signature, up to `max_graphs`."""
 
     def __init__(self, forward, max_graphs: int = 8, warmup: int = 2):
         self.forward, self.max_graphs, self.warmup = forward, max_graphs, warmup
@@ -36,7 +37,7 @@ class GraphedForward:
         self.pool = None  # one memory pool for all graphs: graphs for other shapes reuse the memory
         self._nccl_pool = None  # owns the NCCL memory for as long as the graphs may replay from it
 
-    def __call__(self, **kwargs) -> torch.Tensor:
+    def __call__(self, **kwargs):
         leaves, spec = pytree.tree_flatten(kwargs)
         key = _signature(leaves, spec)
         entry = self.graphs.get(key)
@@ -49,7 +50,8 @@ class GraphedForward:
             if isinstance(leaf, torch.Tensor):
                 static.copy_(leaf)
         graph.replay()
-        return static_output.clone()  # the next replay overwrites the static output
+        # the next replay overwrites the static output
+        return pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, static_output)
 
     def _capture(self, leaves, spec):
         static_inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]

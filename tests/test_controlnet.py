@@ -145,3 +145,50 @@ def test_compile_pipeline_compiles_the_controlnet_blocks_too():
     for out, report in run_distributed(_compiled_union_pipeline, 2, dict(ulysses=2)):
         assert "FluxControlNetModel blocks" in report.compiled and not report.fell_back
         assert ((out - expected).norm() / expected.norm()).item() < 1e-4
+
+
+def _graphed_multi_controlnet(degrees: dict):
+    """_generate_multi with every forward under fastusp's CUDA-graph wrappers. Capture needs CUDA: here a captured
+    "graph" is its call on the static inputs, and a replay calls it again and copies the result into the static
+    output, which is what a real replay leaves there. Returns the latents and the (captures, replays) counts."""
+    from types import SimpleNamespace
+
+    from torch.utils import _pytree as pytree
+
+    from fastusp import compile as fastusp_compile
+    from fastusp import cuda_graphs
+
+    counts = {"captures": 0, "replays": 0}
+
+    def capture_graph(fn, warmup, pool):
+        counts["captures"] += 1
+        static_output = fn()
+
+        def replay():
+            counts["replays"] += 1
+            for static, new in zip(pytree.tree_leaves(static_output), pytree.tree_leaves(fn())):
+                static.copy_(new)
+
+        return SimpleNamespace(replay=replay), static_output
+
+    cuda_graphs.capture_graph = capture_graph  # a forked worker: the patch dies with it
+    cuda_graphs.nccl_memory_pool = lambda: SimpleNamespace(id=0)
+    pipe = _multi_controlnet_pipeline()
+    fastusp.parallelize(pipe, **degrees)
+    fastusp_compile.apply_pipeline_cuda_graphs(pipe, fastusp_compile.CompileReport(mode="default", cuda_graphs=True))
+    images = [torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(s)) for s in (5, 6)]
+    with torch.no_grad():
+        out = pipe(**tiny_call_kwargs(pipe), control_image=images, control_mode=[None, 1],
+                   controlnet_conditioning_scale=[1.0, 0.7], height=32, width=48, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0), output_type="latent").images
+    return out, counts
+
+
+def test_cuda_graphs_capture_each_controlnet_and_replay_it_with_new_inputs():
+    # two steps: the transformer and both ControlNets are captured in the first, and every step replays them (a
+    # capture is followed by its first replay), with that step's latents and timestep copied in; the residuals
+    # leave each ControlNet's graph as lists of tensors
+    expected = _generate_multi()
+    for out, counts in run_distributed(_graphed_multi_controlnet, 2, dict(ulysses=2)):
+        assert counts == {"captures": 3, "replays": 6}
+        assert ((out - expected).norm() / expected.norm()).item() < 1e-4
