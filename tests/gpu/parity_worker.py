@@ -138,61 +138,76 @@ def check_ip_adapter(world: int, rank: int, device) -> int:
 
 
 def check_controlnet(world: int, rank: int, device) -> int:
-    """FLUX with a sharded ControlNet-Union (its mode-token copies masked on all ranks but the first), Ulysses over
-    all ranks, eager and compiled (its blocks compiled; the transformer in CUDA graphs): the transformer's output
-    with the ControlNet's residuals against one GPU. Returns the number of failed checks."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline
+    """A sharded ControlNet, Ulysses over all ranks, eager and compiled (its blocks compiled, its forward and the
+    transformer's in CUDA graphs): the transformer's output with the ControlNet's residuals against one GPU. FLUX:
+    a ControlNet-Union (its mode-token copies masked on all ranks but the first); Qwen-Image: a plain ControlNet,
+    batch 2 with a padded prompt. Returns the number of failed checks."""
+    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline,
+                           QwenImageControlNetModel, QwenImageControlNetPipeline)
 
-    def build_pipe():
-        model = build("flux", device)
+    def build_pipe(name):
+        model = build(name, device)
         torch.manual_seed(3)
+        # without _use_default_values, which would make from_config drop the keys it lists
+        config = {k: v for k, v in model.config.items() if k != "_use_default_values"}
         with torch.device(device):
-            net = FluxControlNetModel.from_config(dict(model.config, num_layers=1, num_single_layers=1, num_mode=3))
-        for module in (net.controlnet_x_embedder, net.controlnet_blocks, net.controlnet_single_blocks):
+            if name == "flux":
+                net = FluxControlNetModel.from_config(dict(config, num_layers=1, num_single_layers=1, num_mode=3))
+            else:
+                net = QwenImageControlNetModel.from_config(dict(config, num_layers=1))
+        outputs = [net.controlnet_x_embedder, net.controlnet_blocks, getattr(net, "controlnet_single_blocks", None)]
+        for module in filter(None, outputs):
             for param in module.parameters():  # zero-initialized, as untrained ControlNets are: no residuals
                 torch.nn.init.normal_(param, std=0.02)
-        return FluxControlNetPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
-                                      tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=model,
-                                      controlnet=net.to(torch.bfloat16).eval())
+        net = net.to(torch.bfloat16).eval()
+        if name == "flux":
+            return FluxControlNetPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                                          tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=model,
+                                          controlnet=net)
+        return QwenImageControlNetPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                                           tokenizer=None, transformer=model, controlnet=net)
 
-    x = inputs("flux", device, batch=1, image_hw=(33, 31), text_len=77)
-    cond = torch.randn(x["hidden_states"].shape, device=device, dtype=torch.bfloat16,
-                       generator=torch.Generator(device=device).manual_seed(4))
-    shared = {k: x[k] for k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
-                                "img_ids", "txt_ids", "guidance")}
-
-    def step(pipe):
-        double, single = pipe.controlnet(controlnet_cond=cond, controlnet_mode=torch.tensor([[1]], device=device),
-                                         return_dict=False, **shared)
-        return pipe.transformer(**x, controlnet_block_samples=double, controlnet_single_block_samples=single,
-                                return_dict=False)[0].float()
-
-    with torch.no_grad():
-        reference = build_pipe()
-        ref = step(reference)
-        without = reference.transformer(**x, return_dict=False)[0].float()
     failures = 0
-    if ((without - ref).norm() / ref.norm()).item() < 2 * BF16_TOL:  # residuals too small to test anything
-        print(json.dumps(dict(check="controlnet_union", ok=False, error="residuals do not change the output")))
-        failures += 1
-    del reference
-    for compiled in (False, True):
-        pipe = fastusp.parallelize(build_pipe(), ulysses=world)
+    for name, check in (("flux", "controlnet_union"), ("qwen", "controlnet")):
+        x = inputs(name, device, batch=1 if name == "flux" else 2, image_hw=(33, 31), text_len=77)
+        cond = torch.randn(x["hidden_states"].shape, device=device, dtype=torch.bfloat16,
+                           generator=torch.Generator(device=device).manual_seed(4))
+        net_inputs = dict(x)  # Qwen-Image's ControlNet takes the transformer's inputs
+        if name == "flux":
+            net_inputs = {k: x[k] for k in ("hidden_states", "encoder_hidden_states", "pooled_projections",
+                                            "timestep", "img_ids", "txt_ids", "guidance")}
+            net_inputs["controlnet_mode"] = torch.tensor([[1]], device=device)
+
+        def step(pipe):
+            residuals = pipe.controlnet(controlnet_cond=cond, return_dict=False, **net_inputs)
+            names = ("controlnet_block_samples", "controlnet_single_block_samples")
+            return pipe.transformer(**x, **dict(zip(names, residuals)), return_dict=False)[0].float()
+
         with torch.no_grad():
-            if compiled:
-                fastusp.compile_pipeline(pipe)
-                step(pipe)  # warm-up: compile and record
-            out = step(pipe)
-        err = ((out - ref).norm() / ref.norm()).item()
-        ok = err < BF16_TOL and torch.isfinite(out).all().item()
-        failures += not ok
-        if rank == 0:
-            print(json.dumps(dict(check="controlnet_union", model="flux", world=world, ulysses=world,
-                                  compiled=compiled, rel_err=round(err, 5), ok=ok,
-                                  compile=fastusp.compile_report(pipe).summary() if compiled else None,
-                                  card=torch.cuda.get_device_name(device))), flush=True)
-        del pipe
-        torch._dynamo.reset()
+            reference = build_pipe(name)
+            ref = step(reference)
+            without = reference.transformer(**x, return_dict=False)[0].float()
+        if ((without - ref).norm() / ref.norm()).item() < 2 * BF16_TOL:  # residuals too small to test anything
+            print(json.dumps(dict(check=check, model=name, ok=False, error="residuals do not change the output")))
+            failures += 1
+        del reference
+        for compiled in (False, True):
+            pipe = fastusp.parallelize(build_pipe(name), ulysses=world)
+            with torch.no_grad():
+                if compiled:
+                    fastusp.compile_pipeline(pipe)
+                    step(pipe)  # warm-up: compile and record
+                out = step(pipe)
+            err = ((out - ref).norm() / ref.norm()).item()
+            ok = err < BF16_TOL and torch.isfinite(out).all().item()
+            failures += not ok
+            if rank == 0:
+                print(json.dumps(dict(check=check, model=name, world=world, ulysses=world, compiled=compiled,
+                                      rel_err=round(err, 5), ok=ok,
+                                      compile=fastusp.compile_report(pipe).summary() if compiled else None,
+                                      card=torch.cuda.get_device_name(device))), flush=True)
+            del pipe
+            torch._dynamo.reset()
     return failures
 
 
