@@ -138,7 +138,7 @@ def apply_cuda_graphs(transformer, report: CompileReport) -> None:
     forward = transformer.forward
     graphed = _graphed_or_eager(GraphedForward(lambda **kw: forward(**kw, return_dict=False)[0]), report,
                                 "cuda graphs")
-    wrap_forward(transformer, lambda forward, inputs: graphed(inputs, lambda: forward(**inputs, return_dict=False)[0]))
+    wrap_forward(transformer, lambda original, inputs: graphed(inputs, lambda: original(**inputs, return_dict=False)[0]))
 
 
 def apply_controlnet_cuda_graphs(net, report: CompileReport, name: str) -> None:

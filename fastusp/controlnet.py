@@ -29,9 +29,11 @@ logger = logging.getLogger("fastusp")
 
 
 def controlnets(pipe) -> list:
-    """The pipeline's ControlNets: none, one, or a Multi-ControlNet's nets."""
+    """The pipeline's ControlNets: none, one, or a Multi-ControlNet's nets, each once (a Multi-ControlNet may use one
+    net for several control images; it is sharded, compiled and graphed once)."""
     controlnet = getattr(pipe, "controlnet", None)
-    return [] if controlnet is None else list(getattr(controlnet, "nets", [controlnet]))
+    nets = [] if controlnet is None else getattr(controlnet, "nets", [controlnet])
+    return list({id(net): net for net in nets}.values())
 
 
 def apply_controlnet_sharding(pipe, config: ParallelConfig, spec) -> None:

@@ -66,21 +66,27 @@ def test_sharded_controlnet_gives_each_rank_its_rows_of_the_residuals(variant, d
             assert ((got - full[:, rows]).norm() / full[:, rows].norm()).item() < 1e-4
 
 
-def _multi_controlnet_pipeline():
+def _multi_controlnet_pipeline(one_net_twice: bool = False):
+    """A Multi-ControlNet of a plain and a Union net, or of one Union net used with two control images."""
     from diffusers import FluxControlNetPipeline
 
-    nets = [tiny_flux_controlnet("plain", seed=2), tiny_flux_controlnet("union", seed=3)]
+    union = tiny_flux_controlnet("union", seed=3)
+    nets = [union, union] if one_net_twice else [tiny_flux_controlnet("plain", seed=2), union]
     return FluxControlNetPipeline.from_pipe(tiny_flux_pipeline(), controlnet=nets)
 
 
-def _generate_multi(degrees: dict | None = None, scales=(1.0, 0.7)) -> torch.Tensor:
-    pipe = _multi_controlnet_pipeline()
-    if degrees:
-        fastusp.parallelize(pipe, **degrees)
+def _multi_call(pipe, scales=(1.0, 0.7), one_net_twice: bool = False) -> torch.Tensor:
     images = [torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(s)) for s in (5, 6)]
-    return pipe(**tiny_call_kwargs(pipe), control_image=images, control_mode=[None, 1],
+    return pipe(**tiny_call_kwargs(pipe), control_image=images, control_mode=[2 if one_net_twice else None, 1],
                 controlnet_conditioning_scale=list(scales), height=32, width=48, num_inference_steps=2,
                 generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+
+def _generate_multi(degrees: dict | None = None, scales=(1.0, 0.7), one_net_twice: bool = False) -> torch.Tensor:
+    pipe = _multi_controlnet_pipeline(one_net_twice)
+    if degrees:
+        fastusp.parallelize(pipe, **degrees)
+    return _multi_call(pipe, scales, one_net_twice)
 
 
 @pytest.mark.parametrize("degrees", [dict(ulysses=2), dict(ring=2)], ids=["ulysses2", "ring2"])
@@ -147,7 +153,7 @@ def test_compile_pipeline_compiles_the_controlnet_blocks_too():
         assert ((out - expected).norm() / expected.norm()).item() < 1e-4
 
 
-def _graphed_multi_controlnet(degrees: dict):
+def _graphed_multi_controlnet(degrees: dict, one_net_twice: bool):
     """_generate_multi with every forward under fastusp's CUDA-graph wrappers. Capture needs CUDA: here a captured
     "graph" is its call on the static inputs, and a replay calls it again and copies the result into the static
     output, which is what a real replay leaves there. Returns the latents and the (captures, replays) counts."""
@@ -173,22 +179,22 @@ def _graphed_multi_controlnet(degrees: dict):
 
     cuda_graphs.capture_graph = capture_graph  # a forked worker: the patch dies with it
     cuda_graphs.nccl_memory_pool = lambda: SimpleNamespace(id=0)
-    pipe = _multi_controlnet_pipeline()
+    pipe = _multi_controlnet_pipeline(one_net_twice)
     fastusp.parallelize(pipe, **degrees)
     fastusp_compile.apply_pipeline_cuda_graphs(pipe, fastusp_compile.CompileReport(mode="default", cuda_graphs=True))
-    images = [torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(s)) for s in (5, 6)]
     with torch.no_grad():
-        out = pipe(**tiny_call_kwargs(pipe), control_image=images, control_mode=[None, 1],
-                   controlnet_conditioning_scale=[1.0, 0.7], height=32, width=48, num_inference_steps=2,
-                   generator=torch.Generator().manual_seed(0), output_type="latent").images
+        out = _multi_call(pipe, one_net_twice=one_net_twice)
     return out, counts
 
 
-def test_cuda_graphs_capture_each_controlnet_and_replay_it_with_new_inputs():
-    # two steps: the transformer and both ControlNets are captured in the first, and every step replays them (a
-    # capture is followed by its first replay), with that step's latents and timestep copied in; the residuals
-    # leave each ControlNet's graph as lists of tensors
-    expected = _generate_multi()
-    for out, counts in run_distributed(_graphed_multi_controlnet, 2, dict(ulysses=2)):
+@pytest.mark.parametrize("one_net_twice", [False, True], ids=["two_nets", "one_net_twice"])
+def test_cuda_graphs_capture_each_controlnet_and_replay_it_with_new_inputs(one_net_twice):
+    # two steps: the transformer and each ControlNet are captured in the first, and every call replays them (a
+    # capture is followed by its first replay), with that call's latents, timestep and control image copied in; the
+    # residuals leave each ControlNet's graph as lists of tensors. One net used for two control images is wrapped
+    # once (wrapped twice, its graph's replay would run inside the outer graph's capture: 5 captures here); its two
+    # conditioning scales are two Python values, hence two graphs of it.
+    expected = _generate_multi(one_net_twice=one_net_twice)
+    for out, counts in run_distributed(_graphed_multi_controlnet, 2, dict(ulysses=2), one_net_twice):
         assert counts == {"captures": 3, "replays": 6}
         assert ((out - expected).norm() / expected.norm()).item() < 1e-4
