@@ -143,9 +143,6 @@ def _spec_for(transformer) -> ModelSpec:
         raise ValueError("call fastusp.parallelize before fastusp.compile_pipeline, not after")
     if getattr(transformer, "_parallel_config", None) is not None:
         raise ValueError("this transformer already uses diffusers' context parallelism; use one or the other")
-    cfg = transformer.config
-    if getattr(cfg, "use_layer3d_rope", False):
-        raise NotImplementedError("Qwen-Image variants with layer-3D RoPE (Qwen-Image-Layered) are not supported yet")
     supported = {spec.default_processor, *(spec.adapter_processors or {})}
     others = {type(p).__name__ for p in transformer.attn_processors.values()} - supported
     if others:
@@ -264,7 +261,9 @@ def _shard_block_image_inputs(transformer, inputs: dict[str, int], context: USPC
 
 
 def _shard_qwen_rope(pos_embed, context: USPContext, rank: int) -> None:
-    """Qwen-Image builds RoPE tables from shapes, not ids: build the full tables, keep this rank's rows."""
+    """Qwen-Image builds RoPE tables from shapes, not ids: build the full tables, keep this rank's rows. The same for
+    Qwen-Image-Layered's tables (QwenEmbedLayer3DRope: one position on a layer axis per image, the input image at -1),
+    which come in the same order as the image tokens."""
     original = pos_embed.forward
 
     @functools.wraps(original)

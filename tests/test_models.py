@@ -6,11 +6,12 @@ import torch
 
 import fastusp
 from _dist import run_distributed
-from tiny_models import flux_inputs, qwen_inputs, tiny_flux, tiny_qwen
+from tiny_models import flux_inputs, qwen_inputs, qwen_layered_inputs, tiny_flux, tiny_qwen
 
 LAYOUTS = [(2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]  # (ulysses, ring)
 MODELS = {"flux": (tiny_flux, flux_inputs), "qwen": (tiny_qwen, qwen_inputs),
-          "qwen-edit-2511": (functools.partial(tiny_qwen, zero_cond_t=True), qwen_inputs)}
+          "qwen-edit-2511": (functools.partial(tiny_qwen, zero_cond_t=True), qwen_inputs),
+          "qwen-layered": (functools.partial(tiny_qwen, layered=True), qwen_layered_inputs)}
 
 
 def _parallel_forward(build, inputs, ulysses, ring, fp8_comm=False, return_dict=False, options=None):
@@ -46,6 +47,23 @@ def test_qwen_image_edit_2511_reference_tokens(layout):
     assert ((plain - edit).norm() / edit.norm()).item() > 1e-2
     assert_parallel_matches_single("qwen-edit-2511", layout, batch=2, height=3, width=5, text_len=5,
                                    valid_lens=[2, 5], reference_hw=(2, 4))
+
+
+@pytest.mark.parametrize("layout", [(2, 1), (1, 2), (2, 2)], ids=lambda l: f"u{l[0]}r{l[1]}")
+def test_qwen_image_layered(layout):
+    # Qwen-Image-Layered: four 3x5 images (composite, 2 layers, the input image) = 60 image tokens, uneven over the
+    # ranks, each image at its own position on RoPE's layer axis (the input image at -1); the RoPE tables are built
+    # for all of them and each rank keeps its rows, as for Qwen-Image
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+
+    inputs = qwen_layered_inputs(batch=2, height=3, width=5, text_len=5, valid_lens=[2, 5])
+    model = tiny_qwen(layered=True)
+    with torch.no_grad():  # precondition: the layer axis matters (plain Qwen-Image RoPE gives another output)
+        layered = model(**inputs, return_dict=False)[0]
+        model.pos_embed = QwenEmbedRope(theta=10000, axes_dim=[4, 6, 6], scale_rope=True)
+        plain = model(**inputs, return_dict=False)[0]
+    assert ((plain - layered).norm() / layered.norm()).item() > 1e-2
+    assert_parallel_matches_single("qwen-layered", layout, batch=2, height=3, width=5, text_len=5, valid_lens=[2, 5])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"u{l[0]}r{l[1]}")

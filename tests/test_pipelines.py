@@ -11,7 +11,7 @@ import torch
 
 from _dist import run_distributed
 from tiny_pipelines import (prompt_kwargs, tiny_call_kwargs, tiny_controlnet_pipeline, tiny_flux_pipeline,
-                            tiny_qwen_edit_pipeline, tiny_qwen_pipeline)
+                            tiny_qwen_edit_pipeline, tiny_qwen_layered_pipeline, tiny_qwen_pipeline)
 
 H, W, STEPS = 32, 48, 2
 IMAGE_TOKENS = (H // 4) * (W // 4)
@@ -243,4 +243,37 @@ def test_qwen_image_edit_2511_pipeline_matches_single_process(monkeypatch, degre
     # random weights), so mishandled reference tokens would show
     assert ((_edit(tiny_qwen_edit_pipeline(), reference_seed=8) - expected).norm() / expected.norm()).item() > 3 * TOL
     for rank, out in enumerate(run_distributed(_edit, 2, tiny_qwen_edit_pipeline(), 7, degrees)):
+        _assert_close(out, expected, f"rank {rank} latents vs single process")
+
+
+def _layered(pipe, image_seed: int = 7, degrees: dict | None = None) -> torch.Tensor:
+    """Qwen-Image-Layered with true CFG: 2 layers (4 images: composite, layers, the RGBA input) from a 24x16 input.
+    Returns the decoded composite and layers of the one sample."""
+    import numpy as np
+    import PIL.Image
+
+    import fastusp
+
+    if degrees:
+        fastusp.parallelize(pipe, **degrees)
+    # prompt given: with none, the pipeline would caption the image with its (absent) vision-language model
+    prompt, negative = prompt_kwargs(pipe, text_len=7), prompt_kwargs(pipe, text_len=4, seed=1)
+    pixels = np.random.default_rng(image_seed).random((16, 24, 4))
+    return pipe(image=PIL.Image.fromarray((pixels * 255).astype("uint8"), mode="RGBA"), prompt="layers",
+                **prompt, negative_prompt_embeds=negative["prompt_embeds"],
+                negative_prompt_embeds_mask=negative["prompt_embeds_mask"], true_cfg_scale=3.0, layers=2,
+                num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                output_type="pt").images[0]  # diffusers 0.42's Layered pipeline fails on output_type="latent"
+
+
+@pytest.mark.parametrize("degrees", [dict(ulysses=2), dict(ring=2), dict(cfg=2)], ids=["ulysses2", "ring2", "cfg2"])
+def test_qwen_image_layered_pipeline_matches_single_process(monkeypatch, degrees):
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_layered as layered
+
+    # 24x16 pixels instead of 640² (forked ranks inherit it): 4 images of 6x4 latent tokens
+    monkeypatch.setattr(layered, "calculate_dimensions", lambda area, ratio: (24, 16))
+    expected = _layered(tiny_qwen_layered_pipeline())
+    # precondition: another input image moves the output by several times the tolerance
+    assert ((_layered(tiny_qwen_layered_pipeline(), image_seed=8) - expected).norm() / expected.norm()).item() > 3 * TOL
+    for rank, out in enumerate(run_distributed(_layered, 2, tiny_qwen_layered_pipeline(), 7, degrees)):
         _assert_close(out, expected, f"rank {rank} latents vs single process")

@@ -69,15 +69,6 @@ def test_unsupported_processor():
         fastusp.parallelize(model, ulysses=2)
 
 
-def test_unsupported_qwen_variant():
-    from diffusers import QwenImageTransformer2DModel
-
-    model = QwenImageTransformer2DModel(num_layers=1, attention_head_dim=16, num_attention_heads=2,
-                                        joint_attention_dim=8, axes_dims_rope=(4, 6, 6), use_layer3d_rope=True)
-    with pytest.raises(NotImplementedError, match="layer-3D RoPE"):
-        fastusp.parallelize(model, ulysses=2)
-
-
 def test_graphs_only_compile_needs_cuda():
     with pytest.raises(ValueError, match="backend=None compiles nothing, so it needs CUDA graphs"):
         fastusp.compile_pipeline(tiny_flux(), backend=None)

@@ -17,14 +17,18 @@ def tiny_flux():
     ).eval()
 
 
-def tiny_qwen(zero_cond_t: bool = False):
-    """zero_cond_t: Qwen-Image-Edit-2511's variant (reference-image tokens modulated as at t = 0)."""
+def tiny_qwen(zero_cond_t: bool = False, layered: bool = False):
+    """zero_cond_t: Qwen-Image-Edit-2511's variant (reference-image tokens modulated as at t = 0).
+    layered: Qwen-Image-Layered's (RoPE with a layer axis, and an RGB / RGBA flag added to the timestep embedding),
+    with 8 latent channels: its pipeline takes a 4-channel input as latents already, and its input images are RGBA."""
     from diffusers import QwenImageTransformer2DModel
 
+    latent_channels = 8 if layered else 4
     torch.manual_seed(0)
     return QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels, num_layers=2, attention_head_dim=16,
         num_attention_heads=HEADS, joint_attention_dim=32, axes_dims_rope=(4, 6, 6), zero_cond_t=zero_cond_t,
+        use_layer3d_rope=layered, use_additional_t_cond=layered,
     ).eval()
 
 
@@ -59,6 +63,17 @@ def qwen_inputs(batch=1, height=4, width=5, text_len=7, valid_lens=None, seed=1,
         timestep=torch.full((batch,), 0.5),
         img_shapes=[shapes] * batch,
     )
+
+
+def qwen_layered_inputs(batch=1, height=4, width=5, text_len=7, valid_lens=None, seed=1, layers=2):
+    """Qwen-Image-Layered's forward inputs: the composite and `layers` layers being generated, then the input image,
+    all height x width (one img_shapes entry each, as the pipeline passes them); the RGB flag alternates over the
+    batch."""
+    inputs = qwen_inputs(batch, height, width, text_len, valid_lens, seed)
+    shapes = [(1, height, width)] * (layers + 2)
+    g = torch.Generator().manual_seed(seed + 1)
+    return dict(inputs, hidden_states=torch.randn(batch, len(shapes) * height * width, 32, generator=g),
+                img_shapes=[shapes] * batch, additional_t_cond=torch.arange(batch) % 2)
 
 
 def random_ip_adapter_state_dict(transformer, clip_dim: int, seed: int = 3) -> dict:

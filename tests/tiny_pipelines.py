@@ -12,6 +12,8 @@ the tiny models exist in one place only.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 try:  # imported as tests.tiny_pipelines
@@ -102,6 +104,28 @@ def tiny_qwen_edit_pipeline():
     base = tiny_qwen_pipeline()
     return QwenImageEditPlusPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=None, tokenizer=None,
                                      processor=None, transformer=tiny_qwen(zero_cond_t=True))
+
+
+def tiny_qwen_layered_pipeline():
+    """QwenImageLayeredPipeline around tiny_qwen(layered=True), with an RGBA VAE as Qwen-Image-Layered's. The
+    pipeline sizes its images for 640² or 1024² pixels (calculate_dimensions): callers shrink that (tests:
+    monkeypatch)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline
+
+    transformer = tiny_qwen(layered=True)
+    z_dim = transformer.config.in_channels // 4
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=z_dim, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False], input_channels=4,
+        latents_mean=[0.1 * i for i in range(z_dim)], latents_std=[1.0 + 0.1 * i for i in range(z_dim)],
+    ).eval()
+    pipe = QwenImageLayeredPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=vae,
+                                    text_encoder=None, tokenizer=None, processor=None, transformer=transformer)
+    # the pipeline casts the input image to the text encoder's dtype even when given prompt embeddings: a stand-in
+    # that has only a dtype (set after init, which would record its class as a loadable component)
+    pipe.text_encoder = SimpleNamespace(dtype=torch.float32)
+    _check_fit(pipe, latent_channels=vae.config.z_dim)
+    return pipe
 
 
 def _check_fit(pipe, latent_channels: int) -> None:
