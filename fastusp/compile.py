@@ -69,29 +69,30 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
         the order in which its own code issues collectives and waits for them (attention/usp.py).
     backend: torch.compile's backend; None skips torch.compile and only captures CUDA graphs of the eager
         forward (no compile time; removes the host launch overhead that bounds an eager step on several GPUs).
-    The report is available as fastusp.compile_report(obj).
+    The report is available as fastusp.compile_report(obj). A pipeline made with from_pipe shares the compiled
+    transformer: calling compile_pipeline on it compiles only its new ControlNets (this call's backend, the first
+    call's mode and graphs setting) and raises if it has none.
     """
     if mode in _CUDA_GRAPH_MODES:
         raise ValueError(f"mode={mode!r} makes Inductor record CUDA graphs per region, which breaks with repeated "
                          f"blocks; use cuda_graphs=True (whole-forward graphs) with mode='default'")
     transformer = getattr(obj, "transformer", obj)
-    if getattr(transformer, "_fastusp_compile_report", None) is not None:
-        raise ValueError("compile_pipeline was already applied to this transformer (a pipeline made with from_pipe "
-                         "shares it, compiled: nothing more to do)")
     use_graphs = transformer.device.type == "cuda" if cuda_graphs is None else cuda_graphs
     if use_graphs and transformer.device.type != "cuda":
         raise ValueError("cuda_graphs=True needs the transformer on a CUDA device")
     if backend is None and not use_graphs:
         raise ValueError("backend=None compiles nothing, so it needs CUDA graphs (a CUDA transformer)")
-    report = CompileReport(mode=mode, cuda_graphs=use_graphs)
-    config = getattr(transformer, "_fastusp_config", None)
-    if config is not None and config.ring > 1:
-        report.opaque.append("ring attention (fastusp::ring_attention custom op)")
-    if backend is not None:
-        apply_compile(transformer, report, regional, reorder_comm, backend, controlnets(obj))
-    if use_graphs:
-        apply_pipeline_cuda_graphs(obj, report)
-    transformer._fastusp_compile_report = report
+    new_controlnets = [net for net in controlnets(obj) if not getattr(net, "_fastusp_compiled", False)]
+    report = getattr(transformer, "_fastusp_compile_report", None)
+    if report is None:
+        report = CompileReport(mode=mode, cuda_graphs=use_graphs)
+        compile_transformer(transformer, report, regional, reorder_comm, backend)
+        transformer._fastusp_compile_report = report
+    elif not new_controlnets:
+        raise ValueError("compile_pipeline was already applied to this transformer (a pipeline made with from_pipe "
+                         "shares it, compiled: nothing more to do)")
+    # a ControlNet pipeline made with from_pipe from a compiled one gets here with only its ControlNets to do
+    compile_controlnets(new_controlnets, transformer, report, reorder_comm, backend)
     logger.info(report.summary())
     return obj
 
@@ -101,35 +102,46 @@ def compile_report(obj) -> CompileReport | None:
     return getattr(getattr(obj, "transformer", obj), "_fastusp_compile_report", None)
 
 
-def apply_compile(transformer, report: CompileReport, regional: bool, reorder_comm: bool, backend,
-                  controlnets=()) -> None:
+def compile_transformer(transformer, report: CompileReport, regional: bool, reorder_comm: bool, backend) -> None:
+    """Its repeated blocks (or the whole of it) compiled, then its forward graphed, as report.cuda_graphs says."""
+    config = getattr(transformer, "_fastusp_config", None)
+    if config is not None and config.ring > 1:
+        report.opaque.append("ring attention (fastusp::ring_attention custom op)")
+    if backend is not None:
+        regions = _repeated_blocks(transformer) if regional else [("transformer", transformer)]
+        apply_compile(regions, report, reorder_comm, backend)
+        report.compiled = sorted({type(m).__name__ for _, m in regions})
+    if report.cuda_graphs:
+        # beneath cfg parallelism's wrapper, if any: which guidance pass a group runs is not captured
+        apply_cuda_graphs(getattr(transformer, "_fastusp_forward_slot", transformer), report)
+
+
+def compile_controlnets(nets, transformer, report: CompileReport, reorder_comm: bool, backend) -> None:
+    """A pipeline's ControlNets: their blocks (the transformer's block kinds) compiled, their forwards graphed as
+    report.cuda_graphs says, each net once (a later pipeline sharing it leaves it alone)."""
+    if backend is not None and nets:
+        kinds = set(transformer._repeated_blocks)
+        apply_compile([(f"{type(net).__name__} {id(net):x}: {name}", m) for net in nets
+                       for name, m in net.named_modules() if type(m).__name__ in kinds], report, reorder_comm, backend)
+        report.compiled += sorted({f"{type(net).__name__} blocks" for net in nets} - set(report.compiled))
+    for net in nets:
+        if report.cuda_graphs:
+            apply_controlnet_cuda_graphs(net, report)
+        net._fastusp_compiled = True
+
+
+def apply_compile(regions, report: CompileReport, reorder_comm: bool, backend) -> None:
+    """torch.compile each (name, module) region in place (fullgraph, except a whole transformer), all falling back
+    to eager together."""
     options = None
     if backend == "inductor":  # torch.compile takes mode or options, not both: spell the mode out as options
         options = dict(torch._inductor.list_mode_options(report.mode), reorder_for_compute_comm_overlap=reorder_comm)
-    regions = _repeated_blocks(transformer) if regional else [("transformer", transformer)]
-    kinds = set(transformer._repeated_blocks)  # a ControlNet is made of the transformer's block kinds
-    controlnet_blocks, controlnet_names = [], set()
-    for i, net in enumerate(controlnets):
-        blocks = [(f"controlnet {i}: {name}", m) for name, m in net.named_modules() if type(m).__name__ in kinds]
-        controlnet_blocks += blocks
-        if blocks:
-            controlnet_names.add(f"{type(net).__name__} blocks")
-    fallback = _EagerFallback(report, regions + controlnet_blocks)
-    for name, module in regions + controlnet_blocks:
+    fallback = _EagerFallback(report, regions)
+    for name, module in regions:
         whole = name == "transformer"
         compiled = torch.compile(module._call_impl, fullgraph=not whole, dynamic=False, backend=backend,
                                  options=options)
         module._compiled_call_impl = fallback.guard(name, compiled, module)
-    report.compiled = sorted({type(m).__name__ for _, m in regions}) + sorted(controlnet_names)
-
-
-def apply_pipeline_cuda_graphs(obj, report: CompileReport) -> None:
-    """CUDA graphs for the transformer (beneath cfg parallelism's wrapper, if any: which guidance pass a group runs
-    is not captured) and for each ControlNet of a pipeline."""
-    transformer = getattr(obj, "transformer", obj)
-    apply_cuda_graphs(getattr(transformer, "_fastusp_forward_slot", transformer), report)
-    for i, net in enumerate(controlnets(obj)):
-        apply_controlnet_cuda_graphs(net, report, f"controlnet {i}")
 
 
 def apply_cuda_graphs(transformer, report: CompileReport) -> None:
@@ -141,12 +153,12 @@ def apply_cuda_graphs(transformer, report: CompileReport) -> None:
     wrap_forward(transformer, lambda original, inputs: graphed(inputs, lambda: original(**inputs, return_dict=False)[0]))
 
 
-def apply_controlnet_cuda_graphs(net, report: CompileReport, name: str) -> None:
+def apply_controlnet_cuda_graphs(net, report: CompileReport) -> None:
     """The same for a ControlNet, whose forward returns its residuals (lists of tensors, or diffusers' output
     class): outside the transformer's graph, it would launch its blocks' kernels one by one."""
     forward = net.forward
     signature = inspect.signature(forward)
-    graphed = _graphed_or_eager(GraphedForward(forward), report, f"cuda graphs ({name})")
+    graphed = _graphed_or_eager(GraphedForward(forward), report, f"cuda graphs ({type(net).__name__})")
 
     @functools.wraps(forward)
     def graphed_forward(*args, **kwargs):

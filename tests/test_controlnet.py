@@ -181,7 +181,11 @@ def _graphed_multi_controlnet(degrees: dict, one_net_twice: bool):
     cuda_graphs.nccl_memory_pool = lambda: SimpleNamespace(id=0)
     pipe = _multi_controlnet_pipeline(one_net_twice)
     fastusp.parallelize(pipe, **degrees)
-    fastusp_compile.apply_pipeline_cuda_graphs(pipe, fastusp_compile.CompileReport(mode="default", cuda_graphs=True))
+    # what compile_pipeline does on CUDA with backend=None (it refuses graphs on a CPU transformer)
+    report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
+    fastusp_compile.compile_transformer(pipe.transformer, report, regional=True, reorder_comm=True, backend=None)
+    fastusp_compile.compile_controlnets(fastusp_compile.controlnets(pipe), pipe.transformer, report,
+                                        reorder_comm=True, backend=None)
     with torch.no_grad():
         out = _multi_call(pipe, one_net_twice=one_net_twice)
     return out, counts
@@ -198,3 +202,26 @@ def test_cuda_graphs_capture_each_controlnet_and_replay_it_with_new_inputs(one_n
     for out, counts in run_distributed(_graphed_multi_controlnet, 2, dict(ulysses=2), one_net_twice):
         assert counts == {"captures": 3, "replays": 6}
         assert ((out - expected).norm() / expected.norm()).item() < 1e-4
+
+
+def test_compile_pipeline_on_a_controlnet_pipeline_made_from_a_compiled_one_compiles_its_controlnet():
+    # from_pipe shares the compiled transformer: compile_pipeline on the new pipeline compiles the ControlNet it
+    # brings (before, it raised "already applied" and the ControlNet stayed eager), and only that
+    from diffusers import FluxControlNetPipeline
+
+    def generate(pipe):
+        image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(5))
+        return pipe(**tiny_call_kwargs(pipe), control_image=image, control_mode=1, height=32, width=48,
+                    num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    expected = generate(FluxControlNetPipeline.from_pipe(tiny_flux_pipeline(), controlnet=tiny_flux_controlnet("union")))
+    base = fastusp.compile_pipeline(tiny_flux_pipeline(), backend="aot_eager")
+    compiled_blocks = base.transformer.transformer_blocks[0]._compiled_call_impl
+    pipe = FluxControlNetPipeline.from_pipe(base, controlnet=tiny_flux_controlnet("union"))
+    fastusp.compile_pipeline(pipe, backend="aot_eager")
+    assert pipe.controlnet.transformer_blocks[0]._compiled_call_impl is not None
+    assert base.transformer.transformer_blocks[0]._compiled_call_impl is compiled_blocks  # not compiled again
+    assert "FluxControlNetModel blocks" in fastusp.compile_report(pipe).compiled
+    torch.testing.assert_close(generate(pipe), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="already applied"):  # nothing new now
+        fastusp.compile_pipeline(pipe, backend="aot_eager")
