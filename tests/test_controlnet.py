@@ -204,24 +204,42 @@ def test_cuda_graphs_capture_each_controlnet_and_replay_it_with_new_inputs(one_n
         assert ((out - expected).norm() / expected.norm()).item() < 1e-4
 
 
+def _controlnet_pipeline_from_a_compiled_one(degrees: dict | None):
+    """A FluxPipeline (parallelized with degrees, if any) compiled, then a ControlNet pipeline made from it with
+    from_pipe, parallelized and compiled the same way. Returns its latents and what compile_pipeline did."""
+    from diffusers import FluxControlNetPipeline
+
+    base = tiny_flux_pipeline()
+    if degrees:
+        fastusp.parallelize(base, **degrees)
+    fastusp.compile_pipeline(base, backend="aot_eager")
+    compiled_blocks = base.transformer.transformer_blocks[0]._compiled_call_impl
+    pipe = FluxControlNetPipeline.from_pipe(base, controlnet=tiny_flux_controlnet("union"))
+    if degrees:
+        fastusp.parallelize(pipe, **degrees)
+    fastusp.compile_pipeline(pipe, backend="aot_eager")
+    try:  # nothing new now
+        fastusp.compile_pipeline(pipe, backend="aot_eager")
+        refused = False
+    except ValueError as e:
+        refused = "already applied" in str(e)
+    image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(5))
+    out = pipe(**tiny_call_kwargs(pipe), control_image=image, control_mode=1, height=32, width=48,
+               num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    return out, dict(controlnet_compiled=pipe.controlnet.transformer_blocks[0]._compiled_call_impl is not None,
+                     transformer_kept=base.transformer.transformer_blocks[0]._compiled_call_impl is compiled_blocks,
+                     reported="FluxControlNetModel blocks" in fastusp.compile_report(pipe).compiled,
+                     refused_again=refused)
+
+
 def test_compile_pipeline_on_a_controlnet_pipeline_made_from_a_compiled_one_compiles_its_controlnet():
     # from_pipe shares the compiled transformer: compile_pipeline on the new pipeline compiles the ControlNet it
     # brings (before, it raised "already applied" and the ControlNet stayed eager), and only that
-    from diffusers import FluxControlNetPipeline
-
-    def generate(pipe):
-        image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(5))
-        return pipe(**tiny_call_kwargs(pipe), control_image=image, control_mode=1, height=32, width=48,
-                    num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
-
-    expected = generate(FluxControlNetPipeline.from_pipe(tiny_flux_pipeline(), controlnet=tiny_flux_controlnet("union")))
-    base = fastusp.compile_pipeline(tiny_flux_pipeline(), backend="aot_eager")
-    compiled_blocks = base.transformer.transformer_blocks[0]._compiled_call_impl
-    pipe = FluxControlNetPipeline.from_pipe(base, controlnet=tiny_flux_controlnet("union"))
-    fastusp.compile_pipeline(pipe, backend="aot_eager")
-    assert pipe.controlnet.transformer_blocks[0]._compiled_call_impl is not None
-    assert base.transformer.transformer_blocks[0]._compiled_call_impl is compiled_blocks  # not compiled again
-    assert "FluxControlNetModel blocks" in fastusp.compile_report(pipe).compiled
-    torch.testing.assert_close(generate(pipe), expected, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="already applied"):  # nothing new now
-        fastusp.compile_pipeline(pipe, backend="aot_eager")
+    expected, _ = _compiled_union_pipeline(None)  # the same Union ControlNet and call, one process, not compiled
+    done = dict(controlnet_compiled=True, transformer_kept=True, reported=True, refused_again=True)
+    out, what = _controlnet_pipeline_from_a_compiled_one(None)
+    assert what == done
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-5
+    for out, what in run_distributed(_controlnet_pipeline_from_a_compiled_one, 2, dict(ulysses=2)):
+        assert what == done
+        assert ((out - expected).norm() / expected.norm()).item() < 1e-4
