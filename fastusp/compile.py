@@ -121,7 +121,7 @@ def compile_controlnets(nets, transformer, report: CompileReport, reorder_comm: 
     report.cuda_graphs says, each net once (a later pipeline sharing it leaves it alone)."""
     if backend is not None and nets:
         kinds = set(transformer._repeated_blocks)
-        apply_compile([(f"{type(net).__name__} {id(net):x}: {name}", m) for net in nets
+        apply_compile([(f"{type(net).__name__}: {name}", m) for net in nets
                        for name, m in net.named_modules() if type(m).__name__ in kinds], report, reorder_comm, backend)
         report.compiled += sorted({f"{type(net).__name__} blocks" for net in nets} - set(report.compiled))
     for net in nets:
@@ -131,8 +131,8 @@ def compile_controlnets(nets, transformer, report: CompileReport, reorder_comm: 
 
 
 def apply_compile(regions, report: CompileReport, reorder_comm: bool, backend) -> None:
-    """torch.compile each (name, module) region in place (fullgraph, except a whole transformer), all falling back
-    to eager together."""
+    """torch.compile each (name, module) region in place (fullgraph, except a whole transformer); if one fails to
+    compile, all of these regions run eagerly."""
     options = None
     if backend == "inductor":  # torch.compile takes mode or options, not both: spell the mode out as options
         options = dict(torch._inductor.list_mode_options(report.mode), reorder_for_compute_comm_overlap=reorder_comm)

@@ -50,6 +50,16 @@ def inputs(name: str, device, batch: int, image_hw: tuple[int, int], text_len: i
                 img_shapes=[[(1, h, w)]] * batch)
 
 
+def output(model, x: dict, compiled: str | None) -> torch.Tensor:
+    """The transformer's output (float32) on x: eager (None), compiled ("inductor") or CUDA graphs of the eager
+    forward ("graphs"), after one warm-up call that compiles and records."""
+    with torch.no_grad():
+        if compiled:
+            fastusp.compile_pipeline(model, **({"backend": None} if compiled == "graphs" else {}))
+            model(**x, return_dict=False)
+        return model(**x, return_dict=False)[0].float()
+
+
 def layouts(world: int) -> list[tuple[int, int]]:
     return [(world // r, r) for r in range(1, world + 1) if world % r == 0]
 
@@ -76,11 +86,7 @@ def main(device, world: int, rank: int) -> int:
             checks = [c for c in checks if c[:3] == (world, 1, False)]
         for u, r, fp8, compiled in checks:
             model = fastusp.parallelize(build(name, device), ulysses=u, ring=r, fp8_comm=fp8)
-            with torch.no_grad():
-                if compiled:
-                    fastusp.compile_pipeline(model, **({"backend": None} if compiled == "graphs" else {}))
-                    model(**x, return_dict=False)  # warm-up: compile and record
-                out = model(**x, return_dict=False)[0].float()
+            out = output(model, x, compiled)
             err = ((out - ref).norm() / ref.norm()).item()
             ok = err < (FP8_TOL if fp8 else BF16_TOL) and torch.isfinite(out).all().item()
             failures += not ok
@@ -238,11 +244,7 @@ def check_qwen_variants(world: int, rank: int, device) -> int:
             ref = build_variant()(**x, return_dict=False)[0].float()
         for compiled in (None, "inductor", "graphs"):
             model = fastusp.parallelize(build_variant(), ulysses=world)
-            with torch.no_grad():
-                if compiled:
-                    fastusp.compile_pipeline(model, **({"backend": None} if compiled == "graphs" else {}))
-                    model(**x, return_dict=False)  # warm-up: compile and record
-                out = model(**x, return_dict=False)[0].float()
+            out = output(model, x, compiled)
             err = ((out - ref).norm() / ref.norm()).item()
             ok = err < BF16_TOL and torch.isfinite(out).all().item()
             failures += not ok
