@@ -1,4 +1,4 @@
-"""Replacing a diffusers transformer's forward while keeping its call contract."""
+"""Replacing a diffusers model's forward (a transformer's, a ControlNet's) while keeping its call contract."""
 from __future__ import annotations
 
 import functools
@@ -7,18 +7,25 @@ import inspect
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 
-def wrap_forward(module, run_sample) -> None:
-    """Replace module.forward by one that binds each call to the current forward's signature, gets the sample from
-    run_sample(forward, inputs) (inputs: the bound arguments without return_dict) and returns it as diffusers does:
-    a Transformer2DModelOutput, or a 1-tuple for return_dict=False."""
+def replace_forward(module, run) -> None:
+    """Replace module.forward by one that binds each call to the current forward's signature and returns
+    run(forward, inputs) as it is (inputs: the bound arguments by name, return_dict included if given)."""
     forward = module.forward
     signature = inspect.signature(forward)
 
     @functools.wraps(forward)
-    def wrapped(*args, **kwargs):
-        inputs = signature.bind(*args, **kwargs).arguments
+    def replaced(*args, **kwargs):
+        return run(forward, signature.bind(*args, **kwargs).arguments)
+
+    module.forward = replaced
+
+
+def wrap_forward(module, run_sample) -> None:
+    """Replace a transformer's forward: run_sample(forward, inputs) (inputs without return_dict) gives the sample,
+    returned as diffusers does: a Transformer2DModelOutput, or a 1-tuple for return_dict=False."""
+    def run(forward, inputs):
         return_dict = inputs.pop("return_dict", True)
         sample = run_sample(forward, inputs)
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
-    module.forward = wrapped
+    replace_forward(module, run)

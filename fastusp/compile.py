@@ -15,14 +15,12 @@ are keyed by input shapes, so a new resolution or text length recompiles / recap
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from ._forward import wrap_forward
+from ._forward import replace_forward, wrap_forward
 from .controlnet import controlnets
 from .cuda_graphs import GraphedForward
 
@@ -156,16 +154,8 @@ def apply_cuda_graphs(transformer, report: CompileReport) -> None:
 def apply_controlnet_cuda_graphs(net, report: CompileReport) -> None:
     """The same for a ControlNet, whose forward returns its residuals (lists of tensors, or diffusers' output
     class): outside the transformer's graph, it would launch its blocks' kernels one by one."""
-    forward = net.forward
-    signature = inspect.signature(forward)
-    graphed = _graphed_or_eager(GraphedForward(forward), report, f"cuda graphs ({type(net).__name__})")
-
-    @functools.wraps(forward)
-    def graphed_forward(*args, **kwargs):
-        inputs = signature.bind(*args, **kwargs).arguments
-        return graphed(inputs, lambda: forward(**inputs))
-
-    net.forward = graphed_forward
+    graphed = _graphed_or_eager(GraphedForward(net.forward), report, f"cuda graphs ({type(net).__name__})")
+    replace_forward(net, lambda forward, inputs: graphed(inputs, lambda: forward(**inputs)))
 
 
 def _graphed_or_eager(graphed_forward: GraphedForward, report: CompileReport, region: str):

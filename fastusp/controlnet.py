@@ -14,13 +14,12 @@ this rank's rows where they are embedded.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 from dataclasses import replace
 
 import torch
 
+from ._forward import replace_forward
 from .config import ParallelConfig
 from .processors.context import USPContext
 from .sharding import SeqLayout, key_bias_from_text_mask
@@ -82,19 +81,14 @@ def shard_controlnet(net, config: ParallelConfig, spec) -> None:
 def _wrap(net, context: USPContext, prepare) -> None:
     """Replace net.forward: prepare(inputs) shards the bound inputs in place and returns the layout; the original
     forward runs with it and its output (this rank's residuals) is returned as is."""
-    forward = net.forward
-    signature = inspect.signature(forward)
-
-    @functools.wraps(forward)
-    def sharded(*args, **kwargs):
-        inputs = signature.bind(*args, **kwargs).arguments
+    def sharded(forward, inputs):
         context.layout = prepare(inputs)
         try:
             return forward(**inputs)
         finally:
             context.layout = None
 
-    net.forward = sharded
+    replace_forward(net, sharded)
 
 
 def _with_mode_token_copies(layout: SeqLayout, hidden: torch.Tensor) -> SeqLayout:
