@@ -11,7 +11,8 @@ Ring attention cannot be traced (point-to-point sends), so inside a compiled blo
 fastusp::ring_attention while Inductor compiles the rest. If compilation fails anyway, every block falls back to
 eager together (so all ranks keep issuing the same collectives), and the report says why; likewise a forward
 that cannot be captured runs without CUDA graphs. Compiled code is guarded on shapes (dynamic=False) and graphs
-are keyed by input shapes, so a new resolution or text length recompiles / recaptures instead of reusing.
+are keyed by input shapes, so a new resolution or text length recompiles / recaptures instead of reusing; a model
+changed after capture (a LoRA loaded, scaled, fused or unloaded) is captured again (cuda_graphs.ModelState).
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ def compile_transformer(transformer, report: CompileReport, regional: bool, reor
         report.compiled = sorted({type(m).__name__ for _, m in regions})
     if report.cuda_graphs:
         # beneath cfg parallelism's wrapper, if any: which guidance pass a group runs is not captured
-        apply_cuda_graphs(getattr(transformer, "_fastusp_forward_slot", transformer), report)
+        apply_cuda_graphs(getattr(transformer, "_fastusp_forward_slot", transformer), transformer, report)
 
 
 def compile_controlnets(nets, transformer, report: CompileReport, reorder_comm: bool, backend) -> None:
@@ -142,19 +143,19 @@ def apply_compile(regions, report: CompileReport, reorder_comm: bool, backend) -
         module._compiled_call_impl = fallback.guard(name, compiled, module)
 
 
-def apply_cuda_graphs(transformer, report: CompileReport) -> None:
-    """Replace forward (of the transformer, or of the slot that cfg parallelism calls) by one that replays a CUDA
-    graph of the whole forward per input signature."""
-    forward = transformer.forward
-    graphed = _graphed_or_eager(GraphedForward(lambda **kw: forward(**kw, return_dict=False)[0]), report,
-                                "cuda graphs")
-    wrap_forward(transformer, lambda original, inputs: graphed(inputs, lambda: original(**inputs, return_dict=False)[0]))
+def apply_cuda_graphs(slot, transformer, report: CompileReport) -> None:
+    """Replace the forward of slot (the transformer, or the slot that cfg parallelism calls) by one that replays a
+    CUDA graph of the whole forward per input signature, captured again when the transformer changes."""
+    forward = slot.forward
+    graphed = _graphed_or_eager(GraphedForward(lambda **kw: forward(**kw, return_dict=False)[0], transformer),
+                                report, "cuda graphs")
+    wrap_forward(slot, lambda original, inputs: graphed(inputs, lambda: original(**inputs, return_dict=False)[0]))
 
 
 def apply_controlnet_cuda_graphs(net, report: CompileReport) -> None:
     """The same for a ControlNet, whose forward returns its residuals (lists of tensors, or diffusers' output
     class): outside the transformer's graph, it would launch its blocks' kernels one by one."""
-    graphed = _graphed_or_eager(GraphedForward(net.forward), report, f"cuda graphs ({type(net).__name__})")
+    graphed = _graphed_or_eager(GraphedForward(net.forward, net), report, f"cuda graphs ({type(net).__name__})")
     replace_forward(net, lambda forward, inputs: graphed(inputs, lambda: forward(**inputs)))
 
 

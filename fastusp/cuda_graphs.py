@@ -7,6 +7,12 @@ every tensor's shape, dtype, device and strides, and every non-tensor value. A c
 new graph; it never replays a graph recorded for other inputs. Tensor values are copied into the graph's static
 inputs before each replay, so new latents, timesteps or prompts are fine.
 
+A graph also bakes in the model as it was at capture: which modules run, where their weights live, and the
+Python numbers adapters keep on modules (a LoRA's scale, which adapters are active, merged or disabled; an
+IP-Adapter's scale). ModelState notices when any of that changes (load_lora_weights, set_adapters, fuse_lora,
+unload_lora_weights, set_ip_adapter_scale, .to()) and the graphs are dropped and captured again; replaying them
+would silently run the old model.
+
 Under NCCL the graphs are captured in memory from NCCL's own allocator (ncclMemAlloc). NCCL registers the buffers
 of every collective it captures, and with that memory a captured all-to-all copies straight between the ranks'
 tensors instead of staging through NCCL's buffers: 0.7-1.0 ms off a step (FLUX on 2 and 4 GPUs, Qwen-Image on 2;
@@ -18,10 +24,13 @@ FASTUSP_NCCL_GRAPH_MEMORY=0 captures in torch's default graph pool instead.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import weakref
 
 import torch
 import torch.distributed as dist
+from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 from torch.utils import _pytree as pytree
 
 logger = logging.getLogger("fastusp")
@@ -31,13 +40,17 @@ class GraphedForward:
     """Wraps forward(**kwargs) -> a tensor or a pytree of them (a ControlNet's residual lists, a diffusers output
     class); replays a CUDA graph per input signature, up to `max_graphs`."""
 
-    def __init__(self, forward, max_graphs: int = 8, warmup: int = 2):
+    def __init__(self, forward, model: torch.nn.Module | None = None, max_graphs: int = 8, warmup: int = 2):
         self.forward, self.max_graphs, self.warmup = forward, max_graphs, warmup
+        self.model_state = ModelState(model) if model is not None else None
         self.graphs: dict = {}
         self.pool = None  # one memory pool for all graphs: graphs for other shapes reuse the memory
         self._nccl_pool = None  # owns the NCCL memory for as long as the graphs may replay from it
 
     def __call__(self, **kwargs):
+        if self.model_state is not None and self.model_state.changed() and self.graphs:
+            logger.info("fastusp: the model changed (modules, weights or adapter settings): recapturing its CUDA graphs")
+            self.graphs.clear()  # their memory goes back to the pool, for the new captures
         leaves, spec = pytree.tree_flatten(kwargs)
         key = _signature(leaves, spec)
         entry = self.graphs.get(key)
@@ -99,6 +112,109 @@ def nccl_memory_pool():
     except (AttributeError, RuntimeError) as e:
         logger.warning("fastusp: CUDA graphs stay in torch's memory, NCCL's allocator is unavailable: %s", e)
         return None
+
+
+class ModelState:
+    """Tells whether a module changed, since the last call, in a way a captured graph would not follow:
+    - a module, parameter or buffer registered anywhere inside it (LoRA layers injected or removed, a processor set),
+      seen by torch's global registration hooks, filtered to this module's own submodules;
+    - a parameter or buffer moved to other memory (.to(), a merge that reallocates);
+    - an adapter setting changed: a PEFT layer's active / disabled / merged adapters and scales, an IP-Adapter
+      processor's scales.
+    Each rank's answer depends only on what its own code did to its model, never on memory addresses being reused,
+    so ranks that change their models alike recapture alike (a capture runs collectives: one rank alone would hang).
+    Costs a data-pointer check of every weight per call (C++ under CUDA; ~1,200 tensors for FLUX).
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.registrations = module, 0
+        self._snapshot()
+        _install_registration_hooks()
+        _STATES.add(self)
+
+    def changed(self) -> bool:
+        if self.registrations != self._registrations_seen or not self._same_data_ptrs() \
+                or not _same_settings(self._settings(), self.settings):
+            self._snapshot()
+            return True
+        return False
+
+    def owns(self, module: torch.nn.Module) -> bool:
+        ref = self.members.get(id(module))
+        return ref is not None and ref() is module  # the weakref: an id can be reused once its module is gone
+
+    def _snapshot(self) -> None:
+        modules = list(self.module.modules())
+        self.members = {id(m): weakref.ref(m) for m in modules}
+        self.tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        self.data_ptrs = [t.data_ptr() for t in self.tensors]
+        self.indices = list(range(len(self.tensors)))
+        self.adapters = [m for m in modules if _adapter_settings(m) is not None]
+        self.settings = self._settings()
+        self._registrations_seen = self.registrations
+
+    def _settings(self) -> list:
+        return [_adapter_settings(m) for m in self.adapters]
+
+    def _same_data_ptrs(self) -> bool:
+        check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)  # CUDA builds; as Inductor's graphs
+        if check is not None:
+            return check(self.tensors, self.data_ptrs, self.indices)
+        return all(t.data_ptr() == p for t, p in zip(self.tensors, self.data_ptrs))
+
+
+_STATES: weakref.WeakSet = weakref.WeakSet()
+_HOOKS_INSTALLED = False
+
+
+def _install_registration_hooks() -> None:
+    global _HOOKS_INSTALLED
+    if _HOOKS_INSTALLED:
+        return
+
+    def registered(module, name, value):
+        for state in list(_STATES):
+            if state.owns(module):
+                state.registrations += 1
+
+    from torch.nn.modules import module as nn_module
+
+    nn_module.register_module_module_registration_hook(registered)
+    nn_module.register_module_parameter_registration_hook(registered)
+    nn_module.register_module_buffer_registration_hook(registered)
+    _HOOKS_INSTALLED = True
+
+
+def _adapter_settings(module):
+    """The Python values a module's adapters read in forward (None for a module without adapters)."""
+    if isinstance(module, FluxIPAdapterAttnProcessor):
+        return ("ip-adapter", *module.scale)
+    if hasattr(module, "merged_adapters") and hasattr(module, "active_adapters"):  # a PEFT tuner layer (LoRA ...)
+        scaling = getattr(module, "scaling", {})
+        return ("peft", tuple(module.active_adapters), bool(module.disable_adapters), tuple(module.merged_adapters),
+                *(item for name in sorted(scaling) for item in (name, _plain(scaling[name]))))
+    return None
+
+
+def _plain(value):
+    """A scale as a comparable value: a tensor by identity and version (an in-place change bumps the version)."""
+    return (id(value), value._version) if isinstance(value, torch.Tensor) else value
+
+
+def _same_settings(now: list, before: list) -> bool:
+    """Equal, floats within 1e-9: diffusers scales a LoRA for one call (joint_attention_kwargs["scale"]) by
+    multiplying and dividing, which can leave the last bit different; that must not recapture every call."""
+    if len(now) != len(before):
+        return False
+    for a, b in zip(now, before):
+        if a == b:
+            continue
+        if a is None or b is None or len(a) != len(b):
+            return False
+        for x, y in zip(a, b):
+            if x != y and not (isinstance(x, float) and isinstance(y, float) and math.isclose(x, y, rel_tol=1e-9)):
+                return False
+    return True
 
 
 def _signature(leaves, spec):

@@ -122,6 +122,30 @@ def test_cuda_graph_signature_separates_everything_a_graph_depends_on():
     assert key(x=torch.zeros(1), extra=object()) is None  # unknown objects: never graphed
 
 
+def test_model_state_notices_what_a_graph_bakes_in_and_nothing_else():
+    # what makes compiled graphs recapture (tests/test_lora.py covers LoRA changes end to end)
+    from fastusp.cuda_graphs import ModelState
+    from tiny_models import random_ip_adapter_state_dict
+    from tiny_pipelines import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    pipe.transformer._load_ip_adapter_weights(random_ip_adapter_state_dict(pipe.transformer, 20),
+                                              low_cpu_mem_usage=False)
+    state = ModelState(pipe.transformer)
+    assert not state.changed()
+    torch.nn.Linear(2, 2)  # another model built
+    pipe.vae.decoder.conv_out = torch.nn.Conv2d(16, 3, 3)  # a module set outside the transformer
+    assert not state.changed()
+    pipe.set_ip_adapter_scale(0.5)  # a Python float in the IP-Adapter processors
+    assert state.changed() and not state.changed()  # seen once
+    pipe.transformer.to(torch.float64)  # the same parameters, in new memory
+    assert state.changed() and not state.changed()
+    pipe.transformer.proj_out = torch.nn.Linear(pipe.transformer.inner_dim, 16)  # a module replaced inside
+    assert state.changed() and not state.changed()
+    pipe.transformer.proj_out.bias = torch.nn.Parameter(torch.zeros(16))  # inside the new module: it is a member
+    assert state.changed() and not state.changed()
+
+
 def _graph_memory_pool_under_gloo():
     from fastusp.cuda_graphs import nccl_memory_pool
 

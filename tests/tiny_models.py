@@ -93,3 +93,17 @@ def random_ip_adapter_state_dict(transformer, clip_dim: int, seed: int = 3) -> d
         for kv in ("to_k_ip", "to_v_ip"):
             ip_adapter[f"{i}.{kv}.weight"], ip_adapter[f"{i}.{kv}.bias"] = weight(inner, text_dim), small(inner)
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def random_lora_state_dict(transformer, seed: int, rank: int = 2, targets=("to_q", "to_k", "to_v", "to_out.0",
+                                                                            "proj_mlp", "proj_out")) -> dict:
+    """A random LoRA for the transformer's linear layers named by `targets`, in the layout pipelines' load_lora_weights
+    reads (diffusers / PEFT keys: transformer.<module>.lora_A.weight [rank, in], lora_B.weight [out, rank])."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            prefix = f"transformer.{name}"
+            state[f"{prefix}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) / module.in_features ** 0.5
+            state[f"{prefix}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) / rank ** 0.5
+    return state

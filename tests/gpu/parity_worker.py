@@ -217,6 +217,61 @@ def check_controlnet(world: int, rank: int, device) -> int:
     return failures
 
 
+def check_lora(world: int, rank: int, device) -> int:
+    """FLUX with random LoRAs loaded through a FluxPipeline, Ulysses over all ranks, CUDA graphs of the eager forward
+    and Inductor + graphs: after each adapter change (load, set_adapters, fuse_lora, unload) the parallel output
+    against one GPU's eager output in the same state. A graph replayed after a change would run the old model.
+    Returns the number of failed checks."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from tiny_models import random_lora_state_dict
+
+    x = inputs("flux", device, batch=1, image_hw=(33, 31), text_len=77)
+    loras = {}
+
+    def states(pipe):
+        if not loras:  # before any is loaded: afterwards the layers are PEFT's
+            loras.update(a=random_lora_state_dict(pipe.transformer, 1, rank=4),
+                         b=random_lora_state_dict(pipe.transformer, 2, rank=4))
+        return [("no LoRA", lambda: None),
+                ("load a", lambda: pipe.load_lora_weights(loras["a"], adapter_name="a")),
+                ("a at 0.5", lambda: pipe.set_adapters("a", 0.5)),
+                ("a + b", lambda: (pipe.load_lora_weights(loras["b"], adapter_name="b"),
+                                   pipe.set_adapters(["a", "b"], [1.0, 0.7]))),
+                ("a fused", lambda: (pipe.set_adapters("a"), pipe.fuse_lora(adapter_names=["a"]))),
+                ("unloaded", pipe.unload_lora_weights)]
+
+    def outputs(compiled: str | None):
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                            tokenizer_2=None, transformer=build("flux", device))
+        if compiled:
+            fastusp.parallelize(pipe, ulysses=world)
+            fastusp.compile_pipeline(pipe, **({"backend": None} if compiled == "graphs" else {}))
+        result = []
+        for name, change in states(pipe):
+            change()
+            with torch.no_grad():
+                pipe.transformer(**x, return_dict=False)  # captures (or replays) ...
+                result.append((name, pipe.transformer(**x, return_dict=False)[0].float()))  # ... replays
+        return result, fastusp.compile_report(pipe)
+
+    refs, _ = outputs(None)
+    failures = 0
+    for compiled in ("graphs", "inductor"):
+        outs, report = outputs(compiled)
+        for (name, out), (_, ref) in zip(outs, refs):
+            err = ((out - ref).norm() / ref.norm()).item()
+            ok = err < BF16_TOL and torch.isfinite(out).all().item()
+            failures += not ok
+            if rank == 0:
+                changed = ((ref - refs[0][1]).norm() / refs[0][1].norm()).item()  # the LoRA's effect, for scale
+                print(json.dumps(dict(check="lora", model="flux", world=world, ulysses=world, state=name,
+                                      compiled=compiled, rel_err=round(err, 5), vs_no_lora=round(changed, 3), ok=ok,
+                                      compile=report.summary(), card=torch.cuda.get_device_name(device))), flush=True)
+        torch._dynamo.reset()
+    return failures
+
+
 def check_qwen_variants(world: int, rank: int, device) -> int:
     """Qwen-Image-Edit-2511 (zero_cond_t: the reference image's tokens modulated as at t = 0) and Qwen-Image-Layered
     (a layer axis in RoPE: composite, 2 layers, input image), Ulysses over all ranks: eager, compiled, and CUDA
@@ -260,14 +315,14 @@ def check_qwen_variants(world: int, rank: int, device) -> int:
 
 
 def run_checks() -> int:
-    """All checks; --quick: the transformer smoke test only; --only NAME,...: ip-adapter, controlnet, qwen-variants
-    or main."""
+    """All checks; --quick: the transformer smoke test only; --only NAME,...: ip-adapter, controlnet, lora,
+    qwen-variants or main."""
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", device_id=device)
     world, rank = dist.get_world_size(), dist.get_rank()
-    checks = {"ip-adapter": check_ip_adapter, "controlnet": check_controlnet, "qwen-variants": check_qwen_variants,
-              "main": main}
+    checks = {"ip-adapter": check_ip_adapter, "controlnet": check_controlnet, "lora": check_lora,
+              "qwen-variants": check_qwen_variants, "main": main}
     if "--only" in sys.argv:
         checks = {name: checks[name] for name in sys.argv[sys.argv.index("--only") + 1].split(",")}
     elif "--quick" in sys.argv:
