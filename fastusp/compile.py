@@ -190,9 +190,11 @@ def _repeated_blocks(transformer) -> list[tuple[str, torch.nn.Module]]:
 class _EagerFallback:
     """Runs compiled regions until one fails to compile, then runs every region eagerly and records why.
 
-    Code is compiled per input shape (dynamic=False), and Dynamo keeps at most torch._dynamo.config.recompile_limit
-    (8) versions per block kind; with fullgraph it then raises instead of running. Such a call runs eagerly (every
-    rank sees the same shapes, so every rank does), shapes compiled before stay compiled, and the report says so.
+    Code is compiled per input shape (dynamic=False) and per model state (Dynamo guards on the modules and their
+    Python values: a LoRA loaded, scaled or fused is a new state), and Dynamo keeps at most
+    torch._dynamo.config.recompile_limit (8) versions per block kind; with fullgraph it then raises instead of
+    running. Such a call runs eagerly (every rank sees the same shapes and states, so every rank does), versions
+    compiled before stay compiled, and the report says so.
     """
 
     def __init__(self, report: CompileReport, regions):
@@ -204,19 +206,20 @@ class _EagerFallback:
                 try:
                     return compiled(*args, **kwargs)
                 except _RECOMPILE_LIMIT_HIT:  # raised before anything ran, as below
-                    self._note_shape_limit()
+                    self._note_recompile_limit()
                 except torch._dynamo.exc.TorchDynamoException as e:  # tracing/compiling, before anything ran
                     self._give_up(name, e)
             return module._call_impl(*args, **kwargs)
 
         return call
 
-    def _note_shape_limit(self) -> None:
-        if "new shapes" not in self.report.fell_back:
+    def _note_recompile_limit(self) -> None:
+        if "recompile limit" not in self.report.fell_back:
             limit = getattr(torch._dynamo.config, "recompile_limit", None)
-            self.report.fell_back["new shapes"] = (
-                f"Dynamo's recompile_limit ({limit}) input shapes are compiled; blocks run eagerly for any other "
-                f"(raise torch._dynamo.config.recompile_limit to compile more)")
+            self.report.fell_back["recompile limit"] = (
+                f"Dynamo's recompile_limit ({limit}) versions of the blocks are compiled, one per input shape or "
+                f"model state (each LoRA change is a new state); blocks run eagerly for any other (raise "
+                f"torch._dynamo.config.recompile_limit to compile more)")
             logger.warning(self.report.summary())
 
     def _give_up(self, name, error: Exception) -> None:
