@@ -246,6 +246,37 @@ def test_qwen_image_edit_2511_pipeline_matches_single_process(monkeypatch, degre
         _assert_close(out, expected, f"rank {rank} latents vs single process")
 
 
+def _kontext(reference_seed: int = 7, degrees: dict | None = None) -> torch.Tensor:
+    """FLUX.1 Kontext (FluxKontextPipeline) with true CFG on one 24x40 reference image: its 60 tokens follow the
+    edited image's 96 in the joint sequence, with RoPE ids of their own (first axis 1)."""
+    import numpy as np
+    import PIL.Image
+    from diffusers import FluxKontextPipeline
+
+    import fastusp
+
+    pipe = FluxKontextPipeline.from_pipe(tiny_flux_pipeline())
+    pipe.set_progress_bar_config(disable=True)
+    if degrees:
+        fastusp.parallelize(pipe, **degrees)
+    prompt, negative = prompt_kwargs(pipe, text_len=7), prompt_kwargs(pipe, text_len=7, seed=1, negative=True)
+    pixels = np.random.default_rng(reference_seed).random((24, 40, 3))
+    # Kontext scales the output to max_area pixels (default 1024²) and the reference to one of its ~1 MP
+    # resolutions; max_area and _auto_resize=False keep both at the test's sizes
+    return pipe(image=PIL.Image.fromarray((pixels * 255).astype("uint8")), **prompt, **negative, true_cfg_scale=2.0,
+                height=H, width=W, max_area=H * W, _auto_resize=False, num_inference_steps=STEPS,
+                generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+
+@pytest.mark.parametrize("degrees", [dict(ulysses=2), dict(ring=2), dict(cfg=2)], ids=["ulysses2", "ring2", "cfg2"])
+def test_flux_kontext_pipeline_matches_single_process(degrees):
+    expected = _kontext()
+    # precondition: the reference image matters, so mishandled reference tokens would show
+    assert ((_kontext(reference_seed=8) - expected).norm() / expected.norm()).item() > 3 * TOL
+    for rank, out in enumerate(run_distributed(_kontext, 2, 7, degrees)):
+        _assert_close(out, expected, f"rank {rank} latents vs single process")
+
+
 def _layered(pipe, image_seed: int = 7, degrees: dict | None = None) -> torch.Tensor:
     """Qwen-Image-Layered with true CFG: 2 layers (4 images: composite, layers, the RGBA input) from a 24x16 input.
     Returns the decoded composite and layers of the one sample."""
