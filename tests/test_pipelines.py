@@ -217,7 +217,8 @@ def test_callers_latents_are_not_overwritten():
 
 
 def _edit(pipe, reference_seed: int = 7, degrees: dict | None = None) -> torch.Tensor:
-    """Qwen-Image-Edit with true CFG (a 7-token prompt, a 4-token negative one) on one 24x40 reference image."""
+    """Qwen-Image-Edit (Plus or not) with true CFG (a 7-token prompt, a 4-token negative one) on one 24x40 reference
+    image."""
     import numpy as np
     import PIL.Image
 
@@ -233,16 +234,22 @@ def _edit(pipe, reference_seed: int = 7, degrees: dict | None = None) -> torch.T
                 num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent").images
 
 
+@pytest.mark.parametrize("plus", [True, False], ids=["edit-plus-2511", "edit"])
 @pytest.mark.parametrize("degrees", [dict(ulysses=2), dict(ring=2), dict(cfg=2)], ids=["ulysses2", "ring2", "cfg2"])
-def test_qwen_image_edit_2511_pipeline_matches_single_process(monkeypatch, degrees):
+def test_qwen_image_edit_pipeline_matches_single_process(monkeypatch, degrees, plus):
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
 
-    monkeypatch.setattr(edit_plus, "VAE_IMAGE_SIZE", 24 * 40)  # a small reference image (forked ranks inherit it)
-    expected = _edit(tiny_qwen_edit_pipeline())
+    # a small reference image (forked ranks inherit the patches): Edit-Plus resizes it to VAE_IMAGE_SIZE pixels,
+    # Edit to calculate_dimensions(1024², its aspect ratio)
+    monkeypatch.setattr(edit_plus, "VAE_IMAGE_SIZE", 24 * 40)
+    monkeypatch.setattr(edit, "calculate_dimensions", lambda area, ratio: (40, 24, None))
+    expected = _edit(tiny_qwen_edit_pipeline(plus))
     # precondition: another reference image moves the output by several times the tolerance (8e-4 with these tiny
     # random weights), so mishandled reference tokens would show
-    assert ((_edit(tiny_qwen_edit_pipeline(), reference_seed=8) - expected).norm() / expected.norm()).item() > 3 * TOL
-    for rank, out in enumerate(run_distributed(_edit, 2, tiny_qwen_edit_pipeline(), 7, degrees)):
+    assert ((_edit(tiny_qwen_edit_pipeline(plus), reference_seed=8) - expected).norm() / expected.norm()).item() \
+        > 3 * TOL
+    for rank, out in enumerate(run_distributed(_edit, 2, tiny_qwen_edit_pipeline(plus), 7, degrees)):
         _assert_close(out, expected, f"rank {rank} latents vs single process")
 
 

@@ -94,16 +94,18 @@ def tiny_qwen_pipeline():
     return pipe
 
 
-def tiny_qwen_edit_pipeline():
-    """QwenImageEditPlusPipeline (what Qwen-Image-Edit-2509 / 2511 run) around tiny_qwen(zero_cond_t=True), the
-    2511 transformer: the edited image's tokens, then the reference images' tokens, which it modulates as at t = 0.
-    The pipeline resizes references to VAE_IMAGE_SIZE pixels (1024², thousands of tokens at this VAE's factor):
-    callers shrink it (tests: monkeypatch)."""
-    from diffusers import QwenImageEditPlusPipeline
+def tiny_qwen_edit_pipeline(plus: bool = True):
+    """plus: QwenImageEditPlusPipeline (what Qwen-Image-Edit-2509 / 2511 run) around tiny_qwen(zero_cond_t=True),
+    the 2511 transformer, which modulates the reference images' tokens as at t = 0; else QwenImageEditPipeline (the
+    first Qwen-Image-Edit) around tiny_qwen(). Both put the edited image's tokens first, then the reference's.
+    The pipelines resize references to about 1024² pixels (thousands of tokens at this VAE's factor): callers shrink
+    that (tests: monkeypatch)."""
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 
     base = tiny_qwen_pipeline()
-    return QwenImageEditPlusPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=None, tokenizer=None,
-                                     processor=None, transformer=tiny_qwen(zero_cond_t=True))
+    pipeline_cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    return pipeline_cls(scheduler=base.scheduler, vae=base.vae, text_encoder=None, tokenizer=None, processor=None,
+                        transformer=tiny_qwen(zero_cond_t=plus))
 
 
 def tiny_qwen_layered_pipeline():
