@@ -7,6 +7,7 @@ import torch
 
 import fastusp
 from _dist import run_distributed
+from _fake_graphs import fake_cuda_graphs
 from fastusp.sharding import split_sizes
 from tiny_models import flux_inputs
 from tiny_pipelines import tiny_call_kwargs, tiny_flux_pipeline
@@ -154,31 +155,12 @@ def test_compile_pipeline_compiles_the_controlnet_blocks_too():
 
 
 def _graphed_multi_controlnet(degrees: dict, one_net_twice: bool):
-    """_generate_multi with every forward under fastusp's CUDA-graph wrappers. Capture needs CUDA: here a captured
-    "graph" is its call on the static inputs, and a replay calls it again and copies the result into the static
-    output, which is what a real replay leaves there. Returns the latents and the (captures, replays) counts."""
-    from types import SimpleNamespace
-
-    from torch.utils import _pytree as pytree
-
+    """_generate_multi with every forward under fastusp's CUDA-graph wrappers, capture replaced as in
+    tests/_fake_graphs.py. Returns the latents and the (captures, replays) counts."""
     from fastusp import compile as fastusp_compile
-    from fastusp import cuda_graphs
 
-    counts = {"captures": 0, "replays": 0}
-
-    def capture_graph(fn, warmup, pool):
-        counts["captures"] += 1
-        static_output = fn()
-
-        def replay():
-            counts["replays"] += 1
-            for static, new in zip(pytree.tree_leaves(static_output), pytree.tree_leaves(fn())):
-                static.copy_(new)
-
-        return SimpleNamespace(replay=replay), static_output
-
-    cuda_graphs.capture_graph = capture_graph  # a forked worker: the patch dies with it
-    cuda_graphs.nccl_memory_pool = lambda: SimpleNamespace(id=0)
+    counts = {}
+    fake_cuda_graphs(counts)
     pipe = _multi_controlnet_pipeline(one_net_twice)
     fastusp.parallelize(pipe, **degrees)
     # what compile_pipeline does on CUDA with backend=None (it refuses graphs on a CPU transformer)

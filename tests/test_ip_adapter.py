@@ -6,6 +6,7 @@ import torch
 
 import fastusp
 from _dist import run_distributed
+from _fake_graphs import fake_cuda_graphs
 from tiny_models import flux_inputs, random_ip_adapter_state_dict, tiny_flux
 from tiny_pipelines import prompt_kwargs, tiny_flux_pipeline
 
@@ -105,3 +106,38 @@ def test_ip_adapter_compiled_matches_one_process():
         assert fell_back == {}
         for out in (eager, compiled):
             assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def _ip_scales(model) -> tuple:
+    return tuple(tuple(p.scale) for p in model.attn_processors.values() if hasattr(p, "scale"))
+
+
+def _graphed_then_rescaled(inputs, embeds):
+    """Ulysses-2, blocks compiled (Dynamo, backend "eager") inside fake CUDA graphs (tests/_fake_graphs.py, whose
+    replays check the IP-Adapter scales they were captured with); outputs at scale 1, then 0.3."""
+    from fastusp import compile as fastusp_compile
+
+    pipe = ip_pipeline()
+    fastusp.parallelize(pipe, ulysses=2)
+    counts = {}
+    fake_cuda_graphs(counts, lambda: _ip_scales(pipe.transformer))
+    report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)  # as compile_pipeline on CUDA
+    fastusp_compile.compile_transformer(pipe.transformer, report, regional=True, reorder_comm=True, backend="eager")
+    outs = [_forward(pipe.transformer, inputs, embeds)]
+    pipe.set_ip_adapter_scale(0.3)
+    outs.append(_forward(pipe.transformer, inputs, embeds))
+    return outs, counts["captures"]
+
+
+def test_set_ip_adapter_scale_after_compile_takes_effect():
+    # the scale is a Python float inside the processors: a graph captured at scale 1 must not be replayed at 0.3
+    inputs, embeds = flux_inputs(batch=1, height=3, width=5, text_len=5), image_embeds()
+    pipe = ip_pipeline()
+    refs = [_forward(pipe.transformer, inputs, embeds)]
+    pipe.set_ip_adapter_scale(0.3)
+    refs.append(_forward(pipe.transformer, inputs, embeds))
+    assert ((refs[1] - refs[0]).norm() / refs[0].norm()).item() > 1e-2  # precondition: the scale matters
+    for outs, captures in run_distributed(_graphed_then_rescaled, 2, inputs, embeds, timeout=300):
+        assert captures == 2
+        for out, ref in zip(outs, refs):
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-4

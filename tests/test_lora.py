@@ -2,9 +2,9 @@
 LoRA loaded before or after parallelize, and compiled / CUDA-graphed FLUX follows every later adapter change.
 
 A CUDA graph bakes in the model as it was captured; replaying it after load_lora_weights, set_adapters, fuse_lora or
-unload_lora_weights would silently run the old model. Capture needs CUDA, so the graph tests replace it: a "graph" is
-its call on the static inputs, and a replay asserts that the model is still the one it was captured from (same
-tensors at the same addresses with the same values, same adapter settings) before calling it again.
+unload_lora_weights would silently run the old model. Capture needs CUDA, so the graph tests replace it
+(tests/_fake_graphs.py): a replay asserts that the model is still the one it was captured from (same tensors at the
+same addresses with the same values, same adapter settings) before calling it again.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from _dist import run_distributed
+from _fake_graphs import fake_cuda_graphs
 from tiny_models import flux_inputs, random_lora_state_dict
 from tiny_pipelines import tiny_call_kwargs, tiny_flux_pipeline, tiny_qwen_pipeline
 
@@ -103,7 +104,7 @@ def _run_changes(degrees: dict | None, backend=None, graphs: bool = True):
     if degrees:
         fastusp.parallelize(pipe, **degrees)
     if graphs:
-        _fake_capture(pipe.transformer, counts)
+        fake_cuda_graphs(counts, lambda: _model_fingerprint(pipe.transformer))
         # what compile_pipeline does on CUDA (it refuses graphs on a CPU transformer)
         report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
         fastusp_compile.compile_transformer(pipe.transformer, report, regional=True, reorder_comm=True,
@@ -115,31 +116,6 @@ def _run_changes(degrees: dict | None, backend=None, graphs: bool = True):
             out = pipe.transformer(**flux_inputs(height=3, width=5), **kwargs, return_dict=False)[0]
         outputs.append((name, out, counts["captures"]))
     return outputs, sorted(report.fell_back) if report else None
-
-
-def _fake_capture(transformer, counts: dict) -> None:
-    """Replace CUDA capture (this is a forked worker: the patch dies with it) by a call whose replays first check
-    that the model is the one captured."""
-    from types import SimpleNamespace
-
-    from torch.utils import _pytree as pytree
-
-    from fastusp import cuda_graphs
-
-    def capture_graph(fn, warmup, pool):
-        counts["captures"] += 1
-        captured_model = _model_fingerprint(transformer)
-        static_output = fn()
-
-        def replay():
-            assert _model_fingerprint(transformer) == captured_model, "a graph replayed on a changed model"
-            for static, new in zip(pytree.tree_leaves(static_output), pytree.tree_leaves(fn())):
-                static.copy_(new)
-
-        return SimpleNamespace(replay=replay), static_output
-
-    cuda_graphs.capture_graph = capture_graph
-    cuda_graphs.nccl_memory_pool = lambda: SimpleNamespace(id=0)
 
 
 def _model_fingerprint(transformer) -> tuple:
