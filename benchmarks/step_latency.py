@@ -99,6 +99,9 @@ def parse_args(argv=None):
                          "weights) and feeds its residuals to the transformer; 5+10 is InstantX Union's size")
     ap.add_argument("--controlnet-whole", action="store_true",
                     help="fastusp: run the ControlNet whole on every rank, as fastusp did before it sharded them")
+    ap.add_argument("--edit-2511", action="store_true",
+                    help="Qwen-Image-Edit-2511: the transformer with zero_cond_t and a reference image of the same "
+                         "size after the edited one (twice the image tokens)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
@@ -121,6 +124,8 @@ def parse_args(argv=None):
     if a.controlnet and (a.model != "flux" or a.true_cfg or a.compile_mode == "whole"
                          or not re.fullmatch(r"\d+\+\d+", a.controlnet)):
         ap.error("--controlnet DOUBLE+SINGLE: FLUX only, without --true-cfg or --compile-mode whole")
+    if a.edit_2511 and (a.model == "flux" or a.true_cfg):
+        ap.error("--edit-2511: Qwen-Image, without --true-cfg")
     if a.controlnet_whole and not (a.controlnet and a.impl == "fastusp"):
         ap.error("--controlnet-whole: with --controlnet and --impl fastusp")
     if a.controlnet and a.impl == "fastusp" and not a.controlnet_whole and a.compile_mode not in ("auto", "graphs"):
@@ -195,8 +200,9 @@ def sync(device):
 
 # --- model and inputs (same construction as shared/anchors/dit_anchor.py) -----------------------------------------
 
-def build_model(model_name, device, dtype, tiny=False):
-    """Full-size (or --tiny) transformer with random weights, built on meta and filled in place on `device`."""
+def build_model(model_name, device, dtype, tiny=False, zero_cond_t=False):
+    """Full-size (or --tiny) transformer with random weights, built on meta and filled in place on `device`.
+    zero_cond_t: Qwen-Image-Edit-2511's transformer."""
     if model_name == "flux":
         from diffusers import FluxTransformer2DModel as Model
         kw = dict(guidance_embeds=True)
@@ -204,7 +210,7 @@ def build_model(model_name, device, dtype, tiny=False):
             kw.update(TINY, num_single_layers=1, axes_dims_rope=(4, 6, 6))
     else:
         from diffusers import QwenImageTransformer2DModel as Model
-        kw = {}
+        kw = dict(zero_cond_t=True) if zero_cond_t else {}
         if tiny:
             kw.update(TINY, axes_dims_rope=(4, 6, 6))
     with torch.device("meta"):
@@ -232,11 +238,13 @@ def fill_random_(model, device):
             p.normal_(0, 0.01, generator=g)
 
 
-def make_inputs(model_name, device, dtype, height, width, txt_len, text_mask="ones"):
-    """Forward kwargs for one denoising step at height x width (latent /8, packed 2x2) with txt_len text tokens."""
+def make_inputs(model_name, device, dtype, height, width, txt_len, text_mask="ones", reference=False):
+    """Forward kwargs for one denoising step at height x width (latent /8, packed 2x2) with txt_len text tokens.
+    reference (Qwen-Image-Edit): a reference image of the same size, its tokens after the edited image's."""
     g = torch.Generator(device=device).manual_seed(1)
     h, w = height // 16, width // 16
-    hidden = torch.randn(1, h * w, 64, device=device, dtype=dtype, generator=g)
+    images = 2 if reference else 1
+    hidden = torch.randn(1, images * h * w, 64, device=device, dtype=dtype, generator=g)
     timestep = torch.tensor([0.5], device=device, dtype=dtype)
     if model_name == "flux":
         img_ids = torch.zeros(h, w, 3, device=device)
@@ -253,7 +261,8 @@ def make_inputs(model_name, device, dtype, height, width, txt_len, text_mask="on
     mask = torch.ones(1, txt_len, device=device, dtype=torch.int64) if text_mask == "ones" else None
     return dict(hidden_states=hidden,
                 encoder_hidden_states=torch.randn(1, txt_len, 3584, device=device, dtype=dtype, generator=g),
-                encoder_hidden_states_mask=mask, timestep=timestep, img_shapes=[(1, h, w)], return_dict=False)
+                encoder_hidden_states_mask=mask, timestep=timestep,
+                img_shapes=[[(1, h, w)] * 2] if reference else [(1, h, w)], return_dict=False)
 
 
 # --- the implementations compared ---------------------------------------------------------------------------------
@@ -535,6 +544,7 @@ def base_record(a, world, device) -> dict:
                 **({"fuse_qkv": True} if a.fuse_qkv else {}),
                 **({"text_mask": a.text_mask} if a.text_mask != "ones" else {}),
                 **({"true_cfg": a.true_cfg} if a.true_cfg else {}),
+                **({"edit_2511": True} if a.edit_2511 else {}),
                 **({"controlnet": a.controlnet} if a.controlnet else {}),
                 **({"controlnet_whole": True} if a.controlnet_whole else {}))
 
@@ -567,7 +577,7 @@ def run(a, world, rank, device, record):
     init_group(world, device)
     t0 = time.perf_counter()
     phase(rank, "build")
-    model = build_model(a.model, device, dtype, tiny=a.tiny)
+    model = build_model(a.model, device, dtype, tiny=a.tiny, zero_cond_t=a.edit_2511)
     if a.fuse_qkv:
         model.fuse_qkv_projections()
     pipe = build_pipeline(a.model, model) if a.true_cfg else None
@@ -579,7 +589,7 @@ def run(a, world, rank, device, record):
     if target is not model:  # the ControlNet pipeline shell: compile_pipeline changed its transformer in place
         fwd = model
     kw = pipeline_inputs(model, a, device, dtype) if pipe else make_inputs(a.model, device, dtype, a.height, a.width,
-                                                                             a.txt, a.text_mask)
+                                                                             a.txt, a.text_mask, a.edit_2511)
     if net is not None:
         if a.compile and target is model:  # else compile_pipeline compiled the ControlNet's blocks with the rest
             compile_controlnet_blocks(net)

@@ -23,6 +23,7 @@ FASTUSP_NCCL_GRAPH_MEMORY=0 captures in torch's default graph pool instead.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -93,9 +94,38 @@ def capture_graph(fn, warmup: int = 2, pool=None):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     # thread_local: NCCL's watchdog thread keeps polling while this thread captures
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"), _pinned_host_data() as host_buffers:
         output = fn()
+    graph.fastusp_host_buffers = host_buffers  # every replay copies from them: they live as long as the graph
     return graph, output
+
+
+@contextlib.contextmanager
+def _pinned_host_data():
+    """While capturing, torch.tensor(data, device=<cuda>) stages the data in pinned host memory.
+
+    torch.tensor builds a CUDA tensor from Python data by copying from pageable memory, which capture refuses, so
+    without this any such call fails the capture: diffusers' Qwen-Image-Edit-2511 forward builds modulate_index so,
+    from img_shapes. A copy from pinned memory can be captured; each replay repeats it from the same buffer, so the
+    values are those computed at capture, like every Python value a graph bakes in (img_shapes is part of the key).
+    Only calls that would otherwise fail change. Patched on torch itself, not on the model's module: Dynamo guards
+    the module's globals, and replacing its `torch` would recompile the compiled blocks in the middle of capture.
+    """
+    real, buffers = torch.tensor, []
+
+    def tensor(data, *, device=None, **kwargs):
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        if not on_gpu or (isinstance(data, torch.Tensor) and data.is_cuda):
+            return real(data, device=device, **kwargs)
+        host = real(data, **kwargs).pin_memory()
+        buffers.append(host)
+        return host.to(device, non_blocking=True)
+
+    torch.tensor = tensor
+    try:
+        yield buffers
+    finally:
+        torch.tensor = real
 
 
 def nccl_memory_pool():

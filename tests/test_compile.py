@@ -146,6 +146,20 @@ def test_model_state_notices_what_a_graph_bakes_in_and_nothing_else():
     assert state.changed() and not state.changed()
 
 
+def test_capture_stages_only_python_data_bound_for_the_gpu_and_restores_torch_tensor():
+    # the pinned staging itself needs CUDA (tests/gpu/parity_worker.py's Qwen-Image-Edit-2511 graphs check)
+    from fastusp.cuda_graphs import _pinned_host_data
+
+    real = torch.tensor
+    with pytest.raises(RuntimeError, match="raised inside"):
+        with _pinned_host_data() as buffers:
+            assert torch.tensor is not real
+            assert torch.equal(torch.tensor([[0, 1]], device="cpu", dtype=torch.int), real([[0, 1]], dtype=torch.int))
+            assert torch.tensor([2.0]).dtype == torch.float32 and buffers == []  # CPU tensors: nothing staged
+            raise RuntimeError("raised inside")
+    assert torch.tensor is real
+
+
 def _graph_memory_pool_under_gloo():
     from fastusp.cuda_graphs import nccl_memory_pool
 
