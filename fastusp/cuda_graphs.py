@@ -151,8 +151,10 @@ class ModelState:
     - a parameter or buffer moved to other memory (.to(), a merge that reallocates);
     - an adapter setting changed: a PEFT layer's active / disabled / merged adapters and scales, an IP-Adapter
       processor's scales.
-    Each rank's answer depends only on what its own code did to its model, never on memory addresses being reused,
-    so ranks that change their models alike recapture alike (a capture runs collectives: one rank alone would hang).
+    Ranks must agree (a capture runs collectives: one rank capturing alone would hang), so the first and last need
+    no memory addresses: they are what each rank's code did to its model. The data-pointer check is the exception:
+    weights reallocated twice between two calls might land back at their old addresses on one rank and not on
+    another. One `.to()` cannot do that (its new tensors exist before the old ones are freed).
     Costs a data-pointer check of every weight per call (C++ under CUDA; ~1,200 tensors for FLUX).
     """
 
@@ -227,8 +229,22 @@ def _adapter_settings(module):
 
 
 def _plain(value):
-    """A scale as a comparable value: a tensor by identity and version (an in-place change bumps the version)."""
-    return (id(value), value._version) if isinstance(value, torch.Tensor) else value
+    """A scale as a comparable value; a tensor (PEFT's hotswap keeps scales so) as _TensorScale."""
+    return _TensorScale(value) if isinstance(value, torch.Tensor) else value
+
+
+class _TensorScale:
+    """Equal while it is the same tensor, not modified in place since (that bumps its version). Holds the tensor:
+    compared by id, a new one could reuse a freed one's id."""
+
+    __slots__ = ("tensor", "version")
+    __hash__ = None
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.version = tensor, tensor._version
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _TensorScale) and other.tensor is self.tensor and other.version == self.version
 
 
 def _same_settings(now: list, before: list) -> bool:

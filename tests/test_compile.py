@@ -146,6 +146,20 @@ def test_model_state_notices_what_a_graph_bakes_in_and_nothing_else():
     assert state.changed() and not state.changed()
 
 
+def test_model_state_compares_tensor_scales_by_identity_and_version():
+    from fastusp.cuda_graphs import _plain, _same_settings
+
+    scale = torch.tensor(0.5)
+    before = [("peft", ("a",), False, (), "a", _plain(scale))]
+    assert _same_settings([("peft", ("a",), False, (), "a", _plain(scale))], before)
+    scale.mul_(2)  # hotswap: in place
+    assert not _same_settings([("peft", ("a",), False, (), "a", _plain(scale))], before)
+    assert not _same_settings([("peft", ("a",), False, (), "a", _plain(torch.tensor(1.0)))], before)
+    drifted = 0.8 * 0.7 / 0.7  # what diffusers leaves after joint_attention_kwargs={"scale": 0.7}
+    assert drifted != 0.8 and _same_settings([("peft", ("a",), False, (), "a", drifted)],
+                                             [("peft", ("a",), False, (), "a", 0.8)])
+
+
 def test_capture_stages_only_python_data_bound_for_the_gpu_and_restores_torch_tensor():
     # the pinned staging itself needs CUDA (tests/gpu/parity_worker.py's Qwen-Image-Edit-2511 graphs check)
     from fastusp.cuda_graphs import _pinned_host_data
