@@ -108,8 +108,9 @@ def _pinned_host_data():
     without this any such call fails the capture: diffusers' Qwen-Image-Edit-2511 forward builds modulate_index so,
     from img_shapes. A copy from pinned memory can be captured; each replay repeats it from the same buffer, so the
     values are those computed at capture, like every Python value a graph bakes in (img_shapes is part of the key).
-    Only calls that would otherwise fail change. Patched on torch itself, not on the model's module: Dynamo guards
-    the module's globals, and replacing its `torch` would recompile the compiled blocks in the middle of capture.
+    Only calls that would otherwise fail change (other threads see the patch too while it lasts; their copies then
+    come from pinned memory, with the same result). Patched on torch itself, not on the model's module: Dynamo
+    guards the module's globals, and replacing its `torch` would recompile the compiled blocks in mid-capture.
     """
     real, buffers = torch.tensor, []
 
