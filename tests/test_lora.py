@@ -1,5 +1,5 @@
 """LoRA adapters (diffusers' load_lora_weights, PEFT layers): parallel == one process for FLUX and Qwen-Image, with the
-LoRA loaded before or after parallelize, and compiled / CUDA-graphed FLUX follows every later adapter change.
+LoRA loaded before or after parallelize, and CUDA-graphed (and compiled) models follow every later adapter change.
 
 A CUDA graph bakes in the model as it was captured; replaying it after load_lora_weights, set_adapters, fuse_lora or
 unload_lora_weights would silently run the old model. Capture needs CUDA, so the graph tests replace it
@@ -13,7 +13,7 @@ import torch
 
 from _dist import run_distributed
 from _fake_graphs import fake_cuda_graphs
-from tiny_models import flux_inputs, random_lora_state_dict
+from tiny_models import flux_inputs, qwen_inputs, random_lora_state_dict
 from tiny_pipelines import tiny_call_kwargs, tiny_flux_pipeline, tiny_qwen_pipeline
 
 pytest.importorskip("peft")  # diffusers' LoRA loading needs it; the test extra installs it
@@ -70,12 +70,13 @@ def _changes(pipe) -> list:
     """(name, change to make, transformer call kwargs) in order; each call's output is compared with one process."""
     one_process = lambda: None
     lora_a, lora_b = _lora(pipe, 1), _lora(pipe, 2)  # now: once loaded, the layers are PEFT's, not nn.Linear
+    call_scale = "joint_attention_kwargs" if type(pipe).__name__.startswith("Flux") else "attention_kwargs"
     return [
         ("no LoRA", one_process, {}),
         ("load a", lambda: pipe.load_lora_weights(lora_a, adapter_name="a"), {}),
         ("a at 0.8", lambda: pipe.set_adapters("a", 0.8), {}),
-        ("call scale 0.7", one_process, {"joint_attention_kwargs": {"scale": 0.7}}),
-        ("call scale 0.7 again", one_process, {"joint_attention_kwargs": {"scale": 0.7}}),
+        ("call scale 0.7", one_process, {call_scale: {"scale": 0.7}}),
+        ("call scale 0.7 again", one_process, {call_scale: {"scale": 0.7}}),
         ("load b, a + b", lambda: (pipe.load_lora_weights(lora_b, adapter_name="b"),
                                    pipe.set_adapters(["a", "b"], [1.0, 0.5])), {}),
         ("disabled", pipe.disable_lora, {}),
@@ -93,13 +94,14 @@ def _reallocate(transformer) -> None:
     weight.data = weight.data.clone()  # same values, other memory: what a captured graph would no longer read
 
 
-def _run_changes(degrees: dict | None, backend=None, graphs: bool = True):
+def _run_changes(name: str, degrees: dict | None, backend=None, graphs: bool = True):
     """Outputs after each change with how many graphs were captured by then, and what the compile report says fell
     back. degrees None and graphs False: the one-process reference, eager."""
     import fastusp
     from fastusp import compile as fastusp_compile
 
-    pipe = tiny_flux_pipeline()
+    pipe = tiny_flux_pipeline() if name == "flux" else tiny_qwen_pipeline()
+    inputs = flux_inputs(height=3, width=5) if name == "flux" else qwen_inputs(height=4, width=6)
     counts, report = {"captures": 0}, None
     if degrees:
         fastusp.parallelize(pipe, **degrees)
@@ -113,7 +115,7 @@ def _run_changes(degrees: dict | None, backend=None, graphs: bool = True):
     for name, change, kwargs in _changes(pipe):
         change()
         with torch.no_grad():
-            out = pipe.transformer(**flux_inputs(height=3, width=5), **kwargs, return_dict=False)[0]
+            out = pipe.transformer(**inputs, **kwargs, return_dict=False)[0]
         outputs.append((name, out, counts["captures"]))
     return outputs, sorted(report.fell_back) if report else None
 
@@ -141,13 +143,14 @@ EXPECTED_CAPTURES = {  # graphs captured by the end of each step
 }
 
 
-@pytest.mark.parametrize("backend", [None, "eager"], ids=["graphs", "dynamo+graphs"])
-def test_cuda_graphs_are_recaptured_after_every_adapter_change(backend):
+@pytest.mark.parametrize("name, backend", [("flux", None), ("flux", "eager"), ("qwen", None)],
+                         ids=["flux-graphs", "flux-dynamo+graphs", "qwen-graphs"])
+def test_cuda_graphs_are_recaptured_after_every_adapter_change(name, backend):
     # backend "eager": the blocks are compiled too (Dynamo, no Inductor: CI time), so their guards see each change;
     # past Dynamo's recompile_limit the blocks run eagerly inside the graphs, still matching
-    expected, _ = _run_changes(None, graphs=False)
+    expected, _ = _run_changes(name, None, graphs=False)
     assert _rel(expected[1][1], expected[0][1]) > 1e-2  # precondition: the LoRA changes the output
-    for outputs, fell_back in run_distributed(_run_changes, 2, dict(ulysses=2), backend, timeout=240):
+    for outputs, fell_back in run_distributed(_run_changes, 2, name, dict(ulysses=2), backend, timeout=240):
         for (name, out, captures), (_, ref, _) in zip(outputs, expected):
             assert _rel(out, ref) < TOL, name
             assert captures == EXPECTED_CAPTURES[name], name
