@@ -119,9 +119,9 @@ def compile_controlnets(nets, transformer, report: CompileReport, reorder_comm: 
     """A pipeline's ControlNets: their blocks (the transformer's block kinds) compiled, their forwards graphed as
     report.cuda_graphs says, each net once (a later pipeline sharing it leaves it alone)."""
     if backend is not None and nets:
-        kinds = set(transformer._repeated_blocks)
-        apply_compile([(f"{type(net).__name__}: {name}", m) for net in nets
-                       for name, m in net.named_modules() if type(m).__name__ in kinds], report, reorder_comm, backend)
+        regions = [(f"{type(net).__name__}: {name}", m) for net in nets
+                   for name, m in _blocks_of_kinds(net, transformer._repeated_blocks)]
+        apply_compile(regions, report, reorder_comm, backend)
         report.compiled += sorted({f"{type(net).__name__} blocks" for net in nets} - set(report.compiled))
     for net in nets:
         if report.cuda_graphs:
@@ -180,11 +180,16 @@ def _graphed_or_eager(graphed_forward: GraphedForward, report: CompileReport, re
 
 
 def _repeated_blocks(transformer) -> list[tuple[str, torch.nn.Module]]:
-    kinds = set(getattr(transformer, "_repeated_blocks", None) or [])
-    blocks = [(n, m) for n, m in transformer.named_modules() if type(m).__name__ in kinds]
+    blocks = _blocks_of_kinds(transformer, getattr(transformer, "_repeated_blocks", None) or [])
     if not blocks:
         raise ValueError(f"{type(transformer).__name__} declares no repeated blocks to compile")
     return blocks
+
+
+def _blocks_of_kinds(model, kinds) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every submodule whose class name is in kinds."""
+    kinds = set(kinds)
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ in kinds]
 
 
 class _EagerFallback:
