@@ -50,12 +50,20 @@ def inputs(name: str, device, batch: int, image_hw: tuple[int, int], text_len: i
                 img_shapes=[[(1, h, w)]] * batch)
 
 
+def compile_as(obj, compiled: str | None):
+    """compile_pipeline as a check names it: None (eager), "inductor" (Inductor + CUDA graphs) or "graphs" (CUDA
+    graphs of the eager forward)."""
+    if compiled:
+        fastusp.compile_pipeline(obj, **({"backend": None} if compiled == "graphs" else {}))
+    return obj
+
+
 def output(model, x: dict, compiled: str | None) -> torch.Tensor:
-    """The transformer's output (float32) on x: eager (None), compiled ("inductor") or CUDA graphs of the eager
-    forward ("graphs"), after one warm-up call that compiles and records."""
+    """The transformer's output (float32) on x, compiled as compile_as says, after one warm-up call that compiles and
+    records."""
     with torch.no_grad():
         if compiled:
-            fastusp.compile_pipeline(model, **({"backend": None} if compiled == "graphs" else {}))
+            compile_as(model, compiled)
             model(**x, return_dict=False)
         return model(**x, return_dict=False)[0].float()
 
@@ -64,7 +72,7 @@ def layouts(world: int) -> list[tuple[int, int]]:
     return [(world // r, r) for r in range(1, world + 1) if world % r == 0]
 
 
-def main(device, world: int, rank: int) -> int:
+def main(world: int, rank: int, device) -> int:
     """The transformer layouts and the cfg pipelines. Returns the number of failed checks."""
     failures = 0
     # Uneven on purpose: 33x31 image tokens and 77 / 100 text tokens divide by neither 2 nor 4.
@@ -242,11 +250,10 @@ def check_lora(world: int, rank: int, device) -> int:
                 ("unloaded", pipe.unload_lora_weights)]
 
     def outputs(compiled: str | None):
-        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                            tokenizer_2=None, transformer=build("flux", device))
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                            text_encoder_2=None, tokenizer_2=None, transformer=build("flux", device))
         if compiled:
-            fastusp.parallelize(pipe, ulysses=world)
-            fastusp.compile_pipeline(pipe, **({"backend": None} if compiled == "graphs" else {}))
+            compile_as(fastusp.parallelize(pipe, ulysses=world), compiled)
         result = []
         for name, change in states(pipe):
             change()
@@ -329,8 +336,8 @@ def run_checks() -> int:
     elif "--quick" in sys.argv:
         checks = {"main": main}
     failures = 0
-    for name, check in checks.items():
-        failures += check(world, rank, device) if check is not main else main(device, world, rank)
+    for check in checks.values():
+        failures += check(world, rank, device)
     dist.barrier()
     return 1 if failures else 0
 
