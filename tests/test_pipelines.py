@@ -216,19 +216,24 @@ def test_callers_latents_are_not_overwritten():
     assert [same for same, _ in run_distributed(_latents_given_by_caller, 2, "flux")] == [True, True]
 
 
-def _edit(pipe, reference_seed: int = 7, degrees: dict | None = None) -> torch.Tensor:
-    """Qwen-Image-Edit (Plus or not) with true CFG (a 7-token prompt, a 4-token negative one) on one 24x40 reference
-    image."""
+def _random_image(seed: int, height: int, width: int, mode: str = "RGB"):
+    """A PIL image of random pixels (the pipelines' reference / input images)."""
     import numpy as np
     import PIL.Image
 
+    pixels = np.random.default_rng(seed).random((height, width, len(mode)))
+    return PIL.Image.fromarray((pixels * 255).astype("uint8"), mode=mode)
+
+
+def _edit(pipe, reference_seed: int = 7, degrees: dict | None = None) -> torch.Tensor:
+    """Qwen-Image-Edit (Plus or not) with true CFG (a 7-token prompt, a 4-token negative one) on one 24x40 reference
+    image."""
     import fastusp
 
     if degrees:
         fastusp.parallelize(pipe, **degrees)
     prompt, negative = prompt_kwargs(pipe, text_len=7), prompt_kwargs(pipe, text_len=4, seed=1)
-    pixels = np.random.default_rng(reference_seed).random((24, 40, 3))
-    return pipe(image=PIL.Image.fromarray((pixels * 255).astype("uint8")), **prompt,
+    return pipe(image=_random_image(reference_seed, 24, 40), **prompt,
                 negative_prompt_embeds=negative["prompt_embeds"],
                 negative_prompt_embeds_mask=negative["prompt_embeds_mask"], true_cfg_scale=3.0, height=H, width=W,
                 num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent").images
@@ -256,8 +261,6 @@ def test_qwen_image_edit_pipeline_matches_single_process(monkeypatch, degrees, p
 def _kontext(reference_seed: int = 7, degrees: dict | None = None) -> torch.Tensor:
     """FLUX.1 Kontext (FluxKontextPipeline) with true CFG on one 24x40 reference image: its 60 tokens follow the
     edited image's 96 in the joint sequence, with RoPE ids of their own (first axis 1)."""
-    import numpy as np
-    import PIL.Image
     from diffusers import FluxKontextPipeline
 
     import fastusp
@@ -267,10 +270,9 @@ def _kontext(reference_seed: int = 7, degrees: dict | None = None) -> torch.Tens
     if degrees:
         fastusp.parallelize(pipe, **degrees)
     prompt, negative = prompt_kwargs(pipe, text_len=7), prompt_kwargs(pipe, text_len=7, seed=1, negative=True)
-    pixels = np.random.default_rng(reference_seed).random((24, 40, 3))
     # Kontext scales the output to max_area pixels (default 1024²) and the reference to one of its ~1 MP
     # resolutions; max_area and _auto_resize=False keep both at the test's sizes
-    return pipe(image=PIL.Image.fromarray((pixels * 255).astype("uint8")), **prompt, **negative, true_cfg_scale=2.0,
+    return pipe(image=_random_image(reference_seed, 24, 40), **prompt, **negative, true_cfg_scale=2.0,
                 height=H, width=W, max_area=H * W, _auto_resize=False, num_inference_steps=STEPS,
                 generator=torch.Generator().manual_seed(0), output_type="latent").images
 
@@ -287,17 +289,13 @@ def test_flux_kontext_pipeline_matches_single_process(degrees):
 def _layered(pipe, image_seed: int = 7, degrees: dict | None = None) -> torch.Tensor:
     """Qwen-Image-Layered with true CFG: 2 layers (4 images: composite, layers, the RGBA input) from a 24x16 input.
     Returns the decoded composite and layers of the one sample."""
-    import numpy as np
-    import PIL.Image
-
     import fastusp
 
     if degrees:
         fastusp.parallelize(pipe, **degrees)
     # prompt given: with none, the pipeline would caption the image with its (absent) vision-language model
     prompt, negative = prompt_kwargs(pipe, text_len=7), prompt_kwargs(pipe, text_len=4, seed=1)
-    pixels = np.random.default_rng(image_seed).random((16, 24, 4))
-    return pipe(image=PIL.Image.fromarray((pixels * 255).astype("uint8"), mode="RGBA"), prompt="layers",
+    return pipe(image=_random_image(image_seed, 16, 24, mode="RGBA"), prompt="layers",
                 **prompt, negative_prompt_embeds=negative["prompt_embeds"],
                 negative_prompt_embeds_mask=negative["prompt_embeds_mask"], true_cfg_scale=3.0, layers=2,
                 num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
