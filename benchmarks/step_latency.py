@@ -262,7 +262,7 @@ def make_inputs(model_name, device, dtype, height, width, txt_len, text_mask="on
     return dict(hidden_states=hidden,
                 encoder_hidden_states=torch.randn(1, txt_len, 3584, device=device, dtype=dtype, generator=g),
                 encoder_hidden_states_mask=mask, timestep=timestep,
-                img_shapes=[[(1, h, w)] * 2] if reference else [(1, h, w)], return_dict=False)
+                img_shapes=[[(1, h, w)] * images] if reference else [(1, h, w)], return_dict=False)
 
 
 # --- the implementations compared ---------------------------------------------------------------------------------
