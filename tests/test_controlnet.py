@@ -10,7 +10,7 @@ from _dist import run_distributed
 from _fake_graphs import fake_cuda_graphs
 from fastusp.sharding import split_sizes
 from tiny_models import flux_inputs
-from tiny_pipelines import tiny_call_kwargs, tiny_flux_pipeline
+from tiny_pipelines import randomize_controlnet_outputs, tiny_call_kwargs, tiny_flux_pipeline
 
 VARIANTS = {"plain": {}, "union": {"num_mode": 3}, "hint": {"conditioning_embedding_channels": 16}}
 HEIGHT, WIDTH, TEXT = 3, 5, 5  # 15 image tokens and 5 text tokens: uneven over 2 ranks
@@ -24,9 +24,7 @@ def tiny_flux_controlnet(variant: str, seed: int = 2):
     config = dict(tiny_flux_pipeline().transformer.config, num_layers=1, num_single_layers=1, **VARIANTS[variant])
     torch.manual_seed(seed)
     net = FluxControlNetModel.from_config(config)
-    for module in (net.controlnet_x_embedder, net.controlnet_blocks, net.controlnet_single_blocks):
-        for param in module.parameters():
-            torch.nn.init.normal_(param, std=0.5)
+    randomize_controlnet_outputs(net)
     return net.eval()
 
 

@@ -63,16 +63,22 @@ def tiny_controlnet_pipeline(name: str):
     torch.manual_seed(1)
     if name == "flux":
         controlnet = FluxControlNetModel.from_transformer(base.transformer, num_layers=1, num_single_layers=1, **heads)
-        zeroed = (controlnet.controlnet_x_embedder, controlnet.controlnet_blocks, controlnet.controlnet_single_blocks)
         pipeline_cls = FluxControlNetPipeline
     else:
         controlnet = QwenImageControlNetModel.from_transformer(base.transformer, num_layers=1, **heads)
-        zeroed = (controlnet.controlnet_x_embedder, controlnet.controlnet_blocks)
         pipeline_cls = QwenImageControlNetPipeline
-    for module in zeroed:
-        for param in module.parameters():
-            torch.nn.init.normal_(param, std=0.5)
+    randomize_controlnet_outputs(controlnet)
     return pipeline_cls.from_pipe(base, controlnet=controlnet.eval())
+
+
+def randomize_controlnet_outputs(controlnet, std: float = 0.5) -> None:
+    """Random weights for the layers a ControlNet starts with zeroed (its control embedder and output projections),
+    so its residuals are not zero and residuals added to the wrong image tokens would show."""
+    outputs = (controlnet.controlnet_x_embedder, controlnet.controlnet_blocks,
+               getattr(controlnet, "controlnet_single_blocks", None))  # Qwen-Image's has no single blocks
+    for module in filter(None, outputs):
+        for param in module.parameters():
+            torch.nn.init.normal_(param, std=std)
 
 
 def tiny_qwen_pipeline():
