@@ -159,6 +159,8 @@ def check_controlnet(world: int, rank: int, device) -> int:
     from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline,
                            QwenImageControlNetModel, QwenImageControlNetPipeline)
 
+    from tiny_pipelines import randomize_controlnet_outputs
+
     def build_pipe(name):
         model = build(name, device)
         torch.manual_seed(3)
@@ -169,10 +171,7 @@ def check_controlnet(world: int, rank: int, device) -> int:
                 net = FluxControlNetModel.from_config(dict(config, num_layers=1, num_single_layers=1, num_mode=3))
             else:
                 net = QwenImageControlNetModel.from_config(dict(config, num_layers=1))
-        outputs = [net.controlnet_x_embedder, net.controlnet_blocks, getattr(net, "controlnet_single_blocks", None)]
-        for module in filter(None, outputs):
-            for param in module.parameters():  # zero-initialized, as untrained ControlNets are: no residuals
-                torch.nn.init.normal_(param, std=0.02)
+        randomize_controlnet_outputs(net, std=0.02)  # zero-initialized, as untrained ControlNets are: no residuals
         net = net.to(torch.bfloat16).eval()
         if name == "flux":
             return FluxControlNetPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
