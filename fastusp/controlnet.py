@@ -82,11 +82,8 @@ def _wrap(net, context: USPContext, prepare) -> None:
     """Replace net.forward: prepare(inputs) shards the bound inputs in place and returns the layout; the original
     forward runs with it and its output (this rank's residuals) is returned as is."""
     def sharded(forward, inputs):
-        context.layout = prepare(inputs)
-        try:
+        with context.forward_with(prepare(inputs)):
             return forward(**inputs)
-        finally:
-            context.layout = None
 
     replace_forward(net, sharded)
 

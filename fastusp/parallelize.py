@@ -202,11 +202,8 @@ def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -
             _shard_block_image_inputs(transformer, inputs, context, rank)
 
     def run_sharded(original, inputs):
-        context.layout = layout = shard_inputs(inputs, spec, ranks, rank)
-        try:
+        with context.forward_with(shard_inputs(inputs, spec, ranks, rank)) as layout:
             sample = original(**inputs, return_dict=False)[0]
-        finally:
-            context.layout = None
         return gather_seq(sample, list(layout.image), config.sequence_group, dim=1)
 
     wrap_forward(transformer, run_sharded)

@@ -1,6 +1,7 @@
 """What a fastusp processor needs besides its module: the parallel config and this forward's sequence layout."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -19,6 +20,15 @@ class USPContext:
         if self.layout is None:
             raise RuntimeError("fastusp processor called outside a parallelized transformer forward")
         return self.layout
+
+    @contextlib.contextmanager
+    def forward_with(self, layout: SeqLayout):
+        """The layout for the processors while a sharded forward runs (cleared after it, also when it raises)."""
+        self.layout = layout
+        try:
+            yield layout
+        finally:
+            self.layout = None
 
 
 def cached_call_signature(cls: type) -> type:
