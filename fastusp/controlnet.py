@@ -46,7 +46,8 @@ def shard_controlnet(net, config: ParallelConfig, spec) -> None:
     tokens, without the residuals it takes), its RoPE rows."""
     from diffusers import FluxControlNetModel, QwenImageControlNetModel
 
-    from .parallelize import _refuse_processor_changes, _shard, _shard_qwen_rope, shard_inputs
+    from .parallelize import (_refuse_processor_changes, _shard, _shard_qwen_rope, check_processors, shard_inputs,
+                              usp_processors)
 
     if getattr(net, "_fastusp_config", None) is not None:
         return  # shared with a pipeline parallelized before (from_pipe)
@@ -54,8 +55,9 @@ def shard_controlnet(net, config: ParallelConfig, spec) -> None:
         logger.warning("fastusp: %s runs whole on every rank (fastusp shards FluxControlNetModel and "
                        "QwenImageControlNetModel)", type(net).__name__)
         return
+    check_processors(net, spec)
     context = USPContext(config)
-    net.set_attn_processor(spec.processor_cls(context))
+    net.set_attn_processor(usp_processors(net, spec, context))
     _refuse_processor_changes(net)
     ranks, rank = config.sequence_size, config.sequence_rank
     if spec.rope_from_shapes:

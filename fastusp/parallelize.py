@@ -33,8 +33,9 @@ logger = logging.getLogger("fastusp")
 class ModelSpec:
     """Which forward inputs live on the text / image token axis (as a dim counted from the end)."""
 
-    processor_cls: type
-    default_processor: str
+    # diffusers' attention processors (by class name) -> fastusp's, made with the context; layers with the same
+    # diffusers processor share one instance
+    processors: dict[str, type]
     text_inputs: dict[str, int]
     image_inputs: dict[str, int]
     # ControlNet residuals: full length, or already this rank's image tokens (from a sharded ControlNet)
@@ -53,14 +54,14 @@ def _model_specs() -> dict[type, ModelSpec]:
 
     return {
         FluxTransformer2DModel: ModelSpec(
-            FastUSPFluxAttnProcessor, "FluxAttnProcessor",
+            {"FluxAttnProcessor": FastUSPFluxAttnProcessor},
             text_inputs={"encoder_hidden_states": -2, "txt_ids": -2},
             image_inputs={"hidden_states": -2, "img_ids": -2},
             residual_inputs={"controlnet_block_samples": -2, "controlnet_single_block_samples": -2},
             adapter_processors={"FluxIPAdapterAttnProcessor": FastUSPFluxIPAdapterAttnProcessor.from_diffusers},
         ),
         QwenImageTransformer2DModel: ModelSpec(
-            FastUSPQwenImageAttnProcessor, "QwenDoubleStreamAttnProcessor2_0",
+            {"QwenDoubleStreamAttnProcessor2_0": FastUSPQwenImageAttnProcessor},
             text_inputs={"encoder_hidden_states": -2},
             image_inputs={"hidden_states": -2},
             residual_inputs={"controlnet_block_samples": -2},
@@ -143,23 +144,33 @@ def _spec_for(transformer) -> ModelSpec:
         raise ValueError("call fastusp.parallelize before fastusp.compile_pipeline, not after")
     if getattr(transformer, "_parallel_config", None) is not None:
         raise ValueError("this transformer already uses diffusers' context parallelism; use one or the other")
-    supported = {spec.default_processor, *(spec.adapter_processors or {})}
-    others = {type(p).__name__ for p in transformer.attn_processors.values()} - supported
+    check_processors(transformer, spec)
+    return spec
+
+
+def check_processors(model, spec: ModelSpec) -> None:
+    supported = {*spec.processors, *(spec.adapter_processors or {})}
+    others = {type(p).__name__ for p in model.attn_processors.values()} - supported
     if others:
         raise NotImplementedError(f"attention processors {sorted(others)} are not supported; fastusp replaces "
                                   f"diffusers' {', '.join(sorted(supported))}")
-    return spec
+
+
+def usp_processors(model, spec: ModelSpec, context: USPContext) -> dict:
+    """fastusp's processor for each of the model's attention layers (layer name -> processor)."""
+    shared = {kind: cls(context) for kind, cls in spec.processors.items()}
+    adapters = spec.adapter_processors or {}
+    processors = {}
+    for name, processor in model.attn_processors.items():
+        kind = type(processor).__name__
+        processors[name] = adapters[kind](processor, context) if kind in adapters else shared[kind]
+    return processors
 
 
 def apply_usp_processors(transformer, spec: ModelSpec, context: USPContext) -> None:
     """Every attention layer gets fastusp's processor; a layer with an adapter's processor (FLUX IP-Adapter) gets
     fastusp's version of it, which keeps the adapter's weights."""
-    shared = spec.processor_cls(context)
-    adapters = spec.adapter_processors or {}
-    transformer.set_attn_processor({
-        name: adapters[type(p).__name__](p, context) if type(p).__name__ in adapters else shared
-        for name, p in transformer.attn_processors.items()
-    })
+    transformer.set_attn_processor(usp_processors(transformer, spec, context))
 
 
 def _shard_residual(residual: torch.Tensor, layout: SeqLayout, rank: int, dim: int) -> torch.Tensor:
