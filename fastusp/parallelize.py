@@ -1,4 +1,4 @@
-"""parallelize(): patch a diffusers FLUX / Qwen-Image transformer (or the pipeline holding it) for USP.
+"""parallelize(): patch a diffusers FLUX / FLUX.2 / Qwen-Image transformer (or the pipeline holding it) for USP.
 
 After it the transformer takes the same full inputs on every rank and returns the full output on every rank:
   apply_usp_processors      swap each attention processor for the fastusp one (diffusers' math, USP attention)
@@ -23,6 +23,7 @@ from .controlnet import apply_controlnet_sharding, controlnets
 from .distributed.gather import gather_seq
 from .processors.context import USPContext
 from .processors.flux import FastUSPFluxAttnProcessor, FastUSPFluxIPAdapterAttnProcessor
+from .processors.flux2 import FastUSPFlux2AttnProcessor, FastUSPFlux2ParallelSelfAttnProcessor
 from .processors.qwen_image import FastUSPQwenImageAttnProcessor
 from .sharding import SeqLayout, key_bias_from_text_mask
 
@@ -47,10 +48,13 @@ class ModelSpec:
     # config flag -> per-image-token inputs (dim from the end) that the forward builds itself from full shapes when
     # the flag is set, and hands to every block: narrowed at each block to this rank's image tokens
     block_image_inputs: dict[str, dict[str, int]] | None = None
+    # forward inputs fastusp does not shard -> what they are for: a call that sets one raises, rather than run
+    # diffusers' per-position code on this rank's tokens alone
+    refused_inputs: dict[str, str] | None = None
 
 
 def _model_specs() -> dict[type, ModelSpec]:
-    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel
 
     return {
         FluxTransformer2DModel: ModelSpec(
@@ -59,6 +63,14 @@ def _model_specs() -> dict[type, ModelSpec]:
             image_inputs={"hidden_states": -2, "img_ids": -2},
             residual_inputs={"controlnet_block_samples": -2, "controlnet_single_block_samples": -2},
             adapter_processors={"FluxIPAdapterAttnProcessor": FastUSPFluxIPAdapterAttnProcessor.from_diffusers},
+        ),
+        Flux2Transformer2DModel: ModelSpec(
+            {"Flux2AttnProcessor": FastUSPFlux2AttnProcessor,
+             "Flux2ParallelSelfAttnProcessor": FastUSPFlux2ParallelSelfAttnProcessor},
+            text_inputs={"encoder_hidden_states": -2, "txt_ids": -2},
+            image_inputs={"hidden_states": -2, "img_ids": -2},
+            residual_inputs={},
+            refused_inputs={"kv_cache_mode": "FLUX.2's reference-image KV cache (Flux2KleinKVPipeline)"},
         ),
         QwenImageTransformer2DModel: ModelSpec(
             {"QwenDoubleStreamAttnProcessor2_0": FastUSPQwenImageAttnProcessor},
@@ -74,9 +86,10 @@ def _model_specs() -> dict[type, ModelSpec]:
 
 
 def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm: bool | str = False, **options):
-    """Shard a FLUX / Qwen-Image transformer's token sequence across all ranks, in place; returns `obj`.
+    """Shard a FLUX / FLUX.2 / Qwen-Image transformer's token sequence across all ranks, in place; returns `obj`.
 
-    obj: a diffusers pipeline with a `transformer`, or a FluxTransformer2DModel / QwenImageTransformer2DModel.
+    obj: a diffusers pipeline with a `transformer`, or a FluxTransformer2DModel / Flux2Transformer2DModel /
+    QwenImageTransformer2DModel.
     cfg * ulysses * ring must equal the number of processes (torchrun --nproc-per-node), and ulysses must divide
     the number of attention heads. cfg=2 runs the two guidance passes of true CFG on two halves of the ranks at
     once (a pipeline only). fp8_comm and the tuning options (ulysses_chunks, ring_overlap): see ParallelConfig.
@@ -213,6 +226,9 @@ def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -
             _shard_block_image_inputs(transformer, inputs, context, rank)
 
     def run_sharded(original, inputs):
+        for name, purpose in (spec.refused_inputs or {}).items():
+            if inputs.get(name) is not None:
+                raise NotImplementedError(f"{name}: {purpose} is not supported by fastusp")
         with context.forward_with(shard_inputs(inputs, spec, ranks, rank)) as layout:
             sample = original(**inputs, return_dict=False)[0]
         return gather_seq(sample, list(layout.image), config.sequence_group, dim=1)

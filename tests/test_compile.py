@@ -8,9 +8,9 @@ import torch
 
 import fastusp
 from _dist import run_distributed
-from tiny_models import flux_inputs, qwen_inputs, tiny_flux, tiny_qwen
+from tiny_models import flux2_inputs, flux_inputs, qwen_inputs, tiny_flux, tiny_flux2, tiny_qwen
 
-MODELS = {"flux": (tiny_flux, flux_inputs), "qwen": (tiny_qwen, qwen_inputs)}
+MODELS = {"flux": (tiny_flux, flux_inputs), "flux2": (tiny_flux2, flux2_inputs), "qwen": (tiny_qwen, qwen_inputs)}
 
 
 def _eager_then_compiled(name, layout, new_shape):
@@ -31,8 +31,8 @@ def _eager_then_compiled(name, layout, new_shape):
 
 # Recompiling for a new shape doubles a case's compile time on CI's 2 cores: each model checks it once.
 @pytest.mark.parametrize("name, layout, new_shape", [
-    ("flux", (2, 1), True), ("flux", (1, 2), False), ("qwen", (2, 1), False), ("qwen", (1, 2), True)],
-    ids=["flux-u2r1", "flux-u1r2", "qwen-u2r1", "qwen-u1r2"])
+    ("flux", (2, 1), True), ("flux", (1, 2), False), ("flux2", (2, 1), False), ("qwen", (2, 1), False),
+    ("qwen", (1, 2), True)], ids=["flux-u2r1", "flux-u1r2", "flux2-u2r1", "qwen-u2r1", "qwen-u1r2"])
 def test_compiled_matches_eager(name, layout, new_shape):
     build, make_inputs = MODELS[name]
     if new_shape:

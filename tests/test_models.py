@@ -1,4 +1,4 @@
-"""Parallel FLUX / Qwen-Image transformers equal the single-process model (float32, CPU, gloo)."""
+"""Parallel FLUX / FLUX.2 / Qwen-Image transformers equal the single-process model (float32, CPU, gloo)."""
 import functools
 
 import pytest
@@ -6,10 +6,10 @@ import torch
 
 import fastusp
 from _dist import run_distributed
-from tiny_models import flux_inputs, qwen_inputs, qwen_layered_inputs, tiny_flux, tiny_qwen
+from tiny_models import flux2_inputs, flux_inputs, qwen_inputs, qwen_layered_inputs, tiny_flux, tiny_flux2, tiny_qwen
 
 LAYOUTS = [(2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]  # (ulysses, ring)
-MODELS = {"flux": (tiny_flux, flux_inputs), "qwen": (tiny_qwen, qwen_inputs),
+MODELS = {"flux": (tiny_flux, flux_inputs), "flux2": (tiny_flux2, flux2_inputs), "qwen": (tiny_qwen, qwen_inputs),
           "qwen-edit-2511": (functools.partial(tiny_qwen, zero_cond_t=True), qwen_inputs),
           "qwen-layered": (functools.partial(tiny_qwen, layered=True), qwen_layered_inputs)}
 
@@ -67,6 +67,19 @@ def test_qwen_image_layered(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"u{l[0]}r{l[1]}")
+def test_flux2_with_reference_tokens(layout):
+    # FLUX.2: 15 image tokens, then a reference image's 6 (RoPE ids with first axis 10), and text ids that count up
+    # along the fourth axis (FLUX.1's are all zero), so each rank must take its own rows of both id tensors
+    inputs = flux2_inputs(batch=2, height=3, width=5, text_len=5, reference_hw=(2, 3))
+    model = tiny_flux2()
+    with torch.no_grad():  # precondition: text positions matter
+        ref = model(**inputs, return_dict=False)[0]
+        no_text_positions = model(**{**inputs, "txt_ids": torch.zeros_like(inputs["txt_ids"])}, return_dict=False)[0]
+    assert ((no_text_positions - ref).norm() / ref.norm()).item() > 1e-3
+    assert_parallel_matches_single("flux2", layout, batch=2, height=3, width=5, text_len=5, reference_hw=(2, 3))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"u{l[0]}r{l[1]}")
 @pytest.mark.parametrize("name", ["flux", "qwen"])
 def test_uneven_tokens_batch2(name, layout):
     # 3x5 = 15 image tokens and 5 text tokens: neither divides 2 nor 4, so every layout splits unevenly.
@@ -74,7 +87,7 @@ def test_uneven_tokens_batch2(name, layout):
 
 
 @pytest.mark.parametrize("layout", [(2, 1), (2, 2)], ids=lambda l: f"u{l[0]}r{l[1]}")
-@pytest.mark.parametrize("name", ["flux", "qwen"])
+@pytest.mark.parametrize("name", ["flux", "flux2", "qwen"])
 def test_heads_in_chunks(name, layout):
     # Eager defaults to one chunk; force two (one head each on 2 Ulysses ranks), as compiled / graphed forwards use.
     assert_parallel_matches_single(name, layout, options=dict(ulysses_chunks=2), batch=2, height=3, width=5,
@@ -98,7 +111,7 @@ def test_qwen_mask_changes_the_output():
     assert torch.allclose(masked[1], unmasked[1], atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["flux", "qwen"])
+@pytest.mark.parametrize("name", ["flux", "flux2", "qwen"])
 def test_text_shorter_than_world_and_return_dict(name):
     # 3 text tokens over 4 ranks: one rank holds no text at all. return_dict=True returns the diffusers output class.
     build, make_inputs = MODELS[name]
@@ -161,11 +174,13 @@ def test_processors_store_their_call_signature_for_diffusers_per_call_inspect():
 
     from fastusp.processors.context import USPContext
     from fastusp.processors.flux import FastUSPFluxAttnProcessor, FastUSPFluxIPAdapterAttnProcessor
+    from fastusp.processors.flux2 import FastUSPFlux2AttnProcessor, FastUSPFlux2ParallelSelfAttnProcessor
     from fastusp.processors.qwen_image import FastUSPQwenImageAttnProcessor
 
     context = USPContext(config=None)
     ip_adapter = FastUSPFluxIPAdapterAttnProcessor.from_diffusers(FluxIPAdapterAttnProcessor(8, 8), context)
-    for processor in (FastUSPFluxAttnProcessor(context), FastUSPQwenImageAttnProcessor(context), ip_adapter):
+    for processor in (FastUSPFluxAttnProcessor(context), FastUSPQwenImageAttnProcessor(context), ip_adapter,
+                      FastUSPFlux2AttnProcessor(context), FastUSPFlux2ParallelSelfAttnProcessor(context)):
         stored = type(processor).__call__.__dict__.get("__signature__")
         assert stored is not None and "hidden_states" in stored.parameters
         assert list(inspect.signature(processor.__call__).parameters) == list(stored.parameters)[1:]  # minus self

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from tiny_pipelines import (prompt_kwargs, tiny_call_kwargs, tiny_controlnet_pipeline, tiny_flux_pipeline,
-                            tiny_qwen_edit_pipeline, tiny_qwen_layered_pipeline, tiny_qwen_pipeline)
+from tiny_pipelines import (prompt_kwargs, tiny_call_kwargs, tiny_controlnet_pipeline, tiny_flux2_pipeline,
+                            tiny_flux_pipeline, tiny_qwen_edit_pipeline, tiny_qwen_layered_pipeline, tiny_qwen_pipeline)
 
 H, W, STEPS = 32, 48, 2
 IMAGE_TOKENS = (H // 4) * (W // 4)
@@ -312,4 +312,32 @@ def test_qwen_image_layered_pipeline_matches_single_process(monkeypatch, degrees
     # precondition: another input image moves the output by several times the tolerance
     assert ((_layered(tiny_qwen_layered_pipeline(), image_seed=8) - expected).norm() / expected.norm()).item() > 3 * TOL
     for rank, out in enumerate(run_distributed(_layered, 2, tiny_qwen_layered_pipeline(), 7, degrees)):
+        _assert_close(out, expected, f"rank {rank} latents vs single process")
+
+
+def _flux2(reference_seed: int = 7, klein: bool = False, degrees: dict | None = None) -> torch.Tensor:
+    """FLUX.2 with one 64x64 reference image: its 256 tokens follow the image's 96, with RoPE ids of their own (first
+    axis 10). klein: Flux2KleinPipeline with true CFG (two passes a step, the negative prompt shorter); else
+    Flux2Pipeline (embedded guidance, one pass)."""
+    import fastusp
+
+    pipe = tiny_flux2_pipeline(klein=klein)
+    pipe.set_progress_bar_config(disable=True)
+    if degrees:
+        fastusp.parallelize(pipe, **degrees)
+    prompt = prompt_kwargs(pipe, text_len=7)
+    if klein:
+        prompt.update(prompt_kwargs(pipe, text_len=5, seed=1, negative=True))
+    return pipe(image=_random_image(reference_seed, 64, 64), **prompt, guidance_scale=4.0, height=H, width=W,
+                num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+
+@pytest.mark.parametrize("klein, degrees", [(False, dict(ulysses=2)), (False, dict(ring=2)),
+                                            (True, dict(ulysses=2)), (True, dict(cfg=2))],
+                         ids=["flux2-ulysses2", "flux2-ring2", "klein-ulysses2", "klein-cfg2"])
+def test_flux2_pipeline_matches_single_process(klein, degrees):
+    expected = _flux2(klein=klein)
+    # precondition: the reference image matters, so mishandled reference tokens would show
+    assert ((_flux2(reference_seed=8, klein=klein) - expected).norm() / expected.norm()).item() > 3 * TOL
+    for rank, out in enumerate(run_distributed(_flux2, 2, 7, klein, degrees)):
         _assert_close(out, expected, f"rank {rank} latents vs single process")

@@ -56,7 +56,8 @@ def test_heads_not_divisible_lists_valid_degrees():
 
 
 def test_unsupported_model():
-    with pytest.raises(ValueError, match="fastusp supports FluxTransformer2DModel, QwenImageTransformer2DModel"):
+    with pytest.raises(ValueError, match="fastusp supports FluxTransformer2DModel, Flux2Transformer2DModel, "
+                                         "QwenImageTransformer2DModel"):
         fastusp.parallelize(torch.nn.Linear(2, 2), ulysses=2)
 
 
@@ -67,6 +68,32 @@ def test_unsupported_processor():
     model.set_attn_processor(AttnProcessor2_0())
     with pytest.raises(NotImplementedError, match="AttnProcessor2_0"):
         fastusp.parallelize(model, ulysses=2)
+
+
+def test_flux2_kv_cache_pipeline_is_refused():
+    # Flux2KleinKVPipeline installs its own processors (reference keys / values cached across steps)
+    from tiny_pipelines import tiny_flux2_pipeline
+
+    with pytest.raises(NotImplementedError, match="Flux2KVAttnProcessor"):
+        fastusp.parallelize(tiny_flux2_pipeline(kv=True), ulysses=2)
+
+
+def _flux2_kv_cache_forward():
+    from tiny_models import flux2_inputs, tiny_flux2
+
+    model = fastusp.parallelize(tiny_flux2(), ulysses=2)
+    try:
+        model(**flux2_inputs(reference_hw=(2, 2)), kv_cache_mode="extract", num_ref_tokens=4)
+    except NotImplementedError as e:
+        return str(e)
+    return "no error"
+
+
+def test_flux2_kv_cache_forward_is_refused_on_every_rank():
+    # diffusers would run it with fastusp's processors (they ignore the cache arguments) and modulate the first
+    # num_ref_tokens of each rank's shard as reference tokens
+    for result in run_distributed(_flux2_kv_cache_forward, 2, timeout=60):
+        assert "kv_cache_mode: FLUX.2's reference-image KV cache" in result
 
 
 def test_graphs_only_compile_needs_cuda():

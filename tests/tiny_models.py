@@ -1,4 +1,4 @@
-"""Tiny random FLUX / Qwen-Image transformers and their inputs, identical in every process that builds them."""
+"""Tiny random FLUX / FLUX.2 / Qwen-Image transformers and their inputs, identical in every process that builds them."""
 from __future__ import annotations
 
 import torch
@@ -14,6 +14,18 @@ def tiny_flux():
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=HEADS, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True,
         axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def tiny_flux2(guidance_embeds: bool = True):
+    """FLUX.2: 4-axis RoPE ids (T, H, W, L; the axes' dims sum to the head dim). guidance_embeds: FLUX.2-dev embeds
+    the guidance scale, FLUX.2-klein does not."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=HEADS, joint_attention_dim=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
     ).eval()
 
 
@@ -45,6 +57,30 @@ def flux_inputs(batch=1, height=4, width=5, text_len=7, seed=1):
         guidance=torch.full((batch,), 3.5),
         img_ids=img_ids.reshape(-1, 3),
         txt_ids=torch.zeros(text_len, 3),
+    )
+
+
+def flux2_ids(height: int, width: int, t: int = 0) -> torch.Tensor:
+    """(height * width, 4) int64 ids of a packed latent grid as Flux2Pipeline builds them: (t, h, w, 0), row-major;
+    t = 0 for the generated image, 10, 20, ... for reference images."""
+    return torch.cartesian_prod(torch.tensor([t]), torch.arange(height), torch.arange(width), torch.arange(1))
+
+
+def flux2_inputs(batch=1, height=4, width=5, text_len=7, seed=1, reference_hw=None):
+    """As Flux2Pipeline passes them: batched int64 ids, text ids (0, 0, 0, l) (not all zero as in FLUX.1).
+    reference_hw: (h, w) of a reference image whose tokens follow the image's, with t = 10."""
+    g = torch.Generator().manual_seed(seed)
+    img_ids = flux2_ids(height, width)
+    if reference_hw:
+        img_ids = torch.cat([img_ids, flux2_ids(*reference_hw, t=10)])
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(text_len))
+    return dict(
+        hidden_states=torch.randn(batch, img_ids.shape[0], 16, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, 32, generator=g),
+        timestep=torch.full((batch,), 0.5),
+        guidance=torch.full((batch,), 4.0),
+        img_ids=img_ids.expand(batch, -1, -1),
+        txt_ids=txt_ids.expand(batch, -1, -1),
     )
 
 

@@ -1,10 +1,12 @@
-"""Tiny random FluxPipeline / QwenImagePipeline (CPU, float32), identical in every process that builds them.
+"""Tiny random FluxPipeline / Flux2Pipeline / QwenImagePipeline (CPU, float32), identical in every process that
+builds them.
 
-The transformers are tests/tiny_models.py's `tiny_flux()` / `tiny_qwen()`; the VAEs and schedulers are built here.
-There is no text encoder or tokenizer (nothing can be downloaded), so call the pipelines with `prompt_kwargs(pipe)`:
-precomputed `prompt_embeds` (+ `pooled_prompt_embeds` for FLUX, + `prompt_embeds_mask` for Qwen-Image).
+The transformers are tests/tiny_models.py's `tiny_flux()` / `tiny_flux2()` / `tiny_qwen()`; the VAEs and schedulers
+are built here. There is no text encoder or tokenizer (nothing can be downloaded), so call the pipelines with
+`prompt_kwargs(pipe)`: precomputed `prompt_embeds` (+ `pooled_prompt_embeds` for FLUX.1, + `prompt_embeds_mask` for
+Qwen-Image).
 
-Both VAEs downsample by 2 and both pipelines pack 2x2 latent patches, so height and width must be multiples of 4
+All VAEs downsample by 2 and all pipelines pack 2x2 latent patches, so height and width must be multiples of 4
 and an H x W image has (H/4) * (W/4) image tokens (32 x 48 -> 96).
 
 This module is also what examples/_common.py imports for the examples' tiny mode (it puts tests/ on sys.path), so
@@ -17,13 +19,15 @@ from types import SimpleNamespace
 import torch
 
 try:  # imported as tests.tiny_pipelines
-    from .tiny_models import tiny_flux, tiny_qwen
+    from .tiny_models import tiny_flux, tiny_flux2, tiny_qwen
 except ImportError:  # imported as a top-level module (pytest's default rootdir insertion, the examples)
-    from tiny_models import tiny_flux, tiny_qwen
+    from tiny_models import tiny_flux, tiny_flux2, tiny_qwen
 
 # Real checkpoints' scheduler settings (dynamic shifting is what both pipelines expect: they always pass `mu`).
 FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
                       use_dynamic_shifting=True)
+# FLUX.2's pipelines always pass their own `mu` (exponential time shift), so only these two settings matter
+FLUX2_SCHEDULER = dict(use_dynamic_shifting=True, time_shift_type="exponential")
 QWEN_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
                       shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
 
@@ -46,6 +50,39 @@ def tiny_flux_pipeline():
         text_encoder_2=None, tokenizer_2=None, transformer=transformer,
     )
     _check_fit(pipe, latent_channels=vae.config.latent_channels)
+    return pipe
+
+
+def tiny_flux2_pipeline(klein: bool = False, kv: bool = False):
+    """Flux2Pipeline (FLUX.2-dev: embedded guidance, one transformer call per step) around tiny_flux2(), or with
+    klein, Flux2KleinPipeline (no guidance embedding; true CFG when guidance_scale > 1: pass negative prompt
+    embeddings, or it encodes "" with the absent text encoder). kv: Flux2KleinKVPipeline, which caches reference
+    images' keys and values and installs its own attention processors on the transformer.
+
+    Both VAE and packing are FLUX.1's arithmetic (downsample by 2, 2x2 patches: an H x W image has (H/4) * (W/4)
+    tokens). References must be at least 64 px a side (64 x 64 -> 256 tokens), appended after the image's tokens."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinKVPipeline, \
+        Flux2KleinPipeline, Flux2Pipeline
+
+    transformer = tiny_flux2(guidance_embeds=not (klein or kv))
+    latent_channels = transformer.config.in_channels // 4
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=4, sample_size=32, use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    # the pipelines normalize packed latents by the VAE's BatchNorm statistics: not the identity, as fresh ones are
+    vae.bn.running_mean.copy_(0.1 * torch.arange(vae.bn.num_features) - 0.3)
+    vae.bn.running_var.copy_(1.0 + 0.05 * torch.arange(vae.bn.num_features))
+    parts = dict(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), vae=vae, text_encoder=None,
+                 tokenizer=None, transformer=transformer)
+    if kv:
+        pipe = Flux2KleinKVPipeline(**parts)
+    else:
+        pipe = Flux2KleinPipeline(**parts, is_distilled=False) if klein else Flux2Pipeline(**parts)
+    _check_fit(pipe, latent_channels=latent_channels)
     return pipe
 
 
@@ -161,8 +198,9 @@ def prompt_kwargs(pipe, text_len: int = 7, valid_len: int | None = None, batch: 
     out = {f"{prefix}prompt_embeds": embeds}
     if type(pipe).__name__.startswith("Flux"):
         if valid_len is not None:
-            raise ValueError("FluxPipeline takes no prompt mask")
-        out[f"{prefix}pooled_prompt_embeds"] = torch.randn(batch, cfg.pooled_projection_dim, generator=g)
+            raise ValueError("FLUX pipelines take no prompt mask")
+        if "pooled_projection_dim" in cfg:  # FLUX.1's CLIP embedding; FLUX.2 has none
+            out[f"{prefix}pooled_prompt_embeds"] = torch.randn(batch, cfg.pooled_projection_dim, generator=g)
     else:
         n = text_len if valid_len is None else valid_len
         out[f"{prefix}prompt_embeds_mask"] = (torch.arange(text_len) < n).long().expand(batch, text_len).clone()

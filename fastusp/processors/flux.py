@@ -18,12 +18,13 @@ from .context import USPContext, cached_call_signature, require_context
 
 
 def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden_states, attention_mask,
-                        image_rotary_emb):
+                        image_rotary_emb, qkv_projections=_get_qkv_projections):
     """FluxAttnProcessor's math with USP attention. Returns (its outputs, the image tokens' query before RoPE, which
-    the IP-Adapter attends with)."""
+    the IP-Adapter attends with). FLUX.2's double-stream processor has the same math with its own module's
+    qkv_projections."""
     if attention_mask is not None:
         raise NotImplementedError("fastusp's FLUX processors do not take an attention_mask")
-    query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+    query, key, value, encoder_query, encoder_key, encoder_value = qkv_projections(
         attn, hidden_states, encoder_hidden_states
     )
     query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))

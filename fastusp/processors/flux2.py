@@ -1,0 +1,67 @@
+"""FLUX.2 attention processors: diffusers' Flux2AttnProcessor / Flux2ParallelSelfAttnProcessor math, with the
+attention call replaced by USP.
+
+Double-stream blocks (Flux2Attention) compute what FLUX.1's do: text and image q/k/v, joined [text, image].
+Single-stream blocks (Flux2ParallelSelfAttention) are "parallel" blocks: one GEMM makes q, k, v and the MLP's input
+for the joined sequence, and one GEMM projects the attention output and the MLP's output back together.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
+
+from ..attention.usp import usp_attention
+from .context import USPContext, cached_call_signature, require_context
+from .flux import joint_usp_attention
+
+
+@cached_call_signature
+class FastUSPFlux2AttnProcessor:
+    def __init__(self, context: USPContext | None = None):
+        self.context = require_context(context, type(self))
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        outputs, _ = joint_usp_attention(self.context, attn, hidden_states, encoder_hidden_states, attention_mask,
+                                         image_rotary_emb, qkv_projections=_get_qkv_projections)
+        return outputs
+
+
+@cached_call_signature
+class FastUSPFlux2ParallelSelfAttnProcessor:
+    def __init__(self, context: USPContext | None = None):
+        self.context = require_context(context, type(self))
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        if attention_mask is not None:
+            raise NotImplementedError("fastusp's FLUX.2 processors do not take an attention_mask")
+        # diffusers splits by the q/k/v : MLP ratio so that a column-sharded (tensor parallel) projection works
+        # too; fastusp shards tokens, never columns, so the split is at 3 * inner_dim
+        qkv, mlp_hidden_states = attn.to_qkv_mlp_proj(hidden_states).split(
+            [3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor], dim=-1)
+        query, key, value = qkv.chunk(3, dim=-1)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        hidden_states = usp_attention(query, key, value, self.context.current_layout(), self.context.config)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
+        return attn.to_out(torch.cat([hidden_states, mlp_hidden_states], dim=-1))
