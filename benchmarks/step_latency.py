@@ -1,7 +1,7 @@
 """Per-step latency of one transformer forward: one GPU vs diffusers' context parallel vs fastusp.
 
-The model is diffusers' own FLUX / Qwen-Image transformer at full size with random bf16 weights (built on the
-meta device, filled on the GPU), so no checkpoint is needed. Every run prints one JSON record on rank 0, also
+The model is diffusers' own FLUX / FLUX.2 / Qwen-Image transformer at full size with random bf16 weights (built on
+the meta device, filled on the GPU), so no checkpoint is needed. Every run prints one JSON record on rank 0, also
 when it fails (`err` is then set), and appends it to $OUT/results.jsonl when $OUT is set.
 
     torchrun --nproc-per-node 2 benchmarks/step_latency.py --model flux --impl fastusp --config u2r1 --compile 1
@@ -58,8 +58,9 @@ if REPO_ROOT not in sys.path:
     sys.path.append(REPO_ROOT)
 
 TINY = dict(num_layers=1, attention_head_dim=16, num_attention_heads=4)
-MODEL_NAMES = {"flux": "flux", "qwen": "qwen-image", "qwen-image": "qwen-image"}
-DEFAULT_TXT = {"flux": 512, "qwen-image": 128}  # FLUX pads T5 to 512; Qwen-Image prompts are short
+MODEL_NAMES = {"flux": "flux", "flux2": "flux2", "qwen": "qwen-image", "qwen-image": "qwen-image"}
+# FLUX pads T5 to 512 tokens, FLUX.2's pipeline pads its Mistral prompt to 512; Qwen-Image prompts are short
+DEFAULT_TXT = {"flux": 512, "flux2": 512, "qwen-image": 128}
 
 
 # --- command line -------------------------------------------------------------------------------------------------
@@ -119,12 +120,14 @@ def parse_args(argv=None):
     a.model = MODEL_NAMES[a.model]
     if a.fuse_qkv and a.model != "flux":
         ap.error("--fuse-qkv: FLUX only (diffusers' Qwen-Image processor has no fused projections)")
+    if a.true_cfg and a.model == "flux2":
+        ap.error("--true-cfg: FLUX or Qwen-Image (Flux2Pipeline has no true CFG)")
     if a.true_cfg and (a.profile or a.host_profile or a.compile_mode == "whole"):
         ap.error("--true-cfg times a pipeline call: no --profile, --host-profile or --compile-mode whole")
     if a.controlnet and (a.model != "flux" or a.true_cfg or a.compile_mode == "whole"
                          or not re.fullmatch(r"\d+\+\d+", a.controlnet)):
         ap.error("--controlnet DOUBLE+SINGLE: FLUX only, without --true-cfg or --compile-mode whole")
-    if a.edit_2511 and (a.model == "flux" or a.true_cfg):
+    if a.edit_2511 and (a.model != "qwen-image" or a.true_cfg):
         ap.error("--edit-2511: Qwen-Image, without --true-cfg")
     if a.controlnet_whole and not (a.controlnet and a.impl == "fastusp"):
         ap.error("--controlnet-whole: with --controlnet and --impl fastusp")
@@ -202,12 +205,17 @@ def sync(device):
 
 def build_model(model_name, device, dtype, tiny=False, zero_cond_t=False):
     """Full-size (or --tiny) transformer with random weights, built on meta and filled in place on `device`.
-    zero_cond_t: Qwen-Image-Edit-2511's transformer."""
+    zero_cond_t: Qwen-Image-Edit-2511's transformer. flux2: FLUX.2-dev's (diffusers' default config, 32B)."""
     if model_name == "flux":
         from diffusers import FluxTransformer2DModel as Model
         kw = dict(guidance_embeds=True)
         if tiny:
             kw.update(TINY, num_single_layers=1, axes_dims_rope=(4, 6, 6))
+    elif model_name == "flux2":
+        from diffusers import Flux2Transformer2DModel as Model
+        kw = dict(guidance_embeds=True)
+        if tiny:
+            kw.update(TINY, num_single_layers=1, axes_dims_rope=(4, 4, 4, 4))
     else:
         from diffusers import QwenImageTransformer2DModel as Model
         kw = dict(zero_cond_t=True) if zero_cond_t else {}
@@ -219,7 +227,7 @@ def build_model(model_name, device, dtype, tiny=False, zero_cond_t=False):
     # first (as shared/anchors did) peaks at 4 bytes/param, 76 GiB for Qwen-Image, the whole of an H100
     model = model.to(dtype).to_empty(device=device)
     fill_random_(model, device)
-    if model_name != "flux":  # QwenEmbedRope keeps its frequency tables as plain attributes: rebuild off meta
+    if model_name == "qwen-image":  # QwenEmbedRope keeps its frequency tables as plain attributes: rebuild off meta
         model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(model.config.axes_dims_rope),
                                                 scale_rope=True)
     return model.eval()
@@ -244,8 +252,17 @@ def make_inputs(model_name, device, dtype, height, width, txt_len, text_mask="on
     g = torch.Generator(device=device).manual_seed(1)
     h, w = height // 16, width // 16
     images = 2 if reference else 1
-    hidden = torch.randn(1, images * h * w, 64, device=device, dtype=dtype, generator=g)
     timestep = torch.tensor([0.5], device=device, dtype=dtype)
+    if model_name == "flux2":  # 32 latent channels packed 2x2; batched 4-axis ids (diffusers' context parallel plan
+        # splits only 3-d ids), text ids counting along the last axis: as Flux2Pipeline passes them
+        arange = lambda n: torch.arange(n, device=device)
+        return dict(hidden_states=torch.randn(1, h * w, 128, device=device, dtype=dtype, generator=g),
+                    encoder_hidden_states=torch.randn(1, txt_len, 15360, device=device, dtype=dtype, generator=g),
+                    timestep=timestep, guidance=torch.tensor([4.0], device=device, dtype=dtype),
+                    img_ids=torch.cartesian_prod(arange(1), arange(h), arange(w), arange(1))[None],
+                    txt_ids=torch.cartesian_prod(arange(1), arange(1), arange(1), arange(txt_len))[None],
+                    return_dict=False)
+    hidden = torch.randn(1, images * h * w, 64, device=device, dtype=dtype, generator=g)
     if model_name == "flux":
         img_ids = torch.zeros(h, w, 3, device=device)
         img_ids[..., 1] = torch.arange(h, device=device)[:, None]

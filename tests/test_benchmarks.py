@@ -61,18 +61,17 @@ def test_true_cfg_pipeline_step_gives_one_process_latents():
             torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5)
 
 
-def _edit_2511_step_worker(impl: str | None, config: str | None):
-    """step_latency's --edit-2511 forward, --tiny, on this rank."""
+def _step_worker(args: list, impl: str | None, config: str | None):
+    """step_latency's forward for `args` (--tiny), on this rank: one process without impl, else impl + config."""
     import torch
 
     import step_latency
 
-    args = ["--tiny", "--model", "qwen", "--edit-2511", "--txt", "5", "--height", "64", "--width", "48"]
     a = step_latency.parse_args(args + (["--impl", impl, "--config", config] if impl else []))
-    model = step_latency.build_model(a.model, torch.device("cpu"), torch.float32, tiny=True, zero_cond_t=True)
+    model = step_latency.build_model(a.model, torch.device("cpu"), torch.float32, tiny=True, zero_cond_t=a.edit_2511)
     step_latency.APPLY[a.impl](model, a, 2 if impl else 1)
     kw = step_latency.make_inputs(a.model, torch.device("cpu"), torch.float32, a.height, a.width, a.txt,
-                                  reference=True)
+                                  reference=a.edit_2511)
     with torch.no_grad():
         return model(**kw)[0], kw["hidden_states"].shape[1]
 
@@ -84,10 +83,24 @@ def test_edit_2511_step_is_the_same_forward_for_every_impl():
 
     from _dist import run_distributed
 
-    [(expected, tokens)] = run_distributed(_edit_2511_step_worker, 1, None, None)
+    args = ["--tiny", "--model", "qwen", "--edit-2511", "--txt", "5", "--height", "64", "--width", "48"]
+    [(expected, tokens)] = run_distributed(_step_worker, 1, args, None, None)
     assert tokens == 2 * (64 // 16) * (48 // 16)
-    for out, _ in run_distributed(_edit_2511_step_worker, 2, "fastusp", "u2r1"):
+    for out, _ in run_distributed(_step_worker, 2, args, "fastusp", "u2r1"):
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_flux2_step_is_the_same_forward_for_every_impl():
+    import torch
+
+    from _dist import run_distributed
+
+    args = ["--tiny", "--model", "flux2", "--txt", "5", "--height", "64", "--width", "48"]
+    [(expected, tokens)] = run_distributed(_step_worker, 1, args, None, None)
+    assert tokens == (64 // 16) * (48 // 16)
+    for config in ("u2r1", "u1r2"):
+        for out, _ in run_distributed(_step_worker, 2, args, "fastusp", config):
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_exposure_by_position():

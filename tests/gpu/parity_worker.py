@@ -21,12 +21,14 @@ BF16_TOL, FP8_TOL = 2e-2, 6e-2  # relative L2 error of the transformer output
 
 
 def build(name: str, device):
-    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel
 
     torch.manual_seed(0)  # seeds the CUDA generator too: every rank and every call builds the same weights
     with torch.device(device):  # initialize on the GPU: CPU init of ~1B parameters takes seconds
         if name == "flux":  # real widths (24 heads x 128), few layers
             model = FluxTransformer2DModel(num_layers=2, num_single_layers=2, guidance_embeds=True)
+        elif name == "flux2":  # FLUX.2-dev's widths (48 heads x 128), few layers
+            model = Flux2Transformer2DModel(num_layers=1, num_single_layers=2)
         else:
             model = QwenImageTransformer2DModel(num_layers=2)
     return model.to(torch.bfloat16).eval()
@@ -43,6 +45,13 @@ def inputs(name: str, device, batch: int, image_hw: tuple[int, int], text_len: i
                     pooled_projections=rand(batch, 768), timestep=torch.full((batch,), 0.5, device=device),
                     guidance=torch.full((batch,), 3.5, device=device), img_ids=ids.reshape(-1, 3),
                     txt_ids=torch.zeros(text_len, 3, device=device))
+    if name == "flux2":  # a reference image's 16x15 tokens after the image's, ids (10, h, w, 0); text ids (0, 0, 0, l)
+        arange = lambda n: torch.arange(n, device=device)
+        ids = torch.cat([torch.cartesian_prod(arange(1), arange(h), arange(w), arange(1)),
+                         torch.cartesian_prod(arange(1) + 10, arange(16), arange(15), arange(1))])
+        return dict(hidden_states=rand(batch, len(ids), 128), encoder_hidden_states=rand(batch, text_len, 15360),
+                    timestep=torch.full((batch,), 0.5, device=device),
+                    guidance=torch.full((batch,), 4.0, device=device), img_ids=ids, txt_ids=torch.cartesian_prod(arange(1), arange(1), arange(1), arange(text_len)))
     mask = torch.ones(batch, text_len, dtype=torch.long, device=device)
     mask[0, text_len // 3:] = 0  # padded prompt in sample 0
     return dict(hidden_states=rand(batch, h * w, 64), encoder_hidden_states=rand(batch, text_len, 3584),
@@ -73,10 +82,14 @@ def layouts(world: int) -> list[tuple[int, int]]:
 
 
 def main(world: int, rank: int, device) -> int:
-    """The transformer layouts and the cfg pipelines. Returns the number of failed checks."""
+    """The transformer layouts. Returns the number of failed checks."""
     failures = 0
     # Uneven on purpose: 33x31 image tokens and 77 / 100 text tokens divide by neither 2 nor 4.
-    cases = {"flux": dict(batch=1, image_hw=(33, 31), text_len=77), "qwen": dict(batch=2, image_hw=(32, 31), text_len=100)}
+    cases = {"flux": dict(batch=1, image_hw=(33, 31), text_len=77),
+             "qwen": dict(batch=2, image_hw=(32, 31), text_len=100),
+             "flux2": dict(batch=1, image_hw=(31, 33), text_len=77)}
+    if "--models" in sys.argv:
+        cases = {name: cases[name] for name in sys.argv[sys.argv.index("--models") + 1].split(",")}
     for name, shape in cases.items():
         if "--quick" in sys.argv and name != "flux":
             continue
@@ -106,8 +119,6 @@ def main(world: int, rank: int, device) -> int:
                                       card=torch.cuda.get_device_name(device))), flush=True)
             del model
             torch._dynamo.reset()
-    if "--quick" not in sys.argv:
-        failures += check_cfg_parallel(world, rank, device)
     return failures
 
 
@@ -323,13 +334,13 @@ def check_qwen_variants(world: int, rank: int, device) -> int:
 
 def run_checks() -> int:
     """All checks; --quick: the transformer smoke test only; --only NAME,...: ip-adapter, controlnet, lora,
-    qwen-variants or main."""
+    qwen-variants, main or cfg-parallel; --models flux,flux2,qwen: main's transformers (default all)."""
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", device_id=device)
     world, rank = dist.get_world_size(), dist.get_rank()
     checks = {"ip-adapter": check_ip_adapter, "controlnet": check_controlnet, "lora": check_lora,
-              "qwen-variants": check_qwen_variants, "main": main}
+              "qwen-variants": check_qwen_variants, "main": main, "cfg-parallel": check_cfg_parallel}
     if "--only" in sys.argv:
         checks = {name: checks[name] for name in sys.argv[sys.argv.index("--only") + 1].split(",")}
     elif "--quick" in sys.argv:
