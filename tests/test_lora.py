@@ -1,5 +1,6 @@
-"""LoRA adapters (diffusers' load_lora_weights, PEFT layers): parallel == one process for FLUX and Qwen-Image, with the
-LoRA loaded before or after parallelize, and CUDA-graphed (and compiled) models follow every later adapter change.
+"""LoRA adapters (diffusers' load_lora_weights, PEFT layers): parallel == one process for FLUX, FLUX.2 and Qwen-Image,
+with the LoRA loaded before or after parallelize, and CUDA-graphed (and compiled) models follow every later adapter
+change.
 
 A CUDA graph bakes in the model as it was captured; replaying it after load_lora_weights, set_adapters, fuse_lora or
 unload_lora_weights would silently run the old model. Capture needs CUDA, so the graph tests replace it
@@ -14,14 +15,19 @@ import torch
 from _dist import run_distributed
 from _fake_graphs import fake_cuda_graphs
 from tiny_models import flux_inputs, qwen_inputs, random_lora_state_dict
-from tiny_pipelines import tiny_call_kwargs, tiny_flux_pipeline, tiny_qwen_pipeline
+from tiny_pipelines import tiny_call_kwargs, tiny_flux2_pipeline, tiny_flux_pipeline, tiny_qwen_pipeline
 
 pytest.importorskip("peft")  # diffusers' LoRA loading needs it; the test extra installs it
 
 TOL = 1e-4
+BUILDERS = {"flux": tiny_flux_pipeline, "flux2": tiny_flux2_pipeline, "qwen": tiny_qwen_pipeline}
+# FLUX.2's single-stream blocks: one projection for q/k/v and the MLP's input, one for both outputs
+FLUX2_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj", "to_out", "proj_out")
 
 
 def _lora(pipe, seed: int) -> dict:
+    if type(pipe.transformer).__name__ == "Flux2Transformer2DModel":
+        return random_lora_state_dict(pipe.transformer, seed, targets=FLUX2_TARGETS)
     return random_lora_state_dict(pipe.transformer, seed)
 
 
@@ -34,7 +40,7 @@ def _pipeline_with_lora(name: str, when: str | None, degrees: dict | None):
     """Images without and with a LoRA; when: "before" / "after" parallelize (with degrees), None: one process."""
     import fastusp
 
-    pipe = tiny_flux_pipeline() if name == "flux" else tiny_qwen_pipeline()
+    pipe = BUILDERS[name]()
     pipe.set_progress_bar_config(disable=True)
     lora = _lora(pipe, 1)
     if when == "before":
@@ -54,7 +60,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("name, when, degrees", [
     ("flux", "before", dict(ulysses=2)), ("flux", "after", dict(ulysses=2)), ("flux", "before", dict(ring=2)),
     ("flux", "after", dict(ring=2)), ("qwen", "before", dict(ulysses=2)), ("qwen", "after", dict(ring=2)),
-], ids=["flux-before-u2", "flux-after-u2", "flux-before-r2", "flux-after-r2", "qwen-before-u2", "qwen-after-r2"])
+    ("flux2", "after", dict(ulysses=2)),
+], ids=["flux-before-u2", "flux-after-u2", "flux-before-r2", "flux-after-r2", "qwen-before-u2", "qwen-after-r2",
+        "flux2-after-u2"])
 def test_lora_pipeline_matches_one_process(name, when, degrees):
     without, expected = _pipeline_with_lora(name, None, None)
     assert _rel(without, expected) > 1e-2  # precondition: the LoRA changes the image
