@@ -1,4 +1,4 @@
-"""What examples/flux.py and examples/qwen_image.py share: command line, pipeline set-up, reference run, timing.
+"""What examples/flux.py, flux2.py and qwen_image.py share: command line, pipeline set-up, reference run, timing.
 
 Every rank holds the whole pipeline; fastusp.parallelize() splits each transformer call's token sequence over
 the ranks. The flow on every rank:
