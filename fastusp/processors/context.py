@@ -42,6 +42,13 @@ def cached_call_signature(cls: type) -> type:
     return cls
 
 
+class USPProcessor:
+    """Base of fastusp's processors: each is made by fastusp.parallelize with its transformer's USPContext."""
+
+    def __init__(self, context: USPContext | None = None):
+        self.context = require_context(context, type(self))
+
+
 def require_context(context: USPContext | None, processor_cls: type) -> USPContext:
     """Processors are made by fastusp.parallelize with the transformer's context. diffusers' adapter loaders
     (load_ip_adapter, unload_ip_adapter) rebuild the processors they find with no arguments: after parallelize that

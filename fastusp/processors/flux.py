@@ -14,7 +14,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor, _get_qkv_projections
 
 from ..attention.usp import usp_attention
-from .context import USPContext, cached_call_signature, require_context
+from .context import USPContext, USPProcessor, cached_call_signature
 
 
 def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden_states, attention_mask,
@@ -58,9 +58,8 @@ def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden
 
 
 @cached_call_signature
-class FastUSPFluxAttnProcessor:
-    def __init__(self, context: USPContext | None = None):
-        self.context = require_context(context, type(self))
+class FastUSPFluxAttnProcessor(USPProcessor):
+    qkv_projections = staticmethod(_get_qkv_projections)  # FLUX.1's (to_q/k/v or fused to_qkv)
 
     def __call__(
         self,
@@ -71,7 +70,7 @@ class FastUSPFluxAttnProcessor:
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         outputs, _ = joint_usp_attention(self.context, attn, hidden_states, encoder_hidden_states, attention_mask,
-                                         image_rotary_emb)
+                                         image_rotary_emb, self.qkv_projections)
         return outputs
 
 

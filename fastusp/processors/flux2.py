@@ -12,33 +12,18 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
 
 from ..attention.usp import usp_attention
-from .context import USPContext, cached_call_signature, require_context
-from .flux import joint_usp_attention
+from .context import USPProcessor, cached_call_signature
+from .flux import FastUSPFluxAttnProcessor
+
+
+class FastUSPFlux2AttnProcessor(FastUSPFluxAttnProcessor):
+    """Double-stream blocks: FLUX.1's joint attention, with FLUX.2's own q/k/v projections."""
+
+    qkv_projections = staticmethod(_get_qkv_projections)
 
 
 @cached_call_signature
-class FastUSPFlux2AttnProcessor:
-    def __init__(self, context: USPContext | None = None):
-        self.context = require_context(context, type(self))
-
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ):
-        outputs, _ = joint_usp_attention(self.context, attn, hidden_states, encoder_hidden_states, attention_mask,
-                                         image_rotary_emb, qkv_projections=_get_qkv_projections)
-        return outputs
-
-
-@cached_call_signature
-class FastUSPFlux2ParallelSelfAttnProcessor:
-    def __init__(self, context: USPContext | None = None):
-        self.context = require_context(context, type(self))
-
+class FastUSPFlux2ParallelSelfAttnProcessor(USPProcessor):
     def __call__(
         self,
         attn,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..attention.usp import usp_attention
-from .context import USPContext, cached_call_signature, require_context
+from .context import USPProcessor, cached_call_signature
 
 
 def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -29,10 +29,7 @@ def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 @cached_call_signature
-class FastUSPQwenImageAttnProcessor:
-    def __init__(self, context: USPContext | None = None):
-        self.context = require_context(context, type(self))
-
+class FastUSPQwenImageAttnProcessor(USPProcessor):
     def __call__(
         self,
         attn,
