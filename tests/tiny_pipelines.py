@@ -30,6 +30,10 @@ FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=
 FLUX2_SCHEDULER = dict(use_dynamic_shifting=True, time_shift_type="exponential")
 QWEN_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
                       shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+# FLUX.1's and FLUX.2's VAEs (AutoencoderKL, AutoencoderKLFlux2) at this size downsample by 2
+FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def tiny_flux_pipeline():
@@ -39,12 +43,7 @@ def tiny_flux_pipeline():
     transformer = tiny_flux()
     latent_channels = transformer.config.in_channels // 4
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=latent_channels, norm_num_groups=4, sample_size=32, use_quant_conv=False,
-        use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
-    ).eval()
+    vae = AutoencoderKL(**FLUX_VAE, latent_channels=latent_channels, scaling_factor=0.3611, shift_factor=0.1159).eval()
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae, text_encoder=None, tokenizer=None,
         text_encoder_2=None, tokenizer_2=None, transformer=transformer,
@@ -59,7 +58,7 @@ def tiny_flux2_pipeline(klein: bool = False, kv: bool = False):
     embeddings, or it encodes "" with the absent text encoder). kv: Flux2KleinKVPipeline, which caches reference
     images' keys and values and installs its own attention processors on the transformer.
 
-    Both VAE and packing are FLUX.1's arithmetic (downsample by 2, 2x2 patches: an H x W image has (H/4) * (W/4)
+    VAE and packing have FLUX.1's arithmetic (downsample by 2, 2x2 patches: an H x W image has (H/4) * (W/4)
     tokens). References must be at least 64 px a side (64 x 64 -> 256 tokens), appended after the image's tokens."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinKVPipeline, \
         Flux2KleinPipeline, Flux2Pipeline
@@ -67,12 +66,7 @@ def tiny_flux2_pipeline(klein: bool = False, kv: bool = False):
     transformer = tiny_flux2(guidance_embeds=not (klein or kv))
     latent_channels = transformer.config.in_channels // 4
     torch.manual_seed(0)
-    vae = AutoencoderKLFlux2(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=latent_channels, norm_num_groups=4, sample_size=32, use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    vae = AutoencoderKLFlux2(**FLUX_VAE, latent_channels=latent_channels).eval()
     # the pipelines normalize packed latents by the VAE's BatchNorm statistics: not the identity, as fresh ones are
     vae.bn.running_mean.copy_(0.1 * torch.arange(vae.bn.num_features) - 0.3)
     vae.bn.running_var.copy_(1.0 + 0.05 * torch.arange(vae.bn.num_features))
