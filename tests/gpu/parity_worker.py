@@ -45,13 +45,14 @@ def inputs(name: str, device, batch: int, image_hw: tuple[int, int], text_len: i
                     pooled_projections=rand(batch, 768), timestep=torch.full((batch,), 0.5, device=device),
                     guidance=torch.full((batch,), 3.5, device=device), img_ids=ids.reshape(-1, 3),
                     txt_ids=torch.zeros(text_len, 3, device=device))
-    if name == "flux2":  # a reference image's 16x15 tokens after the image's, ids (10, h, w, 0); text ids (0, 0, 0, l)
+    if name == "flux2":  # a reference image's 16x15 tokens after the image's, ids (10, h, w, 0); text (0, 0, 0, l)
         arange = lambda n: torch.arange(n, device=device)
         ids = torch.cat([torch.cartesian_prod(arange(1), arange(h), arange(w), arange(1)),
                          torch.cartesian_prod(arange(1) + 10, arange(16), arange(15), arange(1))])
         return dict(hidden_states=rand(batch, len(ids), 128), encoder_hidden_states=rand(batch, text_len, 15360),
                     timestep=torch.full((batch,), 0.5, device=device),
-                    guidance=torch.full((batch,), 4.0, device=device), img_ids=ids, txt_ids=torch.cartesian_prod(arange(1), arange(1), arange(1), arange(text_len)))
+                    guidance=torch.full((batch,), 4.0, device=device), img_ids=ids,
+                    txt_ids=torch.cartesian_prod(arange(1), arange(1), arange(1), arange(text_len)))
     mask = torch.ones(batch, text_len, dtype=torch.long, device=device)
     mask[0, text_len // 3:] = 0  # padded prompt in sample 0
     return dict(hidden_states=rand(batch, h * w, 64), encoder_hidden_states=rand(batch, text_len, 3584),
