@@ -4,8 +4,9 @@
     torchrun --nproc-per-node 4 examples/flux2.py --model black-forest-labs/FLUX.2-dev --compile \\
         --height 1024 --width 1024 --check --out flux2.png                       # real weights, one GPU per rank
 
-FLUX.2-dev's transformer is 32B parameters (64 GB in bfloat16) and every rank holds all of it, so each GPU needs
-room for the whole pipeline. See examples/_common.py (or --help) for every option.
+Every rank holds the whole pipeline: FLUX.2-dev's transformer (32B parameters, 64 GB in bfloat16) and its Mistral
+text encoder (24B, 48 GB) fit on 141 GB cards (H200), not on 80 GB ones. See examples/_common.py (or --help) for
+every option.
 """
 import _common
 
