@@ -17,10 +17,12 @@ H, W, STEPS = 32, 48, 2
 IMAGE_TOKENS = (H // 4) * (W // 4)
 TOL = 1e-4
 
-BUILDERS = {"flux": tiny_flux_pipeline, "qwen": tiny_qwen_pipeline}
-TEXT_LENS = {"flux": [7], "qwen": [7, 4]}  # text tokens per transformer call in one step (Qwen: cond, uncond)
+BUILDERS = {"flux": tiny_flux_pipeline, "flux2": tiny_flux2_pipeline, "qwen": tiny_qwen_pipeline}
+# text tokens per transformer call in one step (Qwen-Image: cond, uncond)
+TEXT_LENS = {"flux": [7], "flux2": [7], "qwen": [7, 4]}
 # what each pipeline embeds first: image tokens, text tokens
-EMBEDDERS = {"flux": ("x_embedder", "context_embedder"), "qwen": ("img_in", "txt_in")}
+EMBEDDERS = {"flux": ("x_embedder", "context_embedder"), "flux2": ("x_embedder", "context_embedder"),
+             "qwen": ("img_in", "txt_in")}
 
 
 def _generate(pipe, seed: int | None, call_kwargs: dict | None = None) -> dict:
@@ -115,7 +117,8 @@ def test_parallel_pipeline_matches_single_process(name, ulysses, ring):
     assert all(n < IMAGE_TOKENS for out in results for k, n in out["seen"] if k == "img")
 
 
-@pytest.mark.parametrize("name,ulysses,ring", [("flux", 2, 1), ("qwen", 1, 2)], ids=["flux-ulysses2", "qwen-ring2"])
+@pytest.mark.parametrize("name,ulysses,ring", [("flux", 2, 1), ("qwen", 1, 2), ("flux2", 2, 1)],
+                         ids=["flux-ulysses2", "qwen-ring2", "flux2-ulysses2"])
 def test_rank_consistency_without_generator(name, ulysses, ring):
     expected = _reference(name, seed=100, global_seed=True)
     # precondition: the other rank's seed gives a clearly different image, so equality below means rank 0's noise
