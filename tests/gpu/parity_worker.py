@@ -78,6 +78,22 @@ def output(model, x: dict, compiled: str | None) -> torch.Tensor:
         return model(**x, return_dict=False)[0].float()
 
 
+def parity(parallel, x: dict, ref: torch.Tensor, compiled: str | None, tol: float, rank: int, device,
+           no_fallback: bool = False, **record) -> bool:
+    """The parallelized model's output (compiled as compile_as says) against ref, within tol and finite (and, with
+    no_fallback, a compile report without fallbacks); rank 0 prints one "parity" record: `record` (model, world,
+    degrees, fp8) and the result."""
+    out = output(parallel, x, compiled)
+    err = ((out - ref).norm() / ref.norm()).item()
+    report = fastusp.compile_report(parallel)
+    ok = err < tol and torch.isfinite(out).all().item() and not (no_fallback and report and report.fell_back)
+    if rank == 0:
+        print(json.dumps(dict(check="parity", **record, compiled=compiled, rel_err=round(err, 5), ok=ok,
+                              compile=report.summary() if report else None,
+                              card=torch.cuda.get_device_name(device))), flush=True)
+    return ok
+
+
 def layouts(world: int) -> list[tuple[int, int]]:
     return [(world // r, r) for r in range(1, world + 1) if world % r == 0]
 
@@ -108,16 +124,8 @@ def main(world: int, rank: int, device) -> int:
             checks = [c for c in checks if c[:3] == (world, 1, False)]
         for u, r, fp8, compiled in checks:
             model = fastusp.parallelize(build(name, device), ulysses=u, ring=r, fp8_comm=fp8)
-            out = output(model, x, compiled)
-            err = ((out - ref).norm() / ref.norm()).item()
-            ok = err < (FP8_TOL if fp8 else BF16_TOL) and torch.isfinite(out).all().item()
-            failures += not ok
-            report = fastusp.compile_report(model)
-            if rank == 0:
-                print(json.dumps(dict(check="parity", model=name, world=world, ulysses=u, ring=r, fp8=fp8,
-                                      compiled=compiled, rel_err=round(err, 5), ok=ok,
-                                      compile=report.summary() if report else None,
-                                      card=torch.cuda.get_device_name(device))), flush=True)
+            failures += not parity(model, x, ref, compiled, FP8_TOL if fp8 else BF16_TOL, rank, device,
+                                   model=name, world=world, ulysses=u, ring=r, fp8=fp8)
             del model
             torch._dynamo.reset()
     return failures
@@ -318,16 +326,8 @@ def check_qwen_variants(world: int, rank: int, device) -> int:
             ref = build_variant()(**x, return_dict=False)[0].float()
         for compiled in (None, "inductor", "graphs"):
             model = fastusp.parallelize(build_variant(), ulysses=world)
-            out = output(model, x, compiled)
-            err = ((out - ref).norm() / ref.norm()).item()
-            report = fastusp.compile_report(model)
-            ok = err < BF16_TOL and torch.isfinite(out).all().item() and not (report and report.fell_back)
-            failures += not ok
-            if rank == 0:
-                print(json.dumps(dict(check="parity", model=name, world=world, ulysses=world, ring=1, fp8=False,
-                                      compiled=compiled, rel_err=round(err, 5), ok=ok,
-                                      compile=report.summary() if report else None,
-                                      card=torch.cuda.get_device_name(device))), flush=True)
+            failures += not parity(model, x, ref, compiled, BF16_TOL, rank, device, no_fallback=True,
+                                   model=name, world=world, ulysses=world, ring=1, fp8=False)
             del model
             torch._dynamo.reset()
     return failures
