@@ -1,4 +1,10 @@
-"""Replacing a diffusers model's forward (a transformer's, a ControlNet's) while keeping its call contract."""
+"""Replacing a diffusers model's forward (a transformer's, a ControlNet's) while keeping its call contract.
+
+Beneath an accelerate hook (diffusers' enable_model_cpu_offload puts one on each model of a pipeline), the forward
+to replace is the one the hook calls, `_old_forward`: the pipeline removes its hooks after every call, which puts
+`_old_forward` back as the model's forward, and adds them again. A replaced `forward` would be lost there, and
+the hook still moves the weights to the GPU before anything of fastusp runs.
+"""
 from __future__ import annotations
 
 import functools
@@ -7,17 +13,32 @@ import inspect
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 
+def _forward_attribute(module) -> str:
+    return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
+
+
+def forward_of(module):
+    """The module's forward beneath any accelerate hook."""
+    return getattr(module, _forward_attribute(module))
+
+
+def set_forward(module, forward) -> None:
+    """Make `forward` the module's forward beneath any accelerate hook."""
+    setattr(module, _forward_attribute(module), forward)
+
+
 def replace_forward(module, run) -> None:
-    """Replace module.forward by one that binds each call to the current forward's signature and returns
-    run(forward, inputs) as it is (inputs: the bound arguments by name, return_dict included if given)."""
-    forward = module.forward
+    """Replace the module's forward (beneath any accelerate hook) by one that binds each call to the current
+    forward's signature and returns run(forward, inputs) as it is (inputs: the bound arguments by name,
+    return_dict included if given)."""
+    forward = forward_of(module)
     signature = inspect.signature(forward)
 
     @functools.wraps(forward)
     def replaced(*args, **kwargs):
         return run(forward, signature.bind(*args, **kwargs).arguments)
 
-    module.forward = replaced
+    set_forward(module, replaced)
 
 
 def wrap_forward(module, run_sample) -> None:

@@ -21,7 +21,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from ._forward import wrap_forward
+from ._forward import forward_of, wrap_forward
 
 
 class ForwardSlot:
@@ -121,7 +121,7 @@ class _LoopBar:
 
 def apply_cfg_parallel(pipe, transformer, config) -> None:
     """Wrap the (sequence-sharded) forward so each cfg group runs its share of the guidance passes."""
-    slot = ForwardSlot(transformer.forward)
+    slot = ForwardSlot(forward_of(transformer))
     passes = GuidancePasses(config, transformer)
     # a loop starts with no passes: a call that raised mid-step may have left some
     loop = transformer._fastusp_denoising_loop = DenoisingLoop(on_start=passes.reset)

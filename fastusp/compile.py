@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._forward import replace_forward, wrap_forward
+from ._forward import forward_of, replace_forward, wrap_forward
+from .config import execution_device
 from .controlnet import controlnets
 from .cuda_graphs import GraphedForward
 
@@ -76,9 +77,13 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
         raise ValueError(f"mode={mode!r} makes Inductor record CUDA graphs per region, which breaks with repeated "
                          f"blocks; use cuda_graphs=True (whole-forward graphs) with mode='default'")
     transformer = getattr(obj, "transformer", obj)
-    use_graphs = transformer.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-    if use_graphs and transformer.device.type != "cuda":
+    on_cuda = execution_device(transformer).type == "cuda"
+    use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+    if use_graphs and not on_cuda:
         raise ValueError("cuda_graphs=True needs the transformer on a CUDA device")
+    if use_graphs:
+        for model in [transformer, *controlnets(obj)]:
+            _check_weights_stay_put(model)
     if backend is None and not use_graphs:
         raise ValueError("backend=None compiles nothing, so it needs CUDA graphs (a CUDA transformer)")
     new_controlnets = [net for net in controlnets(obj) if not getattr(net, "_fastusp_compiled", False)]
@@ -146,7 +151,7 @@ def apply_compile(regions, report: CompileReport, reorder_comm: bool, backend) -
 def apply_cuda_graphs(slot, transformer, report: CompileReport) -> None:
     """Replace the forward of slot (the transformer, or the slot that cfg parallelism calls) by one that replays a
     CUDA graph of the whole forward per input signature, captured again when the transformer changes."""
-    forward = slot.forward
+    forward = forward_of(slot)
     graphed = _graphed_or_eager(GraphedForward(lambda **kw: forward(**kw, return_dict=False)[0], transformer),
                                 report, "cuda graphs")
     wrap_forward(slot, lambda original, inputs: graphed(inputs, lambda: original(**inputs, return_dict=False)[0]))
@@ -155,7 +160,7 @@ def apply_cuda_graphs(slot, transformer, report: CompileReport) -> None:
 def apply_controlnet_cuda_graphs(net, report: CompileReport) -> None:
     """The same for a ControlNet, whose forward returns its residuals (lists of tensors, or diffusers' output
     class): outside the transformer's graph, it would launch its blocks' kernels one by one."""
-    graphed = _graphed_or_eager(GraphedForward(net.forward, net), report, f"cuda graphs ({type(net).__name__})")
+    graphed = _graphed_or_eager(GraphedForward(forward_of(net), net), report, f"cuda graphs ({type(net).__name__})")
     replace_forward(net, lambda forward, inputs: graphed(inputs, lambda: forward(**inputs)))
 
 
@@ -177,6 +182,21 @@ def _graphed_or_eager(graphed_forward: GraphedForward, report: CompileReport, re
             return eager()
 
     return call
+
+
+def _check_weights_stay_put(model) -> None:
+    """A CUDA graph replays with the weights at the addresses they had at capture. enable_model_cpu_offload moves a
+    whole model before its forward starts, so the graphs see the move and are captured again (ModelState). Hooks on
+    its modules (enable_sequential_cpu_offload, diffusers' group offloading or caches) change weights or decide what
+    runs inside the forward, where a replay would not follow."""
+    hooked = [name for name, m in model.named_modules()
+              if hasattr(m, "_diffusers_hook") or (m is not model and hasattr(m, "_hf_hook"))]
+    if hooked:
+        raise ValueError(
+            f"{type(model).__name__} has hooks on its modules ({', '.join(n or type(model).__name__ for n in hooked[:3])}"
+            f"{', ...' if len(hooked) > 3 else ''}): sequential CPU offload, group offloading or a cache, which move "
+            f"weights or choose blocks during the forward, where a CUDA graph would replay the first call's; use "
+            f"pipe.enable_model_cpu_offload() or none, or pass cuda_graphs=False")
 
 
 def _repeated_blocks(transformer) -> list[tuple[str, torch.nn.Module]]:

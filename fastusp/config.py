@@ -164,6 +164,28 @@ class ParallelConfig:
         return self._rank // self.sequence_size
 
 
+def execution_device(model: torch.nn.Module) -> torch.device:
+    """Where the model computes. Under diffusers' enable_model_cpu_offload its weights wait on the CPU and an
+    accelerate hook moves them to its execution device for each call: that device, not the weights' current one."""
+    for module in model.modules():
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return model.device
+
+
+def check_one_gpu_per_rank(device: torch.device) -> None:
+    """Raise ValueError when a torchrun rank other than the first computes on GPU 0 although it has a GPU of its own:
+    every rank would share GPU 0 (pipe.to("cuda"), enable_model_cpu_offload() without gpu_id)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda" and (device.index or 0) == 0 and 0 < local_rank < torch.cuda.device_count():
+        raise ValueError(
+            f"local rank {local_rank} computes on cuda:0, the first rank's GPU; put each rank on its own GPU: "
+            f"pipe.to(f\"cuda:{{local_rank}}\"), or pipe.enable_model_cpu_offload(gpu_id=local_rank) "
+            f"(LOCAL_RANK from torchrun)"
+        )
+
+
 def maybe_init_distributed(device: torch.device) -> None:
     """Initialize torch.distributed from the torchrun environment if nobody has (NCCL on CUDA, gloo on CPU)."""
     if dist.is_initialized():

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._forward import wrap_forward
+from ._forward import forward_of, set_forward, wrap_forward
 from .cfg_parallel import apply_cfg_parallel, track_denoising_loop
-from .config import ParallelConfig, maybe_init_distributed
+from .config import ParallelConfig, check_one_gpu_per_rank, execution_device, maybe_init_distributed
 from .controlnet import apply_controlnet_sharding, controlnets
 from .distributed.gather import gather_seq
 from .processors.context import USPContext
@@ -105,7 +105,8 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     spec = _spec_for(transformer)
     for model in [transformer, *controlnets(obj)]:
         config.validate_heads(model.config.num_attention_heads)
-    device = transformer.device
+    device = execution_device(transformer)
+    check_one_gpu_per_rank(device)
     maybe_init_distributed(device)
     config.validate_world(dist.get_world_size())
     config.build_mesh(device.type)
@@ -288,7 +289,7 @@ def _shard_qwen_rope(pos_embed, context: USPContext, rank: int) -> None:
     """Qwen-Image builds RoPE tables from shapes, not ids: build the full tables, keep this rank's rows. The same for
     Qwen-Image-Layered's tables (QwenEmbedLayer3DRope: one position on a layer axis per image, the input image at -1),
     which come in the same order as the image tokens."""
-    original = pos_embed.forward
+    original = forward_of(pos_embed)
 
     @functools.wraps(original)
     def forward(video_fhw, device=None, max_txt_seq_len=None):
@@ -296,7 +297,7 @@ def _shard_qwen_rope(pos_embed, context: USPContext, rank: int) -> None:
         image_freqs, text_freqs = original(video_fhw, device=device, max_txt_seq_len=sum(layout.text))
         return image_freqs[layout.image_slice(rank)], text_freqs[layout.text_slice(rank)]
 
-    pos_embed.forward = forward
+    set_forward(pos_embed, forward)
 
 
 def apply_rank_consistency(pipe) -> None:

@@ -1,5 +1,6 @@
 """Every configuration error is a clear ValueError (or NotImplementedError) raised before any collective."""
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -99,6 +100,27 @@ def test_flux2_kv_cache_forward_is_refused_on_every_rank():
 def test_graphs_only_compile_needs_cuda():
     with pytest.raises(ValueError, match="backend=None compiles nothing, so it needs CUDA graphs"):
         fastusp.compile_pipeline(tiny_flux(), backend=None)
+
+
+def test_cuda_graphs_refuse_hooks_that_move_weights_inside_the_forward():
+    from tiny_pipelines import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    # hooks on every module that holds weights; nothing runs, so no GPU is needed to attach them
+    pipe.enable_sequential_cpu_offload(device="cuda:0")
+    with pytest.raises(ValueError, match="hooks on its modules .*sequential CPU offload.*cuda_graphs=False"):
+        fastusp.compile_pipeline(pipe)
+
+
+def test_a_rank_that_would_share_the_first_gpu_is_refused(monkeypatch):
+    # enable_model_cpu_offload() without gpu_id: the weights stay on the CPU, the offload hook computes on cuda:0
+    model = tiny_flux()
+    model._hf_hook = SimpleNamespace(execution_device=0)  # accelerate keeps a GPU index as an int
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"local rank 1 computes on cuda:0.*enable_model_cpu_offload\(gpu_id="):
+        fastusp.parallelize(model, ulysses=2)
+    assert not dist.is_initialized()  # raised before any process group
 
 
 def test_parallelize_after_compile_is_refused():
