@@ -152,10 +152,13 @@ class ModelState:
     - a parameter or buffer moved to other memory (.to(), a merge that reallocates);
     - an adapter setting changed: a PEFT layer's active / disabled / merged adapters and scales, an IP-Adapter
       processor's scales.
-    Ranks must agree (a capture runs collectives: one rank capturing alone would hang), so the first and last need
-    no memory addresses: they are what each rank's code did to its model. The data-pointer check is the exception:
-    weights reallocated twice between two calls might land back at their old addresses on one rank and not on
-    another. One `.to()` cannot do that (its new tensors exist before the old ones are freed).
+    - weights that were away from the GPU when the call began: enable_model_cpu_offload keeps them on the CPU between
+      pipeline calls, and its hook brings them back inside the call.
+    Ranks must agree (a capture runs collectives: one rank capturing alone would hang), so the first, third and last
+    need no memory addresses: they are what each rank's code did to its model. The data-pointer check is the
+    exception: weights reallocated twice between two calls might land back at their old addresses on one rank and not
+    on another. One `.to()` cannot do that (its new tensors exist before the old ones are freed); an offloaded model's
+    return to the GPU can, hence the third check.
     Costs a data-pointer check of every weight per call (C++ under CUDA; ~1,200 tensors for FLUX).
     """
 
@@ -164,13 +167,19 @@ class ModelState:
         self._snapshot()
         _install_registration_hooks()
         _STATES.add(self)
+        # a forward pre-hook runs before the forward, so before an offload hook (which wraps the forward) moves weights
+        module.register_forward_pre_hook(self._note_weights_away)
 
     def changed(self) -> bool:
-        if self.registrations != self._registrations_seen or not self._same_data_ptrs() \
+        if self.weights_were_away or self.registrations != self._registrations_seen or not self._same_data_ptrs() \
                 or not _same_settings(self._settings(), self.settings):
             self._snapshot()
             return True
         return False
+
+    def _note_weights_away(self, module, args) -> None:
+        if _device_of(module) != self.device:
+            self.weights_were_away = True
 
     def owns(self, module: torch.nn.Module) -> bool:
         ref = self.members.get(id(module))
@@ -181,6 +190,8 @@ class ModelState:
         self.members = {id(m): weakref.ref(m) for m in modules}
         self.tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
         self.data_ptrs = [t.data_ptr() for t in self.tensors]
+        self.device = _device_of(self.module)
+        self.weights_were_away = False
         self.indices = list(range(len(self.tensors)))
         self.adapters = [m for m in modules if _adapter_settings(m) is not None]
         self.settings = self._settings()
@@ -194,6 +205,11 @@ class ModelState:
         if check is not None:
             return check(self.tensors, self.data_ptrs, self.indices)
         return all(t.data_ptr() == p for t, p in zip(self.tensors, self.data_ptrs))
+
+
+def _device_of(module: torch.nn.Module) -> torch.device | None:
+    first = next(module.parameters(), None)  # offloading moves all of them together
+    return first.device if first is not None else None
 
 
 _STATES: weakref.WeakSet = weakref.WeakSet()

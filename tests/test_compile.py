@@ -146,6 +146,23 @@ def test_model_state_notices_what_a_graph_bakes_in_and_nothing_else():
     assert state.changed() and not state.changed()
 
 
+def test_model_state_notices_weights_that_were_away_even_if_they_return_to_their_old_memory():
+    # enable_model_cpu_offload: the weights wait on the CPU between pipeline calls and come back inside the next call,
+    # maybe to their old addresses on one rank and not on another; every rank must capture again all the same
+    from fastusp.cuda_graphs import ModelState
+
+    model = torch.nn.Linear(4, 4)
+    state = ModelState(model)
+    model(torch.ones(1, 4))
+    assert not state.changed()
+    kept = dict(model._parameters)
+    model.to("meta")  # away (on a GPU, offload keeps them on the CPU)
+    model(torch.ones(1, 4, device="meta"))  # the call begins with the weights away ...
+    model._parameters.update(kept)  # ... and the hook brings them back to the same memory
+    assert [p.data_ptr() for p in model.parameters()] == [p.data_ptr() for p in kept.values()]
+    assert state.changed() and not state.changed()
+
+
 def test_model_state_compares_tensor_scales_by_identity_and_version():
     from fastusp.cuda_graphs import _plain, _same_settings
 
