@@ -58,6 +58,9 @@ def parse_args(example: Example, argv=None) -> argparse.Namespace:
     ap.add_argument("--fp8-comm", nargs="?", const="qkv", default=None, choices=["qkv", "all"],
                     help="quantize communication to float8: q/k/v and ring k/v (bare flag or 'qkv'), "
                          "or also the attention output ('all')")
+    ap.add_argument("--offload", action="store_true",
+                    help="pipe.enable_model_cpu_offload on each rank's device instead of moving the pipeline there: "
+                         "the models wait in CPU memory and take turns on the GPU (FLUX.2-dev on 80 GB cards)")
     ap.add_argument("--compile", action="store_true", help="fastusp.compile_pipeline(pipe) after parallelize")
     ap.add_argument("--check", action="store_true",
                     help="with --model: also run the un-parallelized pipeline first and report the difference "
@@ -111,6 +114,8 @@ def build(example: Example, args):
         pipe = getattr(tiny_pipelines, example.tiny_builder)()
         args.height, args.width = args.height or TINY_SIZE, args.width or TINY_SIZE
         args.steps = args.steps or TINY_STEPS
+        if args.offload:
+            pipe.enable_model_cpu_offload(device="cpu")  # the same hooks as on a GPU
         return pipe, torch.device("cpu"), tiny_pipelines.tiny_call_kwargs(pipe)
 
     import diffusers
@@ -118,7 +123,10 @@ def build(example: Example, args):
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
     pipe = getattr(diffusers, example.pipeline_cls).from_pretrained(args.model, torch_dtype=torch.bfloat16)
-    pipe.to(device)
+    if args.offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
     args.steps = args.steps or example.default_steps
     guidance = example.default_guidance if args.guidance is None else args.guidance
     kwargs = dict(prompt=args.prompt or DEFAULT_PROMPT, **{example.guidance_kwarg: guidance}, **example.real_kwargs)

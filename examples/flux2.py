@@ -5,8 +5,9 @@
         --height 1024 --width 1024 --check --out flux2.png                       # real weights, one GPU per rank
 
 Every rank holds the whole pipeline: FLUX.2-dev's transformer (32B parameters, 64 GB in bfloat16) and its Mistral
-text encoder (24B, 48 GB) fit on 141 GB cards (H200), not on 80 GB ones. See examples/_common.py (or --help) for
-every option.
+text encoder (24B, 48 GB) fit together on 141 GB cards (H200), not on 80 GB ones. There add --offload
+(enable_model_cpu_offload): the two wait in CPU memory (112 GB per rank) and take turns on the GPU, so each call
+moves them there once. See examples/_common.py (or --help) for every option.
 """
 import _common
 
