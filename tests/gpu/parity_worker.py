@@ -335,13 +335,14 @@ def check_qwen_variants(world: int, rank: int, device) -> int:
 
 def run_checks() -> int:
     """All checks; --quick: the transformer smoke test only; --only NAME,...: ip-adapter, controlnet, lora,
-    qwen-variants, main or cfg-parallel; --models flux,flux2,qwen: main's transformers (default all)."""
+    qwen-variants, main, cfg-parallel or offload; --models flux,flux2,qwen: main's transformers (default all)."""
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", device_id=device)
     world, rank = dist.get_world_size(), dist.get_rank()
     checks = {"ip-adapter": check_ip_adapter, "controlnet": check_controlnet, "lora": check_lora,
-              "qwen-variants": check_qwen_variants, "main": main, "cfg-parallel": check_cfg_parallel}
+              "qwen-variants": check_qwen_variants, "main": main, "cfg-parallel": check_cfg_parallel,
+              "offload": check_offload}
     if "--only" in sys.argv:
         checks = {name: checks[name] for name in sys.argv[sys.argv.index("--only") + 1].split(",")}
     elif "--quick" in sys.argv:
@@ -353,11 +354,13 @@ def run_checks() -> int:
     return 1 if failures else 0
 
 
-def pipeline_latents(name: str, device, degrees: dict | None, compiled: bool) -> torch.Tensor:
+def pipeline_latents(name: str, device, degrees: dict | None, compiled: bool, offload: bool = False,
+                     calls: int = 1) -> torch.Tensor:
     """3 steps of FluxPipeline / QwenImagePipeline (no VAE or text encoders) with true CFG. Qwen-Image: a 100-token
     prompt padded to 60 real tokens and a 20-token negative prompt, so the two passes differ in shape; FLUX (which
     wants both the same shape, as T5 pads them): 77 tokens each. degrees: fastusp.parallelize(pipe, **degrees),
-    None: one GPU. Returns the final latents."""
+    None: one GPU. offload: enable_model_cpu_offload on this rank's GPU first. Returns the final latents of `calls`
+    calls of the pipeline, stacked."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImagePipeline
 
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
@@ -377,13 +380,15 @@ def pipeline_latents(name: str, device, degrees: dict | None, compiled: bool) ->
                        negative_prompt_embeds=rand(1, 20, 3584),
                        negative_prompt_embeds_mask=torch.ones(1, 20, dtype=torch.long, device=device))
     pipe.set_progress_bar_config(disable=True)
+    if offload:
+        pipe.enable_model_cpu_offload(gpu_id=device.index)
     if degrees:
         fastusp.parallelize(pipe, **degrees)
     if compiled:
         fastusp.compile_pipeline(pipe)
-    out = pipe(**prompts, true_cfg_scale=4.0, height=512, width=496, num_inference_steps=3, output_type="latent",
-               generator=torch.Generator().manual_seed(0)).images
-    return out.float()
+    return torch.stack([pipe(**prompts, true_cfg_scale=4.0, height=512, width=496, num_inference_steps=3,
+                             output_type="latent", generator=torch.Generator().manual_seed(0)).images.float()
+                        for _ in range(calls)])
 
 
 def check_cfg_parallel(world: int, rank: int, device) -> int:
@@ -401,6 +406,28 @@ def check_cfg_parallel(world: int, rank: int, device) -> int:
             if rank == 0:
                 print(json.dumps(dict(check="cfg_parallel", model=f"{name}-pipeline", world=world, **degrees,
                                       compiled=compiled, rel_err=round(err, 5), ok=ok,
+                                      card=torch.cuda.get_device_name(device))), flush=True)
+            torch._dynamo.reset()
+    return failures
+
+
+def check_offload(world: int, rank: int, device) -> int:
+    """enable_model_cpu_offload(gpu_id=rank) before parallelize: the weights wait on the CPU and the offload hook
+    moves them to this rank's GPU per call (how FLUX.2-dev's 64 GB transformer and 48 GB text encoder share an 80 GB
+    card). Two pipeline calls (the pipeline re-adds its hooks between them, and the second call's weights are in new
+    GPU memory: the graphs are captured again), eager and compiled, against one GPU without offload."""
+    failures = 0
+    for name in ("flux", "qwen"):
+        ref = pipeline_latents(name, device, None, False)[0]
+        for compiled in (False, True):
+            degrees = dict(ulysses=world)
+            out = pipeline_latents(name, device, degrees, compiled, offload=True, calls=2)
+            errs = [((o - ref).norm() / ref.norm()).item() for o in out]
+            ok = max(errs) < BF16_TOL and torch.isfinite(out).all().item()
+            failures += not ok
+            if rank == 0:
+                print(json.dumps(dict(check="offload", model=f"{name}-pipeline", world=world, **degrees,
+                                      compiled=compiled, rel_err=[round(e, 5) for e in errs], ok=ok,
                                       card=torch.cuda.get_device_name(device))), flush=True)
             torch._dynamo.reset()
     return failures
