@@ -189,14 +189,14 @@ def _check_weights_stay_put(model) -> None:
     whole model before its forward starts, so the graphs see the move and are captured again (ModelState). Hooks on
     its modules (enable_sequential_cpu_offload, diffusers' group offloading or caches) change weights or decide what
     runs inside the forward, where a replay would not follow."""
-    hooked = [name for name, m in model.named_modules()
+    hooked = [name or type(model).__name__ for name, m in model.named_modules()
               if hasattr(m, "_diffusers_hook") or (m is not model and hasattr(m, "_hf_hook"))]
     if hooked:
+        shown = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "")
         raise ValueError(
-            f"{type(model).__name__} has hooks on its modules ({', '.join(n or type(model).__name__ for n in hooked[:3])}"
-            f"{', ...' if len(hooked) > 3 else ''}): sequential CPU offload, group offloading or a cache, which move "
-            f"weights or choose blocks during the forward, where a CUDA graph would replay the first call's; use "
-            f"pipe.enable_model_cpu_offload() or none, or pass cuda_graphs=False")
+            f"{type(model).__name__} has hooks on its modules ({shown}): sequential CPU offload, group offloading or "
+            f"a cache, which move weights or choose blocks during the forward, where a CUDA graph would replay the "
+            f"first call's; use pipe.enable_model_cpu_offload() or none, or pass cuda_graphs=False")
 
 
 def _repeated_blocks(transformer) -> list[tuple[str, torch.nn.Module]]:
