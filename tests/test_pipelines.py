@@ -145,23 +145,28 @@ def _controlnet_kwargs(pipe, scale: float = 1.0, guidance: bool = False) -> dict
     return kwargs
 
 
-def _controlnet_worker(name: str, degrees: dict) -> dict:
+def _controlnet_worker(name: str, degrees: dict, offload: bool = False) -> dict:
     import fastusp
 
     pipe = tiny_controlnet_pipeline(name)
+    kwargs = lambda: _controlnet_kwargs(pipe, guidance="cfg" in degrees)
+    if offload:  # model CPU offload (hooks on the CPU): the ControlNet gets a hook of its own, outside the chain
+        pipe.enable_model_cpu_offload(device="cpu")
     fastusp.parallelize(pipe, **degrees)
+    if offload:
+        _generate(pipe, 0, kwargs())  # after it the pipeline removes and re-adds its hooks
     calls, controlnet_calls = [], []
     getattr(pipe.transformer, EMBEDDERS[name][0]).register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[1]))
     getattr(pipe.controlnet, EMBEDDERS[name][0]).register_forward_pre_hook(
         lambda m, a: controlnet_calls.append(a[0].shape[1]))
-    return dict(_generate(pipe, 0, _controlnet_kwargs(pipe, guidance="cfg" in degrees)), calls=calls,
-                controlnet_calls=controlnet_calls)
+    return dict(_generate(pipe, 0, kwargs()), calls=calls, controlnet_calls=controlnet_calls)
 
 
-@pytest.mark.parametrize("name, degrees", [("flux", dict(ulysses=2)), ("flux", dict(ring=2)), ("flux", dict(cfg=2)),
-                                           ("qwen", dict(ulysses=2)), ("qwen", dict(cfg=2))],
-                         ids=["flux-ulysses2", "flux-ring2", "flux-cfg2", "qwen-ulysses2", "qwen-cfg2"])
-def test_controlnet_pipeline_matches_single_process(name, degrees):
+@pytest.mark.parametrize("name, degrees, offload", [
+    ("flux", dict(ulysses=2), False), ("flux", dict(ring=2), False), ("flux", dict(cfg=2), False),
+    ("qwen", dict(ulysses=2), False), ("qwen", dict(cfg=2), False), ("flux", dict(ulysses=2), True),
+], ids=["flux-ulysses2", "flux-ring2", "flux-cfg2", "qwen-ulysses2", "qwen-cfg2", "flux-ulysses2-offload"])
+def test_controlnet_pipeline_matches_single_process(name, degrees, offload):
     guidance = "cfg" in degrees or name == "qwen"  # two transformer calls per step
     pipe = tiny_controlnet_pipeline(name)
     pipe.set_progress_bar_config(disable=True)
@@ -170,7 +175,7 @@ def test_controlnet_pipeline_matches_single_process(name, degrees):
     without = _generate(pipe, 0, _controlnet_kwargs(pipe, scale=0.0, guidance=guidance))
     assert (without["image"] - expected["image"]).abs().max() > 0.05
 
-    results = run_distributed(_controlnet_worker, 2, name, degrees)
+    results = run_distributed(_controlnet_worker, 2, name, degrees, offload)
     for rank, out in enumerate(results):
         _assert_close(out["image"], expected["image"], f"rank {rank} image")
         _assert_close(out["latents"], expected["latents"], f"rank {rank} final latents")
