@@ -55,7 +55,7 @@ class CompileReport:
 
 
 def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = None, regional: bool = True,
-                     reorder_comm: bool = True, backend: str | object = "inductor"):
+                     reorder_comm: bool = True, backend: str | object = "inductor", text_bucket: int | None = None):
     """Compile a pipeline's (or a transformer's) forward in place; returns `obj`. Parallelized or not.
 
     mode: Inductor mode for the compiled regions ("default", "max-autotune-no-cudagraphs").
@@ -69,6 +69,10 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
         the order in which its own code issues collectives and waits for them (attention/usp.py).
     backend: torch.compile's backend; None skips torch.compile and only captures CUDA graphs of the eager
         forward (no compile time; removes the host launch overhead that bounds an eager step on several GPUs).
+    text_bucket: Qwen-Image: pad each prompt to a multiple of this many tokens, the padding masked out as keys (the
+        output is unchanged), so that prompts of different lengths share compiled code and graphs instead of each
+        length compiling its own (seconds each; past Dynamo's recompile_limit the blocks run eagerly). For servers
+        with varied prompts; every step then pays for the text mask. None (default): no padding.
     The report is available as fastusp.compile_report(obj). A pipeline made with from_pipe shares the compiled
     transformer: calling compile_pipeline on it compiles only its new ControlNets (this call's backend, the first
     call's mode and graphs setting) and raises if it has none.
@@ -86,11 +90,13 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
             _check_weights_stay_put(model)
     if backend is None and not use_graphs:
         raise ValueError("backend=None compiles nothing, so it needs CUDA graphs (a CUDA transformer)")
+    if text_bucket is not None:
+        _check_text_bucket(transformer, text_bucket)
     new_controlnets = [net for net in controlnets(obj) if not getattr(net, "_fastusp_compiled", False)]
     report = getattr(transformer, "_fastusp_compile_report", None)
     if report is None:
         report = CompileReport(mode=mode, cuda_graphs=use_graphs)
-        compile_transformer(transformer, report, regional, reorder_comm, backend)
+        compile_transformer(transformer, report, regional, reorder_comm, backend, text_bucket)
         transformer._fastusp_compile_report = report
     elif not new_controlnets:
         raise ValueError("compile_pipeline was already applied to this transformer (a pipeline made with from_pipe "
@@ -106,8 +112,10 @@ def compile_report(obj) -> CompileReport | None:
     return getattr(getattr(obj, "transformer", obj), "_fastusp_compile_report", None)
 
 
-def compile_transformer(transformer, report: CompileReport, regional: bool, reorder_comm: bool, backend) -> None:
-    """Its repeated blocks (or the whole of it) compiled, then its forward graphed, as report.cuda_graphs says."""
+def compile_transformer(transformer, report: CompileReport, regional: bool, reorder_comm: bool, backend,
+                        text_bucket: int | None = None) -> None:
+    """Its repeated blocks (or the whole of it) compiled, then its forward graphed, as report.cuda_graphs says, and
+    prompts padded to text_bucket tokens on their way in."""
     config = getattr(transformer, "_fastusp_config", None)
     if config is not None and config.ring > 1:
         report.opaque.append("ring attention (fastusp::ring_attention custom op)")
@@ -115,9 +123,12 @@ def compile_transformer(transformer, report: CompileReport, regional: bool, reor
         regions = _repeated_blocks(transformer) if regional else [("transformer", transformer)]
         apply_compile(regions, report, reorder_comm, backend)
         report.compiled = sorted({type(m).__name__ for _, m in regions})
+    slot = getattr(transformer, "_fastusp_forward_slot", transformer)
     if report.cuda_graphs:
         # beneath cfg parallelism's wrapper, if any: which guidance pass a group runs is not captured
-        apply_cuda_graphs(getattr(transformer, "_fastusp_forward_slot", transformer), transformer, report)
+        apply_cuda_graphs(slot, transformer, report)
+    if text_bucket is not None:
+        apply_text_buckets(slot, transformer, text_bucket)  # above the graphs: they are keyed by the padded shapes
 
 
 def compile_controlnets(nets, transformer, report: CompileReport, reorder_comm: bool, backend) -> None:
@@ -155,6 +166,49 @@ def apply_cuda_graphs(slot, transformer, report: CompileReport) -> None:
     graphed = _graphed_or_eager(GraphedForward(lambda **kw: forward(**kw, return_dict=False)[0], transformer),
                                 report, "cuda graphs")
     wrap_forward(slot, lambda original, inputs: graphed(inputs, lambda: original(**inputs, return_dict=False)[0]))
+
+
+def apply_text_buckets(slot, transformer, bucket: int) -> None:
+    """Pad the text inputs to a multiple of `bucket` tokens with zeros, and the text mask (all ones where none was
+    given) with zeros: padded tokens are never attended to as keys, and the transformer returns only image tokens,
+    so the output is the unpadded one."""
+    spec = _text_mask_spec(transformer)
+
+    def padded(forward, inputs):
+        text = inputs.get("encoder_hidden_states")
+        if text is not None:  # a mask even where no padding is needed: one input structure for every length
+            extra = -text.shape[1] % bucket
+            mask = inputs.get(spec.text_mask)
+            if mask is None:
+                mask = torch.ones(text.shape[:2], dtype=torch.long, device=text.device)
+            inputs[spec.text_mask] = torch.nn.functional.pad(mask, (0, extra))
+            for name, dim in spec.text_inputs.items():
+                if inputs.get(name) is not None:
+                    inputs[name] = _pad_tokens(inputs[name], dim, extra)
+        return forward(**inputs)
+
+    replace_forward(slot, padded)
+
+
+def _pad_tokens(tensor: torch.Tensor, dim: int, extra: int) -> torch.Tensor:
+    pad = [0, 0] * (-dim - 1) + [0, extra]  # F.pad lists dims from the last one
+    return torch.nn.functional.pad(tensor, pad)
+
+
+def _text_mask_spec(transformer):
+    from .parallelize import _model_specs
+
+    spec = _model_specs().get(type(transformer))
+    if spec is None or spec.text_mask is None:
+        raise ValueError(f"text_bucket pads prompts behind a text mask, which {type(transformer).__name__} does not "
+                         f"take (FLUX pipelines pad prompts to a fixed length themselves)")
+    return spec
+
+
+def _check_text_bucket(transformer, bucket) -> None:
+    if not isinstance(bucket, int) or isinstance(bucket, bool) or bucket < 1:
+        raise ValueError(f"text_bucket must be an integer >= 1, got {bucket!r}")
+    _text_mask_spec(transformer)
 
 
 def apply_controlnet_cuda_graphs(net, report: CompileReport) -> None:

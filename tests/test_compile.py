@@ -47,6 +47,52 @@ def test_compiled_matches_eager(name, layout, new_shape):
         assert ("ring attention" in " ".join(report.opaque)) == (layout[1] > 1)
 
 
+# Qwen-Image prompts come in any length; each length would compile its own block code and capture its own graph.
+TEXT_BUCKET_CALLS = [dict(text_len=5), dict(text_len=7, valid_lens=[4, 6]), dict(text_len=3), dict(text_len=8)]
+
+
+def _text_bucket_worker(bucket):
+    """Outputs for TEXT_BUCKET_CALLS under Ulysses-2, compiled (a backend that counts the graphs Dynamo hands it)
+    and graphed (capture replaced as in tests/_fake_graphs.py); returns them with the counts."""
+    from _fake_graphs import fake_cuda_graphs
+    from fastusp import compile as fastusp_compile
+
+    compiles, counts = [], {}
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    fake_cuda_graphs(counts)
+    model = fastusp.parallelize(tiny_qwen(), ulysses=2)
+    # what compile_pipeline does on CUDA (it refuses graphs on a CPU transformer)
+    report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
+    fastusp_compile.compile_transformer(model, report, True, True, counting_backend, text_bucket=bucket)
+    with torch.no_grad():
+        outs = [model(**qwen_inputs(batch=2, height=3, width=5, **call), return_dict=False)[0]
+                for call in TEXT_BUCKET_CALLS]
+    return outs, len(compiles), counts["captures"]
+
+
+def test_text_bucket_lets_prompts_of_any_length_share_compiled_code_and_graphs():
+    model = tiny_qwen()
+    with torch.no_grad():
+        expected = [model(**qwen_inputs(batch=2, height=3, width=5, **call), return_dict=False)[0]
+                    for call in TEXT_BUCKET_CALLS]
+    for bucket, code, graphs in [(8, 1, 1), (None, 4, 4)]:  # without buckets: one of each per length
+        for outs, compiled, captured in run_distributed(_text_bucket_worker, 2, bucket, timeout=300):
+            for out, ref in zip(outs, expected):  # padded and masked, the output is the unpadded one
+                assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+            assert (compiled, captured) == (code, graphs), bucket
+
+
+def test_text_bucket_needs_a_model_with_a_text_mask():
+    with pytest.raises(ValueError, match="text_bucket pads prompts behind a text mask, which FluxTransformer2DModel"):
+        fastusp.compile_pipeline(tiny_flux(), backend="eager", text_bucket=64)
+    with pytest.raises(ValueError, match="text_bucket must be an integer >= 1"):
+        fastusp.compile_pipeline(tiny_qwen(), backend="eager", text_bucket=0)
+
+
 def _failing_backend(gm, example_inputs):
     raise RuntimeError("this backend always fails")
 
