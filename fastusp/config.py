@@ -178,7 +178,10 @@ def check_one_gpu_per_rank(device: torch.device) -> None:
     """Raise ValueError when a torchrun rank other than the first computes on GPU 0 although it has a GPU of its own:
     every rank would share GPU 0 (pipe.to("cuda"), enable_model_cpu_offload() without gpu_id)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device.type == "cuda" and (device.index or 0) == 0 and 0 < local_rank < torch.cuda.device_count():
+    if device.type != "cuda" or not 0 < local_rank < torch.cuda.device_count():
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda": the current one
+    if index == 0:
         raise ValueError(
             f"local rank {local_rank} computes on cuda:0, the first rank's GPU; put each rank on its own GPU: "
             f"pipe.to(f\"cuda:{{local_rank}}\"), or pipe.enable_model_cpu_offload(gpu_id=local_rank) "

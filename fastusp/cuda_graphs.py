@@ -158,7 +158,7 @@ class ModelState:
     need no memory addresses: they are what each rank's code did to its model. The data-pointer check is the
     exception: weights reallocated twice between two calls might land back at their old addresses on one rank and not
     on another. One `.to()` cannot do that (its new tensors exist before the old ones are freed); an offloaded model's
-    return to the GPU can, hence the third check.
+    return to the GPU can, hence the last check.
     Costs a data-pointer check of every weight per call (C++ under CUDA; ~1,200 tensors for FLUX).
     """
 
