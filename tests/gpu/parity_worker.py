@@ -335,14 +335,14 @@ def check_qwen_variants(world: int, rank: int, device) -> int:
 
 def run_checks() -> int:
     """All checks; --quick: the transformer smoke test only; --only NAME,...: ip-adapter, controlnet, lora,
-    qwen-variants, main, cfg-parallel or offload; --models flux,flux2,qwen: main's transformers (default all)."""
+    qwen-variants, main, cfg-parallel, offload or text-bucket; --models flux,flux2,qwen: main's transformers (default all)."""
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", device_id=device)
     world, rank = dist.get_world_size(), dist.get_rank()
     checks = {"ip-adapter": check_ip_adapter, "controlnet": check_controlnet, "lora": check_lora,
               "qwen-variants": check_qwen_variants, "main": main, "cfg-parallel": check_cfg_parallel,
-              "offload": check_offload}
+              "offload": check_offload, "text-bucket": check_text_bucket}
     if "--only" in sys.argv:
         checks = {name: checks[name] for name in sys.argv[sys.argv.index("--only") + 1].split(",")}
     elif "--quick" in sys.argv:
@@ -430,6 +430,34 @@ def check_offload(world: int, rank: int, device) -> int:
                                       compiled=compiled, rel_err=[round(e, 5) for e in errs], ok=ok,
                                       card=torch.cuda.get_device_name(device))), flush=True)
             torch._dynamo.reset()
+    return failures
+
+
+def check_text_bucket(world: int, rank: int, device) -> int:
+    """compile_pipeline(text_bucket=64) on Qwen-Image under Ulysses over all ranks: a 77-token prompt without a mask
+    (as QwenImagePipeline passes an unpadded one) and a 100-token one (sample 0 padded), both run as 128 tokens behind
+    the mask, against one GPU on the unpadded inputs. Returns the number of failed checks."""
+    failures = 0
+    reference = build("qwen", device)
+    model = fastusp.parallelize(build("qwen", device), ulysses=world)
+    fastusp.compile_pipeline(model, text_bucket=64)
+    for text_len, masked in ((77, False), (100, True)):
+        x = inputs("qwen", device, batch=2, image_hw=(32, 31), text_len=text_len)
+        if not masked:
+            x["encoder_hidden_states_mask"] = None
+        with torch.no_grad():
+            ref = reference(**x, return_dict=False)[0].float()
+            model(**x, return_dict=False)  # the first call compiles (77) or not (100: the same padded shape)
+            out = model(**x, return_dict=False)[0].float()
+        err = ((out - ref).norm() / ref.norm()).item()
+        report = fastusp.compile_report(model)
+        ok = err < BF16_TOL and torch.isfinite(out).all().item() and not report.fell_back
+        failures += not ok
+        if rank == 0:
+            print(json.dumps(dict(check="text_bucket", model="qwen", world=world, ulysses=world, text_len=text_len,
+                                  masked=masked, rel_err=round(err, 5), ok=ok, compile=report.summary(),
+                                  card=torch.cuda.get_device_name(device))), flush=True)
+    torch._dynamo.reset()
     return failures
 
 
