@@ -39,6 +39,7 @@ class CompileReport:
 
     mode: str
     cuda_graphs: bool = False
+    text_bucket: int | None = None
     compiled: list[str] = field(default_factory=list)
     opaque: list[str] = field(default_factory=list)
     fell_back: dict[str, str] = field(default_factory=dict)
@@ -47,6 +48,8 @@ class CompileReport:
         what = f"compiled {', '.join(self.compiled)} (inductor mode={self.mode}, " if self.compiled else \
             "compiled nothing (eager kernels, "
         parts = [what + f"whole-forward CUDA graphs={'on' if self.cuda_graphs else 'off'})"]
+        if self.text_bucket:
+            parts.append(f"prompts padded to multiples of {self.text_bucket} tokens")
         if self.opaque:
             parts.append(f"opaque to Inductor: {', '.join(self.opaque)}")
         for region, reason in self.fell_back.items():
@@ -75,7 +78,7 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
         with varied prompts; every step then pays for the text mask. None (default): no padding.
     The report is available as fastusp.compile_report(obj). A pipeline made with from_pipe shares the compiled
     transformer: calling compile_pipeline on it compiles only its new ControlNets (this call's backend, the first
-    call's mode and graphs setting) and raises if it has none.
+    call's mode, graphs and text_bucket settings) and raises if it has none.
     """
     if mode in _CUDA_GRAPH_MODES:
         raise ValueError(f"mode={mode!r} makes Inductor record CUDA graphs per region, which breaks with repeated "
@@ -95,8 +98,8 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
     new_controlnets = [net for net in controlnets(obj) if not getattr(net, "_fastusp_compiled", False)]
     report = getattr(transformer, "_fastusp_compile_report", None)
     if report is None:
-        report = CompileReport(mode=mode, cuda_graphs=use_graphs)
-        compile_transformer(transformer, report, regional, reorder_comm, backend, text_bucket)
+        report = CompileReport(mode=mode, cuda_graphs=use_graphs, text_bucket=text_bucket)
+        compile_transformer(transformer, report, regional, reorder_comm, backend)
         transformer._fastusp_compile_report = report
     elif not new_controlnets:
         raise ValueError("compile_pipeline was already applied to this transformer (a pipeline made with from_pipe "
@@ -112,10 +115,9 @@ def compile_report(obj) -> CompileReport | None:
     return getattr(getattr(obj, "transformer", obj), "_fastusp_compile_report", None)
 
 
-def compile_transformer(transformer, report: CompileReport, regional: bool, reorder_comm: bool, backend,
-                        text_bucket: int | None = None) -> None:
+def compile_transformer(transformer, report: CompileReport, regional: bool, reorder_comm: bool, backend) -> None:
     """Its repeated blocks (or the whole of it) compiled, then its forward graphed, as report.cuda_graphs says, and
-    prompts padded to text_bucket tokens on their way in."""
+    prompts padded to report.text_bucket tokens on their way in."""
     config = getattr(transformer, "_fastusp_config", None)
     if config is not None and config.ring > 1:
         report.opaque.append("ring attention (fastusp::ring_attention custom op)")
@@ -127,13 +129,15 @@ def compile_transformer(transformer, report: CompileReport, regional: bool, reor
     if report.cuda_graphs:
         # beneath cfg parallelism's wrapper, if any: which guidance pass a group runs is not captured
         apply_cuda_graphs(slot, transformer, report)
-    if text_bucket is not None:
-        apply_text_buckets(slot, transformer, text_bucket)  # above the graphs: they are keyed by the padded shapes
+    if report.text_bucket is not None:
+        # above the graphs: they are keyed by the padded shapes
+        apply_text_buckets(slot, transformer, report.text_bucket)
 
 
 def compile_controlnets(nets, transformer, report: CompileReport, reorder_comm: bool, backend) -> None:
     """A pipeline's ControlNets: their blocks (the transformer's block kinds) compiled, their forwards graphed as
-    report.cuda_graphs says, each net once (a later pipeline sharing it leaves it alone)."""
+    report.cuda_graphs says and their prompts padded as report.text_bucket says, each net once (a later pipeline
+    sharing it leaves it alone)."""
     if backend is not None and nets:
         regions = [(f"{type(net).__name__}: {name}", m) for net in nets
                    for name, m in _blocks_of_kinds(net, transformer._repeated_blocks)]
@@ -142,6 +146,8 @@ def compile_controlnets(nets, transformer, report: CompileReport, reorder_comm: 
     for net in nets:
         if report.cuda_graphs:
             apply_controlnet_cuda_graphs(net, report)
+        if report.text_bucket is not None:  # a ControlNet takes the transformer's prompt inputs
+            apply_text_buckets(net, transformer, report.text_bucket)
         net._fastusp_compiled = True
 
 
@@ -169,9 +175,9 @@ def apply_cuda_graphs(slot, transformer, report: CompileReport) -> None:
 
 
 def apply_text_buckets(slot, transformer, bucket: int) -> None:
-    """Pad the text inputs to a multiple of `bucket` tokens with zeros, and the text mask (all ones where none was
-    given) with zeros: padded tokens are never attended to as keys, and the transformer returns only image tokens,
-    so the output is the unpadded one."""
+    """Pad the text inputs of slot's forward (the transformer's, or a ControlNet's) to a multiple of `bucket` tokens
+    with zeros, and the text mask (all ones where none was given) with zeros: padded tokens are never attended to as
+    keys, and only image tokens come out (the sample, a ControlNet's residuals), so the output is the unpadded one."""
     spec = _text_mask_spec(transformer)
 
     def padded(forward, inputs):

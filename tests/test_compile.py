@@ -67,8 +67,8 @@ def _text_bucket_worker(bucket, parallel=True):
     fake_cuda_graphs(counts)
     model = fastusp.parallelize(tiny_qwen(), ulysses=2) if parallel else tiny_qwen()
     # what compile_pipeline does on CUDA (it refuses graphs on a CPU transformer)
-    report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
-    fastusp_compile.compile_transformer(model, report, True, True, counting_backend, text_bucket=bucket)
+    report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True, text_bucket=bucket)
+    fastusp_compile.compile_transformer(model, report, True, True, counting_backend)
     with torch.no_grad():
         outs = [model(**qwen_inputs(batch=2, height=3, width=5, **call), return_dict=False)[0]
                 for call in TEXT_BUCKET_CALLS]

@@ -188,6 +188,31 @@ def test_controlnet_pipeline_matches_single_process(name, degrees, offload):
     assert all(out["controlnet_calls"] and set(out["controlnet_calls"]) == {tokens} for out in results)
 
 
+def _bucketed_controlnet_worker() -> dict:
+    import fastusp
+
+    pipe = tiny_controlnet_pipeline("qwen")
+    fastusp.parallelize(pipe, ulysses=2)
+    fastusp.compile_pipeline(pipe, backend="eager", text_bucket=8)  # Dynamo without Inductor: CI time
+    text = []  # this rank's prompt tokens per ControlNet call
+    pipe.controlnet.txt_in.register_forward_pre_hook(lambda m, a: text.append(a[0].shape[1]))
+    return dict(_generate(pipe, 0, _controlnet_kwargs(pipe)), controlnet_text=text)
+
+
+def test_text_bucket_pads_the_controlnets_prompt_too():
+    # QwenImageControlNetPipeline runs its ControlNet once a step, on the 7-token prompt (padded, masked): with
+    # text_bucket=8 the ControlNet, like the transformer, gets 8 tokens behind the mask (so its blocks compile for
+    # one text length whatever the prompt), and the image stays the unpadded one
+    pipe = tiny_controlnet_pipeline("qwen")
+    pipe.set_progress_bar_config(disable=True)
+    expected = _generate(pipe, 0, _controlnet_kwargs(pipe))
+    results = run_distributed(_bucketed_controlnet_worker, 2)
+    for rank, out in enumerate(results):
+        _assert_close(out["image"], expected["image"], f"rank {rank} image")
+    per_call = [sum(lens) for lens in zip(*(out["controlnet_text"] for out in results))]  # both ranks' shares
+    assert per_call == [8] * STEPS, per_call
+
+
 def _from_pipe_worker(name: str) -> dict:
     import torch.distributed as dist
 
