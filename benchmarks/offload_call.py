@@ -15,7 +15,6 @@ capture) and the median of the others.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from step_latency import build_model, card_name, init_group, process_layout, sync  # sibling module
+from step_latency import build_model, card_name, emit, init_group, process_layout, sync  # sibling module
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -100,11 +99,7 @@ def main(argv=None):
                       peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                       if device.type == "cuda" else None)
         if rank == 0:
-            line = json.dumps(record)
-            print(line, flush=True)
-            if os.environ.get("OUT"):
-                with open(os.path.join(os.environ["OUT"], "offload.jsonl"), "a") as f:
-                    f.write(line + "\n")
+            emit(record, "offload.jsonl")
 
 
 if __name__ == "__main__":

@@ -566,13 +566,14 @@ def base_record(a, world, device) -> dict:
                 **({"controlnet_whole": True} if a.controlnet_whole else {}))
 
 
-def emit(record: dict):
+def emit(record: dict, filename: str = "results.jsonl"):
+    """Print the record as one JSON line, and append it to $OUT/filename when $OUT is set."""
     line = json.dumps(record)
     print(line, flush=True)
     out_dir = os.environ.get("OUT")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "results.jsonl"), "a") as f:
+        with open(os.path.join(out_dir, filename), "a") as f:
             f.write(line + "\n")
 
 

@@ -14,16 +14,14 @@ when the length is new to the compiled code) and the median of the others.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
 
 import torch
-import torch.distributed as dist
 
-from step_latency import build_model, card_name, init_group, make_inputs, process_layout, sync  # sibling module
+from step_latency import (build_model, card_name, emit, init_group, make_inputs, process_layout,  # sibling
+                          timed_steps)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -42,19 +40,6 @@ def parse_args(argv=None):
     return a
 
 
-@torch.inference_mode()
-def step_times(model, kwargs, device, steps: int) -> list[float]:
-    times_ms = []
-    for _ in range(steps):
-        dist.barrier()
-        sync(device)
-        start = time.perf_counter()
-        model(**kwargs)
-        sync(device)
-        times_ms.append((time.perf_counter() - start) * 1e3)
-    return times_ms
-
-
 def main(argv=None):
     a = parse_args(argv)
     world, rank, device = process_layout(a.tiny)
@@ -69,18 +54,14 @@ def main(argv=None):
         kwargs = make_inputs("qwen-image", device, dtype, size, size, length, text_mask="none")
         if a.tiny:
             kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"][..., :model.config.joint_attention_dim]
-        times_ms = step_times(model, kwargs, device, a.steps)
+        _, times_ms = timed_steps(model, kwargs, device, world, a.steps)
         record = dict(model="qwen-image", world=world, text_bucket=a.text_bucket, txt=length, res=f"{size}x{size}",
                       first_step_ms=round(times_ms[0], 1),
                       median_other_step_ms=round(statistics.median(times_ms[1:]), 2) if a.steps > 1 else None,
                       steps_ms=[round(t, 1) for t in times_ms], card=card_name(device),
                       report=fastusp.compile_report(model).summary())
         if rank == 0:
-            line = json.dumps(record)
-            print(line, flush=True)
-            if os.environ.get("OUT"):
-                with open(os.path.join(os.environ["OUT"], "text_lengths.jsonl"), "a") as f:
-                    f.write(line + "\n")
+            emit(record, "text_lengths.jsonl")
 
 
 if __name__ == "__main__":
