@@ -23,11 +23,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from step_latency import build_model, card_name, emit, init_group, process_layout, sync  # sibling module
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.append(REPO_ROOT)
+# a sibling module; importing it puts the repository root on sys.path (for fastusp)
+from step_latency import build_model, card_name, emit, init_group, process_layout, sync
 
 
 def parse_args(argv=None):

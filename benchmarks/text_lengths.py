@@ -20,12 +20,8 @@ import sys
 
 import torch
 
-from step_latency import (build_model, card_name, emit, init_group, make_inputs, process_layout,  # sibling
-                          timed_steps)
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.append(REPO_ROOT)
+# a sibling module; importing it puts the repository root on sys.path (for fastusp)
+from step_latency import build_model, card_name, emit, init_group, make_inputs, process_layout, timed_steps
 
 
 def parse_args(argv=None):
