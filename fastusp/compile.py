@@ -20,9 +20,9 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.utils.torch_utils import get_module_execution_device
 
 from ._forward import forward_of, replace_forward, wrap_forward
-from .config import execution_device
 from .controlnet import controlnets
 from .cuda_graphs import GraphedForward
 
@@ -84,7 +84,7 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
         raise ValueError(f"mode={mode!r} makes Inductor record CUDA graphs per region, which breaks with repeated "
                          f"blocks; use cuda_graphs=True (whole-forward graphs) with mode='default'")
     transformer = getattr(obj, "transformer", obj)
-    on_cuda = execution_device(transformer).type == "cuda"
+    on_cuda = get_module_execution_device(transformer).type == "cuda"  # an offloaded model's GPU, not the CPU
     use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
     if use_graphs and not on_cuda:
         raise ValueError("cuda_graphs=True needs the transformer on a CUDA device")

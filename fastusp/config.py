@@ -164,16 +164,6 @@ class ParallelConfig:
         return self._rank // self.sequence_size
 
 
-def execution_device(model: torch.nn.Module) -> torch.device:
-    """Where the model computes. Under diffusers' enable_model_cpu_offload its weights wait on the CPU and an
-    accelerate hook moves them to its execution device for each call: that device, not the weights' current one."""
-    for module in model.modules():
-        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-        if device is not None:
-            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    return model.device
-
-
 def check_one_gpu_per_rank(device: torch.device) -> None:
     """Raise ValueError when a torchrun rank other than the first computes on GPU 0 although it has a GPU of its own:
     every rank would share GPU 0 (pipe.to("cuda"), enable_model_cpu_offload() without gpu_id)."""

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from diffusers.utils.torch_utils import get_module_execution_device
 
 from ._forward import forward_of, set_forward, wrap_forward
 from .cfg_parallel import apply_cfg_parallel, track_denoising_loop
-from .config import ParallelConfig, check_one_gpu_per_rank, execution_device, maybe_init_distributed
+from .config import ParallelConfig, check_one_gpu_per_rank, maybe_init_distributed
 from .controlnet import apply_controlnet_sharding, controlnets
 from .distributed.gather import gather_seq
 from .processors.context import USPContext
@@ -105,7 +106,8 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     spec = _spec_for(transformer)
     for model in [transformer, *controlnets(obj)]:
         config.validate_heads(model.config.num_attention_heads)
-    device = execution_device(transformer)
+    # where it computes: under enable_model_cpu_offload the weights wait on the CPU and the offload hook names the GPU
+    device = get_module_execution_device(transformer)
     check_one_gpu_per_rank(device)
     maybe_init_distributed(device)
     config.validate_world(dist.get_world_size())

@@ -115,7 +115,7 @@ def test_cuda_graphs_refuse_hooks_that_move_weights_inside_the_forward():
 def test_a_rank_that_would_share_the_first_gpu_is_refused(monkeypatch):
     # enable_model_cpu_offload() without gpu_id: the weights stay on the CPU, the offload hook computes on cuda:0
     model = tiny_flux()
-    model._hf_hook = SimpleNamespace(execution_device=0)  # accelerate keeps a GPU index as an int
+    model._hf_hook = SimpleNamespace(execution_device=torch.device("cuda", 0))  # what diffusers hands accelerate
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match=r"local rank 1 computes on cuda:0.*enable_model_cpu_offload\(gpu_id="):
