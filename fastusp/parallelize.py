@@ -18,6 +18,7 @@ import torch.distributed as dist
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from ._forward import forward_of, set_forward, wrap_forward
+from .caches import share_cache_decisions
 from .cfg_parallel import apply_cfg_parallel, track_denoising_loop
 from .config import ParallelConfig, check_one_gpu_per_rank, maybe_init_distributed
 from .controlnet import apply_controlnet_sharding, controlnets
@@ -232,6 +233,8 @@ def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -
         for name, purpose in (spec.refused_inputs or {}).items():
             if inputs.get(name) is not None:
                 raise NotImplementedError(f"{name}: {purpose} is not supported by fastusp")
+        if ranks > 1:
+            share_cache_decisions(transformer, config.sequence_group)
         with context.forward_with(shard_inputs(inputs, spec, ranks, rank)) as layout:
             sample = original(**inputs, return_dict=False)[0]
         return gather_seq(sample, list(layout.image), config.sequence_group, dim=1)

@@ -26,7 +26,7 @@ EMBEDDERS = {"flux": ("x_embedder", "context_embedder"), "flux2": ("x_embedder",
              "qwen": ("img_in", "txt_in")}
 
 
-def _generate(pipe, seed: int | None, call_kwargs: dict | None = None) -> dict:
+def _generate(pipe, seed: int | None, call_kwargs: dict | None = None, steps: int = STEPS) -> dict:
     """Run the pipeline on call_kwargs (default: tiny_call_kwargs); seed=None: no generator (the global RNG draws the
     noise). Returns the image and the final latents."""
     final = {}
@@ -36,7 +36,7 @@ def _generate(pipe, seed: int | None, call_kwargs: dict | None = None) -> dict:
         return {}
 
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    image = pipe(**(call_kwargs or tiny_call_kwargs(pipe, text_len=7)), height=H, width=W, num_inference_steps=STEPS,
+    image = pipe(**(call_kwargs or tiny_call_kwargs(pipe, text_len=7)), height=H, width=W, num_inference_steps=steps,
                  generator=generator, output_type="pt", callback_on_step_end=on_step_end).images
     return dict(image=image, latents=final["latents"])
 
@@ -484,3 +484,49 @@ def test_cuda_graphs_under_model_cpu_offload_are_captured_once_per_call():
         for got in out["calls"]:
             _assert_close(got["image"], expected["image"], "image")
         assert out["counts"] == {"captures": 2, "replays": 2 * STEPS}, out["counts"]
+
+
+# --- diffusers' caches --------------------------------------------------------------------------------------------
+# transformer.enable_cache(...) after parallelize, 8 steps. First Block Cache decides from the first block's output
+# residual, which each rank holds only a shard of: left to decide alone, the ranks disagreed (one ran the remaining
+# blocks' collectives, the other skipped them) and hung. The others decide from the step (MagCache from given ratios).
+
+CACHE_STEPS = 8
+
+
+def _cached_run(name: str, cache: str | None, degrees: dict | None = None) -> dict:
+    from diffusers.hooks import (FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
+                                 TaylorSeerCacheConfig)
+
+    pipe = BUILDERS[name]()
+    pipe.set_progress_bar_config(disable=True)
+    if degrees:
+        import fastusp
+        fastusp.parallelize(pipe, **degrees)
+    configs = {"first-block": lambda: FirstBlockCacheConfig(threshold=0.5 if name == "flux" else 0.6),
+               "mag": lambda: MagCacheConfig(threshold=0.5, max_skip_steps=2, num_inference_steps=CACHE_STEPS,
+                                             mag_ratios=[1.0 - 0.01 * i for i in range(CACHE_STEPS)]),
+               "taylorseer": lambda: TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2),
+               "pyramid": lambda: PyramidAttentionBroadcastConfig(
+                   spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+                   current_timestep_callback=lambda: pipe.current_timestep)}
+    if cache is not None:
+        pipe.transformer.enable_cache(configs[cache]())
+    last = (pipe.transformer.single_transformer_blocks if name == "flux" else pipe.transformer.transformer_blocks)[-1]
+    full_runs = []  # with a block-skipping cache, the last block's attention runs only in steps not skipped
+    last.attn.register_forward_pre_hook(lambda module, args: full_runs.append(1))
+    return dict(image=_generate(pipe, 0, steps=CACHE_STEPS)["image"], full_runs=len(full_runs))
+
+
+@pytest.mark.parametrize("name,cache", [("flux", "first-block"), ("qwen", "first-block"), ("flux", "mag"),
+                                        ("flux", "taylorseer"), ("flux", "pyramid")])
+def test_diffusers_caches_skip_the_same_steps_as_one_process(name, cache):
+    expected = _cached_run(name, cache)
+    uncached = _cached_run(name, None)["image"]
+    # precondition: the cache changed the image (it reused something), and block skippers skipped some steps only
+    assert (expected["image"] - uncached).abs().max().item() > 2 * TOL
+    if cache in ("first-block", "mag"):
+        assert 1 < expected["full_runs"] < CACHE_STEPS * len(TEXT_LENS[name]), expected["full_runs"]
+    for rank, out in enumerate(run_distributed(_cached_run, 2, name, cache, dict(ulysses=2), timeout=60)):
+        assert out["full_runs"] == expected["full_runs"], (rank, out["full_runs"], expected["full_runs"])
+        _assert_close(out["image"], expected["image"], f"rank {rank} image")
