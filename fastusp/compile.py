@@ -249,8 +249,10 @@ def _check_weights_stay_put(model) -> None:
     whole model before its forward starts, so the graphs see the move and are captured again (ModelState). Hooks on
     its modules (enable_sequential_cpu_offload, diffusers' group offloading or caches) change weights or decide what
     runs inside the forward, where a replay would not follow."""
+    # a registry without hooks is harmless: diffusers gives the transformer one in every pipeline call (cache_context)
     hooked = [name or type(model).__name__ for name, m in model.named_modules()
-              if hasattr(m, "_diffusers_hook") or (m is not model and hasattr(m, "_hf_hook"))]
+              if getattr(getattr(m, "_diffusers_hook", None), "hooks", None)
+              or (m is not model and hasattr(m, "_hf_hook"))]
     if hooked:
         shown = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "")
         raise ValueError(

@@ -112,6 +112,48 @@ def test_cuda_graphs_refuse_hooks_that_move_weights_inside_the_forward():
         fastusp.compile_pipeline(pipe)
 
 
+def test_cuda_graphs_take_a_pipeline_that_has_run_but_not_a_cache():
+    from diffusers.hooks import FirstBlockCacheConfig
+    from fastusp.compile import _check_weights_stay_put
+    from tiny_pipelines import tiny_call_kwargs, tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    # a pipeline call leaves an empty diffusers hook registry on the transformer (its cache_context): no hooks
+    pipe(**tiny_call_kwargs(pipe, text_len=7), height=32, width=32, num_inference_steps=1, output_type="pt")
+    assert hasattr(pipe.transformer, "_diffusers_hook")
+    _check_weights_stay_put(pipe.transformer)
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    with pytest.raises(ValueError, match="hooks on its modules .*a cache"):
+        _check_weights_stay_put(pipe.transformer)
+
+
+def _graphs_then_cache() -> str:
+    from _fake_graphs import fake_cuda_graphs
+    from diffusers.hooks import FirstBlockCacheConfig
+    from fastusp import compile as fastusp_compile
+    from tiny_models import flux_inputs
+
+    fake_cuda_graphs({})
+    model = tiny_flux()
+    report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)  # as on CUDA, with graphs only
+    fastusp_compile.compile_transformer(model, report, regional=True, reorder_comm=True, backend=None)
+    with torch.no_grad():
+        model(**flux_inputs(), return_dict=False)
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+        try:
+            model(**flux_inputs(), return_dict=False)
+        except ValueError as e:
+            return str(e)
+    return "no error"
+
+
+def test_a_cache_enabled_after_the_graphs_is_refused_not_ignored():
+    # the graphs would replay the forward as captured, without the cache's decisions
+    [message] = run_distributed(_graphs_then_cache, 1)
+    assert "a diffusers cache was enabled on FluxTransformer2DModel after its CUDA graphs" in message, message
+
+
 def test_a_rank_that_would_share_the_first_gpu_is_refused(monkeypatch):
     # enable_model_cpu_offload() without gpu_id: the weights stay on the CPU, the offload hook computes on cuda:0
     model = tiny_flux()
