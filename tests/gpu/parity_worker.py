@@ -335,14 +335,16 @@ def check_qwen_variants(world: int, rank: int, device) -> int:
 
 def run_checks() -> int:
     """All checks; --quick: the transformer smoke test only; --only NAME,...: ip-adapter, controlnet, lora,
-    qwen-variants, main, cfg-parallel, offload or text-bucket; --models flux,flux2,qwen: main's transformers (default all)."""
+    qwen-variants, main, cfg-parallel, offload, text-bucket or first-block-cache; --models flux,flux2,qwen: main's
+    transformers (default all)."""
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", device_id=device)
     world, rank = dist.get_world_size(), dist.get_rank()
     checks = {"ip-adapter": check_ip_adapter, "controlnet": check_controlnet, "lora": check_lora,
               "qwen-variants": check_qwen_variants, "main": main, "cfg-parallel": check_cfg_parallel,
-              "offload": check_offload, "text-bucket": check_text_bucket}
+              "offload": check_offload, "text-bucket": check_text_bucket,
+              "first-block-cache": check_first_block_cache}
     if "--only" in sys.argv:
         checks = {name: checks[name] for name in sys.argv[sys.argv.index("--only") + 1].split(",")}
     elif "--quick" in sys.argv:
@@ -355,12 +357,12 @@ def run_checks() -> int:
 
 
 def pipeline_latents(name: str, device, degrees: dict | None, compiled: bool, offload: bool = False,
-                     calls: int = 1) -> torch.Tensor:
-    """3 steps of FluxPipeline / QwenImagePipeline (no VAE or text encoders) with true CFG. Qwen-Image: a 100-token
-    prompt padded to 60 real tokens and a 20-token negative prompt, so the two passes differ in shape; FLUX (which
-    wants both the same shape, as T5 pads them): 77 tokens each. degrees: fastusp.parallelize(pipe, **degrees),
-    None: one GPU. offload: enable_model_cpu_offload on this rank's GPU first. Returns the final latents of `calls`
-    calls of the pipeline, stacked."""
+                     calls: int = 1, steps: int = 3, setup=None) -> torch.Tensor:
+    """`steps` steps of FluxPipeline / QwenImagePipeline (no VAE or text encoders) with true CFG. Qwen-Image: a
+    100-token prompt padded to 60 real tokens and a 20-token negative prompt, so the two passes differ in shape; FLUX
+    (which wants both the same shape, as T5 pads them): 77 tokens each. degrees: fastusp.parallelize(pipe, **degrees),
+    None: one GPU. offload: enable_model_cpu_offload on this rank's GPU first. setup(pipe): called last, before the
+    calls. Returns the final latents of `calls` calls of the pipeline, stacked."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImagePipeline
 
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
@@ -386,7 +388,9 @@ def pipeline_latents(name: str, device, degrees: dict | None, compiled: bool, of
         fastusp.parallelize(pipe, **degrees)
     if compiled:
         fastusp.compile_pipeline(pipe)
-    return torch.stack([pipe(**prompts, true_cfg_scale=4.0, height=512, width=496, num_inference_steps=3,
+    if setup is not None:
+        setup(pipe)
+    return torch.stack([pipe(**prompts, true_cfg_scale=4.0, height=512, width=496, num_inference_steps=steps,
                              output_type="latent", generator=torch.Generator().manual_seed(0)).images.float()
                         for _ in range(calls)])
 
@@ -430,6 +434,41 @@ def check_offload(world: int, rank: int, device) -> int:
                                       compiled=compiled, rel_err=[round(e, 5) for e in errs], ok=ok,
                                       card=torch.cuda.get_device_name(device))), flush=True)
             torch._dynamo.reset()
+    return failures
+
+
+def check_first_block_cache(world: int, rank: int, device) -> int:
+    """diffusers' First Block Cache enabled after parallelize (Ulysses over all ranks, eager, 8 steps) at three
+    thresholds: every rank must run the remaining blocks in the same steps as one GPU does (fastusp decides on the
+    whole sequence; a rank deciding on its own tokens would hang), and the latents must match. A count of full runs
+    strictly between 0 and the number of calls shows the threshold made the cache skip some steps."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    failures = 0
+    for name in ("flux", "qwen"):
+        for threshold in (0.5, 1.0, 2.0, 4.0):
+            runs = {}
+
+            def cache_and_count(pipe, key):
+                pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+                blocks = pipe.transformer.single_transformer_blocks if name == "flux" else \
+                    pipe.transformer.transformer_blocks
+                runs[key] = 0  # the last block's attention runs only in steps the cache did not skip
+
+                def count(module, args):
+                    runs[key] += 1
+                blocks[-1].attn.register_forward_pre_hook(count)
+
+            ref = pipeline_latents(name, device, None, False, steps=8, setup=lambda p: cache_and_count(p, "one"))[0]
+            out = pipeline_latents(name, device, dict(ulysses=world), False, steps=8,
+                                   setup=lambda p: cache_and_count(p, "parallel"))[0]
+            err = ((out - ref).norm() / ref.norm()).item()
+            ok = runs["one"] == runs["parallel"] and err < BF16_TOL and torch.isfinite(out).all().item()
+            failures += not ok
+            if rank == 0:
+                print(json.dumps(dict(check="first_block_cache", model=f"{name}-pipeline", world=world,
+                                      ulysses=world, threshold=threshold, full_runs=runs, rel_err=round(err, 5),
+                                      ok=ok, card=torch.cuda.get_device_name(device))), flush=True)
     return failures
 
 
