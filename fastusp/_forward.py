@@ -4,6 +4,10 @@ Beneath an accelerate hook (diffusers' enable_model_cpu_offload puts one on each
 to replace is the one the hook calls, `_old_forward`: the pipeline removes its hooks after every call, which puts
 `_old_forward` back as the model's forward, and adds them again. A replaced `forward` would be lost there, and
 the hook still moves the weights to the GPU before anything of fastusp runs.
+
+Beneath diffusers' own hooks (a cache such as First Block Cache, group offloading: a registry that chains hook
+functions in front of the forward) is the module's own forward, the first link of the chain: compiled blocks go
+there, so the hooks' Python (a cache's host-side decision) runs around the compiled code instead of breaking it.
 """
 from __future__ import annotations
 
@@ -25,6 +29,30 @@ def forward_of(module):
 def set_forward(module, forward) -> None:
     """Make `forward` the module's forward beneath any accelerate hook."""
     setattr(module, _forward_attribute(module), forward)
+
+
+def _first_link(module):
+    links = getattr(getattr(module, "_diffusers_hook", None), "_fn_refs", None)
+    return links[0] if links else None
+
+
+def own_forward(module):
+    """The module's own forward, beneath diffusers' hooks and any accelerate hook."""
+    link = _first_link(module)
+    if link is None:
+        return forward_of(module)
+    return link.original_forward if link.original_forward is not None else link.forward
+
+
+def set_own_forward(module, forward) -> None:
+    """Make `forward` the module's own forward, beneath diffusers' hooks (hooks added later wrap it too)."""
+    link = _first_link(module)
+    if link is None:
+        set_forward(module, forward)
+    elif link.original_forward is not None:
+        link.original_forward = forward
+    else:
+        link.forward = forward
 
 
 def replace_forward(module, run) -> None:

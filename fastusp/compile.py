@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from ._forward import forward_of, replace_forward, wrap_forward
+from ._forward import forward_of, own_forward, replace_forward, set_own_forward, wrap_forward
 from .controlnet import controlnets
 from .cuda_graphs import GraphedForward
 
@@ -157,12 +157,16 @@ def apply_compile(regions, report: CompileReport, reorder_comm: bool, backend) -
     options = None
     if backend == "inductor":  # torch.compile takes mode or options, not both: spell the mode out as options
         options = dict(torch._inductor.list_mode_options(report.mode), reorder_for_compute_comm_overlap=reorder_comm)
-    fallback = _EagerFallback(report, regions)
+    fallback = _EagerFallback(report)
     for name, module in regions:
-        whole = name == "transformer"
-        compiled = torch.compile(module._call_impl, fullgraph=not whole, dynamic=False, backend=backend,
-                                 options=options)
-        module._compiled_call_impl = fallback.guard(name, compiled, module)
+        if name == "transformer":  # its call with fastusp's wrappers in it, graph breaks allowed
+            compiled = torch.compile(module._call_impl, dynamic=False, backend=backend, options=options)
+            module._compiled_call_impl = fallback.guard(name, compiled, module._call_impl)
+            continue
+        # a block: its own forward, beneath diffusers' hooks (caches), whose host-side Python stays eager
+        eager = own_forward(module)
+        compiled = torch.compile(eager, fullgraph=True, dynamic=False, backend=backend, options=options)
+        set_own_forward(module, fallback.guard(name, compiled, eager))
 
 
 def apply_cuda_graphs(slot, transformer, report: CompileReport) -> None:
@@ -284,10 +288,10 @@ class _EagerFallback:
     compiled before stay compiled, and the report says so.
     """
 
-    def __init__(self, report: CompileReport, regions):
-        self.report, self.regions, self.failed = report, regions, False
+    def __init__(self, report: CompileReport):
+        self.report, self.failed = report, False
 
-    def guard(self, name, compiled, module):
+    def guard(self, name, compiled, eager):
         def call(*args, **kwargs):
             if not self.failed:
                 try:
@@ -296,7 +300,7 @@ class _EagerFallback:
                     self._note_recompile_limit()
                 except torch._dynamo.exc.TorchDynamoException as e:  # tracing/compiling, before anything ran
                     self._give_up(name, e)
-            return module._call_impl(*args, **kwargs)
+            return eager(*args, **kwargs)
 
         return call
 
@@ -311,8 +315,6 @@ class _EagerFallback:
 
     def _give_up(self, name, error: Exception) -> None:
         self.failed = True
-        for _, module in self.regions:
-            module._compiled_call_impl = None
         reason = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"  # one line for the log
         self.report.fell_back["all blocks"] = f"{name} failed to compile: {reason}"
         logger.warning(self.report.summary())

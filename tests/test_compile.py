@@ -135,6 +135,48 @@ def test_compile_single_device_model_without_parallelize():
     assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
+def _compile_under_first_block_cache(cache_first: bool):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    def cached(compile_it: bool):
+        model = tiny_flux()
+        if compile_it and not cache_first:
+            fastusp.compile_pipeline(model, backend=counting_backend)
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+        if compile_it and cache_first:
+            fastusp.compile_pipeline(model, backend=counting_backend)
+        ran = []  # the last block's attention: it runs in calls the cache does not skip
+        model.single_transformer_blocks[-1].attn.register_forward_pre_hook(lambda m, a: ran.append(1))
+        outs = []
+        with torch.no_grad(), model.cache_context("cond"):
+            for seed in (1, 1, 2):  # full, skipped (nothing changed), full (new inputs)
+                outs.append(model(**flux_inputs(seed=seed), return_dict=False)[0])
+        report = fastusp.compile_report(model) if compile_it else None
+        return outs, len(ran), report and report.fell_back
+
+    expected, expected_runs, _ = cached(False)
+    outs, runs, fell_back = cached(True)
+    return expected, expected_runs, outs, runs, len(compiles), fell_back
+
+
+@pytest.mark.parametrize("cache_first", [True, False], ids=["cache-then-compile", "compile-then-cache"])
+def test_blocks_compile_beneath_a_first_block_cache(cache_first):
+    # The cache's decision (a host sync) runs in the first block's hook; compiled with the hook inside, fullgraph
+    # failed on it and every block ran eagerly. Beneath the hooks the blocks compile and the cache still decides.
+    [(expected, expected_runs, outs, runs, compiles, fell_back)] = run_distributed(
+        _compile_under_first_block_cache, 1, cache_first)
+    assert expected_runs == 2 and runs == 2  # precondition: the second call was skipped
+    assert fell_back == {} and compiles >= 2, (fell_back, compiles)  # both block kinds compiled, none fell back
+    for got, want in zip(outs, expected):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(mode="reduce-overhead"), "use cuda_graphs=True"),
     (dict(cuda_graphs=True), "needs the transformer on a CUDA device"),

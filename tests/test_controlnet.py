@@ -192,8 +192,10 @@ def _controlnet_pipeline_from_a_compiled_one(degrees: dict | None):
     base = tiny_flux_pipeline()
     if degrees:
         fastusp.parallelize(base, **degrees)
+    from fastusp._forward import own_forward
+
     fastusp.compile_pipeline(base, backend="aot_eager")
-    compiled_blocks = base.transformer.transformer_blocks[0]._compiled_call_impl
+    compiled_blocks = own_forward(base.transformer.transformer_blocks[0])
     pipe = FluxControlNetPipeline.from_pipe(base, controlnet=tiny_flux_controlnet("union"))
     if degrees:
         fastusp.parallelize(pipe, **degrees)
@@ -206,8 +208,10 @@ def _controlnet_pipeline_from_a_compiled_one(degrees: dict | None):
     image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(5))
     out = pipe(**tiny_call_kwargs(pipe), control_image=image, control_mode=1, height=32, width=48,
                num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
-    return out, dict(controlnet_compiled=pipe.controlnet.transformer_blocks[0]._compiled_call_impl is not None,
-                     transformer_kept=base.transformer.transformer_blocks[0]._compiled_call_impl is compiled_blocks,
+    net_block = pipe.controlnet.transformer_blocks[0]
+    net_compiled = getattr(own_forward(net_block), "__func__", None) is not type(net_block).forward  # not the class's
+    return out, dict(controlnet_compiled=net_compiled,
+                     transformer_kept=own_forward(base.transformer.transformer_blocks[0]) is compiled_blocks,
                      reported="FluxControlNetModel blocks" in fastusp.compile_report(pipe).compiled,
                      refused_again=refused)
 
