@@ -22,6 +22,10 @@ when it fails (`err` is then set), and appends it to $OUT/results.jsonl when $OU
                   (diffusers' compile_repeated_blocks(fullgraph=True)); regional | whole (torch.compile(model))
                   force one of those for any impl; graphs: compile_pipeline(backend=None), CUDA graphs of the
                   eager forward without torch.compile (any impl whose forward fastusp can wrap).
+--first-block-cache T  diffusers' First Block Cache at threshold T on the transformer (before compiling); every
+                  step then reruns the same inputs, so after the first step each one is skipped (T >= 0) or, with
+                  T < 0, computed in full (the cache's own cost). CUDA graphs refuse caches: use --compile-mode
+                  pipeline-nographs (fastusp.compile_pipeline(cuda_graphs=False)) or eager.
 --true-cfg S      time a denoising step of diffusers' own pipeline (FluxPipeline / QwenImagePipeline around the
                   same transformer, no VAE or text encoder) with true classifier-free guidance at scale S: two
                   transformer passes per step (random prompt and negative prompt embeds of --txt tokens, no mask).
@@ -71,7 +75,9 @@ def parse_args(argv=None):
     ap.add_argument("--impl", default="single", choices=["single", "diffusers", "fastusp", "yunchang"])
     ap.add_argument("--config", default="-", help="ulysses2xring2 (diffusers), u2r2[-fp8] (fastusp), - (single)")
     ap.add_argument("--compile", type=int, default=0, choices=[0, 1])
-    ap.add_argument("--compile-mode", default="auto", choices=["auto", "regional", "whole", "graphs"])
+    ap.add_argument("--compile-mode", default="auto",
+                    choices=["auto", "regional", "whole", "graphs", "pipeline-nographs"])
+    ap.add_argument("--first-block-cache", type=float, default=None, metavar="THRESHOLD")
     ap.add_argument("--fullgraph", type=int, default=1, choices=[0, 1], help="for regional compile")
     ap.add_argument("--backend", default="native", help="diffusers attention backend (single / diffusers)")
     ap.add_argument("--cp-anything", type=int, default=0, choices=[0, 1],
@@ -159,6 +165,14 @@ def parse_fastusp_config(text: str) -> dict:
     if m.group(8):
         kw["ulysses_chunks"] = int(m.group(8))
     return kw
+
+
+def in_cache_context(fwd, model):
+    """A cache keeps its state per context, which a pipeline names around each transformer call."""
+    def call(**kw):
+        with model.cache_context("step"):
+            return fwd(**kw)
+    return call
 
 
 def resolved_compile_mode(a) -> str | None:
@@ -369,9 +383,10 @@ def maybe_compile(model, a):
         torch._C._set_sm_carveout_experimental(a.sm_carveout)
     if mode is None:
         return model
-    if mode in ("pipeline", "graphs"):  # graphs: fastusp's CUDA graphs of the eager forward, no torch.compile
+    if mode in ("pipeline", "graphs", "pipeline-nographs"):  # graphs: CUDA graphs of the eager forward only
         import fastusp
-        return fastusp.compile_pipeline(model, **({"backend": None} if mode == "graphs" else {})) or model
+        options = {"graphs": {"backend": None}, "pipeline-nographs": {"cuda_graphs": False}}.get(mode, {})
+        return fastusp.compile_pipeline(model, **options) or model
     if mode == "regional":
         model.compile_repeated_blocks(fullgraph=bool(a.fullgraph))  # compiles each block class in place
         return model
@@ -558,6 +573,7 @@ def base_record(a, world, device) -> dict:
                 model_mem_gb=None, peak_mem_gb=None, finite=None, err=None,
                 **({"inductor": a.inductor} if a.inductor else {}),
                 **({"sm_carveout": a.sm_carveout} if a.sm_carveout else {}),
+                **({"first_block_cache": a.first_block_cache} if a.first_block_cache is not None else {}),
                 **({"fuse_qkv": True} if a.fuse_qkv else {}),
                 **({"text_mask": a.text_mask} if a.text_mask != "ones" else {}),
                 **({"true_cfg": a.true_cfg} if a.true_cfg else {}),
@@ -603,7 +619,12 @@ def run(a, world, rank, device, record):
     target = controlnet_target(model, net, a) if net is not None else model
     phase(rank, f"apply {a.impl}")
     APPLY[a.impl](pipe or target, a, world)
+    if a.first_block_cache is not None:
+        from diffusers.hooks import FirstBlockCacheConfig
+        model.enable_cache(FirstBlockCacheConfig(threshold=a.first_block_cache))
     fwd = maybe_compile(target, a)
+    if a.first_block_cache is not None:
+        fwd = in_cache_context(fwd, model)
     if target is not model:  # the ControlNet pipeline shell: compile_pipeline changed its transformer in place
         fwd = model
     kw = pipeline_inputs(model, a, device, dtype) if pipe else make_inputs(a.model, device, dtype, a.height, a.width,
