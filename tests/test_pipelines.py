@@ -486,6 +486,31 @@ def test_cuda_graphs_under_model_cpu_offload_are_captured_once_per_call():
         assert out["counts"] == {"captures": 2, "replays": 2 * STEPS}, out["counts"]
 
 
+def _group_offload_worker(kind: str, offload_first: bool) -> dict:
+    import fastusp
+
+    pipe = BUILDERS["flux"]()
+    offload = lambda: pipe.transformer.enable_group_offload(torch.device("cpu"), torch.device("cpu"),
+                                                            offload_type=kind, num_blocks_per_group=1)
+    if offload_first:
+        offload()
+    fastusp.parallelize(pipe, ulysses=2)
+    if not offload_first:
+        offload()
+    seen = _record_tokens("flux", pipe)
+    return dict(image=_generate(pipe, 0)["image"], seen=seen)
+
+
+@pytest.mark.parametrize("kind,offload_first", [("block_level", True), ("leaf_level", False)])
+def test_group_offloading(kind, offload_first):
+    # diffusers' hooks on the blocks (here onload = offload = CPU, so they move nothing): the sharded forward and
+    # the device fastusp takes from the model coexist with them
+    expected = _reference("flux", seed=0)
+    for rank, out in enumerate(run_distributed(_group_offload_worker, 2, kind, offload_first)):
+        _assert_close(out["image"], expected["image"], f"rank {rank} image")
+        assert all(n < IMAGE_TOKENS for k, n in out["seen"] if k == "img")  # it ran sharded
+
+
 # --- diffusers' caches --------------------------------------------------------------------------------------------
 # transformer.enable_cache(...) after parallelize, 8 steps. First Block Cache decides from the first block's output
 # residual, which each rank holds only a shard of: left to decide alone, the ranks disagreed (one ran the remaining
