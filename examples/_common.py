@@ -61,6 +61,9 @@ def parse_args(example: Example, argv=None) -> argparse.Namespace:
     ap.add_argument("--offload", action="store_true",
                     help="pipe.enable_model_cpu_offload on each rank's device instead of moving the pipeline there: "
                          "the models wait in CPU memory and take turns on the GPU (FLUX.2-dev on 80 GB cards)")
+    ap.add_argument("--first-block-cache", type=float, default=None, metavar="THRESHOLD",
+                    help="diffusers' First Block Cache on the transformer (e.g. 0.12): steps whose first block changed "
+                         "less than this reuse the rest of the last full step; with --compile, CUDA graphs are off")
     ap.add_argument("--compile", action="store_true", help="fastusp.compile_pipeline(pipe) after parallelize")
     ap.add_argument("--check", action="store_true",
                     help="with --model: also run the un-parallelized pipeline first and report the difference "
@@ -189,6 +192,9 @@ def main(example: Example, argv=None) -> None:
 
     rank = int(os.environ["RANK"])
     pipe, device, call_kwargs = build(example, args)
+    if args.first_block_cache is not None:  # on the reference run too, so that both skip the same steps
+        from diffusers.hooks import FirstBlockCacheConfig
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=args.first_block_cache))
     timer = StepTimer(pipe, device)
 
     reference = None
@@ -202,7 +208,8 @@ def main(example: Example, argv=None) -> None:
     fastusp.parallelize(pipe, ulysses=args.ulysses, ring=args.ring, cfg=args.cfg, fp8_comm=fp8)
     if args.compile:
         timer.detach()  # hook the module that is actually called (compile_pipeline may swap it)
-        pipe = fastusp.compile_pipeline(pipe) or pipe
+        # a cache decides on the host in mid-forward, which a CUDA graph cannot replay
+        pipe = fastusp.compile_pipeline(pipe, cuda_graphs=False if args.first_block_cache is not None else None) or pipe
         timer = StepTimer(pipe, device)
     for _ in range(args.warmup):
         generate(pipe, args, call_kwargs, timer)
@@ -217,7 +224,7 @@ def main(example: Example, argv=None) -> None:
         mode = (f"{args.model} (bfloat16, {device.type})" if not args.tiny else "tiny random pipeline (float32, cpu)")
         print(f"\n{example.pipeline_cls}: {mode}, {args.width}x{args.height}, {args.steps} steps, world "
               f"{dist.get_world_size()} = cfg {args.cfg} x ulysses {args.ulysses} x ring {args.ring}, fp8_comm={fp8}, "
-              f"compile={args.compile}")
+              f"compile={args.compile}, first_block_cache={args.first_block_cache}")
         print("per-step latency (ms): " + " ".join(f"{t:.1f}" for t in step_ms))
         rest = step_ms[1:] or step_ms
         print(f"  mean {sum(step_ms) / len(step_ms):.1f} ms; excluding step 0: {sum(rest) / len(rest):.1f} ms")

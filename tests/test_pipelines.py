@@ -543,15 +543,19 @@ def _cached_run(name: str, cache: str | None, degrees: dict | None = None) -> di
     return dict(image=_generate(pipe, 0, steps=CACHE_STEPS)["image"], full_runs=len(full_runs))
 
 
-@pytest.mark.parametrize("name,cache", [("flux", "first-block"), ("qwen", "first-block"), ("flux", "mag"),
-                                        ("flux", "taylorseer"), ("flux", "pyramid")])
-def test_diffusers_caches_skip_the_same_steps_as_one_process(name, cache):
+@pytest.mark.parametrize("name,cache,degrees", [
+    ("flux", "first-block", dict(ulysses=2)), ("flux", "first-block", dict(ring=2)),
+    ("qwen", "first-block", dict(ulysses=2)), ("flux", "mag", dict(ulysses=2)),
+    ("flux", "taylorseer", dict(ulysses=2)), ("flux", "pyramid", dict(ulysses=2)),
+], ids=["flux-first-block-ulysses2", "flux-first-block-ring2", "qwen-first-block-ulysses2", "flux-mag-ulysses2",
+        "flux-taylorseer-ulysses2", "flux-pyramid-ulysses2"])
+def test_diffusers_caches_skip_the_same_steps_as_one_process(name, cache, degrees):
     expected = _cached_run(name, cache)
     uncached = _cached_run(name, None)["image"]
     # precondition: the cache changed the image (it reused something), and block skippers skipped some steps only
     assert (expected["image"] - uncached).abs().max().item() > 2 * TOL
     if cache in ("first-block", "mag"):
         assert 1 < expected["full_runs"] < CACHE_STEPS * len(TEXT_LENS[name]), expected["full_runs"]
-    for rank, out in enumerate(run_distributed(_cached_run, 2, name, cache, dict(ulysses=2), timeout=60)):
+    for rank, out in enumerate(run_distributed(_cached_run, 2, name, cache, degrees, timeout=60)):
         assert out["full_runs"] == expected["full_runs"], (rank, out["full_runs"], expected["full_runs"])
         _assert_close(out["image"], expected["image"], f"rank {rank} image")
