@@ -15,17 +15,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-try:
-    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS as _BLOCK_LISTS
-    from diffusers.hooks.first_block_cache import FBCHeadBlockHook
-except ImportError:  # pragma: no cover - diffusers without hooks (older than fastusp supports)
-    _BLOCK_LISTS, FBCHeadBlockHook = (), None
+from diffusers.hooks.first_block_cache import FBCHeadBlockHook
 
 
 def share_cache_decisions(transformer, group) -> None:
     """Make a First Block Cache on `transformer` decide on the whole sequence over `group` (the ranks that share
     it). Called before every sharded forward, since the cache can be enabled after parallelize; costs a look at the
-    first block of each block list."""
+    first block of each of the transformer's block lists."""
     for hook in _first_block_cache_hooks(transformer):
         if getattr(hook, "_fastusp_group", None) is not group:
             hook._fastusp_group = group
@@ -33,8 +29,8 @@ def share_cache_decisions(transformer, group) -> None:
 
 
 def _first_block_cache_hooks(transformer):
-    for name in _BLOCK_LISTS:
-        blocks = getattr(transformer, name, None)
+    """The cache puts its head hook on the first block of the first block list."""
+    for blocks in transformer.children():
         if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
             registry = getattr(blocks[0], "_diffusers_hook", None)
             for hook in getattr(registry, "hooks", {}).values():
