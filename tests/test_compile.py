@@ -165,6 +165,30 @@ def _compile_under_first_block_cache(cache_first: bool):
     return expected, expected_runs, outs, runs, len(compiles), fell_back
 
 
+def _compile_whole_model() -> tuple:
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    model = tiny_flux()
+    with torch.no_grad():
+        expected = model(**flux_inputs(), return_dict=False)[0]
+        fastusp.parallelize(model, ulysses=2)
+        fastusp.compile_pipeline(model, regional=False, backend=counting_backend)
+        out = model(**flux_inputs(), return_dict=False)[0]
+    report = fastusp.compile_report(model)
+    return expected, out, len(compiles), report.compiled, report.fell_back
+
+
+def test_whole_model_compile_under_ulysses():
+    # regional=False: the whole call, fastusp's sharding wrapper and its collectives included, graph breaks allowed
+    for expected, out, compiles, compiled, fell_back in run_distributed(_compile_whole_model, 2):
+        assert compiles >= 1 and compiled == ["FluxTransformer2DModel"] and fell_back == {}, (compiles, fell_back)
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("cache_first", [True, False], ids=["cache-then-compile", "compile-then-cache"])
 def test_blocks_compile_beneath_a_first_block_cache(cache_first):
     # The cache's decision (a host sync) runs in the first block's hook; compiled with the hook inside, fullgraph
