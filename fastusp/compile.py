@@ -16,6 +16,7 @@ changed after capture (a LoRA loaded, scaled, fused or unloaded) is captured aga
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -292,6 +293,7 @@ class _EagerFallback:
         self.report, self.failed = report, False
 
     def guard(self, name, compiled, eager):
+        @functools.wraps(eager)  # a block's forward keeps its signature for code that inspects it
         def call(*args, **kwargs):
             if not self.failed:
                 try:

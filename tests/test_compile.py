@@ -3,6 +3,8 @@
 Every model under Ulysses (2, 1) and Ring (1, 2) goes through Inductor: Ulysses-compiled forwards send the heads
 in two chunks, which eager runs never do by default, so this is also where the chunked exchange meets Inductor.
 """
+import inspect
+
 import pytest
 import torch
 
@@ -158,6 +160,8 @@ def _compile_under_first_block_cache(cache_first: bool):
             for seed in (1, 1, 2):  # full, skipped (nothing changed), full (new inputs)
                 outs.append(model(**flux_inputs(seed=seed), return_dict=False)[0])
         report = fastusp.compile_report(model) if compile_it else None
+        # the compiled forward keeps the block's signature (code that binds arguments by it still can)
+        assert "hidden_states" in inspect.signature(model.transformer_blocks[0].forward).parameters
         return outs, len(ran), report and report.fell_back
 
     expected, expected_runs, _ = cached(False)
