@@ -623,10 +623,10 @@ def run(a, world, rank, device, record):
         from diffusers.hooks import FirstBlockCacheConfig
         model.enable_cache(FirstBlockCacheConfig(threshold=a.first_block_cache))
     fwd = maybe_compile(target, a)
-    if a.first_block_cache is not None:
-        fwd = in_cache_context(fwd, model)
     if target is not model:  # the ControlNet pipeline shell: compile_pipeline changed its transformer in place
         fwd = model
+    if a.first_block_cache is not None:  # around the transformer's call (a ControlNet step calls it inside)
+        fwd = in_cache_context(fwd, model)
     kw = pipeline_inputs(model, a, device, dtype) if pipe else make_inputs(a.model, device, dtype, a.height, a.width,
                                                                              a.txt, a.text_mask, a.edit_2511)
     if net is not None:
