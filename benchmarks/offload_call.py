@@ -18,13 +18,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
-import torch.distributed as dist
 
 # a sibling module; importing it puts the repository root on sys.path (for fastusp)
-from step_latency import build_model, card_name, emit, init_group, process_layout, sync
+from step_latency import build_model, card_name, emit, init_group, process_layout, timed_pipeline_call
 
 
 def parse_args(argv=None):
@@ -48,24 +46,6 @@ def build_pipeline(transformer):
     return pipe
 
 
-def timed_call(pipe, kwargs, device, steps: int) -> tuple[float, list[float]]:
-    """(the call's seconds, each step's ms): a step ends at its callback."""
-    ends = []
-
-    def on_step_end(p, i, t, callback_kwargs):
-        sync(device)
-        ends.append(time.perf_counter())
-        return {}
-
-    dist.barrier()
-    sync(device)
-    start = time.perf_counter()
-    pipe(**kwargs, num_inference_steps=steps, callback_on_step_end=on_step_end)
-    sync(device)
-    wall = time.perf_counter() - start
-    return wall, [(b - a) * 1e3 for a, b in zip([start] + ends, ends)]
-
-
 def main(argv=None):
     a = parse_args(argv)
     world, rank, device = process_layout(a.tiny)
@@ -85,7 +65,7 @@ def main(argv=None):
     if a.compile:
         fastusp.compile_pipeline(pipe)
     for call in range(a.calls):
-        wall, steps_ms = timed_call(pipe, kwargs, device, a.steps)
+        wall, steps_ms, _ = timed_pipeline_call(pipe, kwargs, device, a.steps)
         others = steps_ms[1:]
         record = dict(model="flux2", world=world, offload=a.offload, compiled=a.compile, call=call,
                       res=f"{a.size}x{a.size}", txt=a.txt, steps=a.steps, call_s=round(wall, 2),

@@ -508,9 +508,9 @@ def pipeline_inputs(model, a, device, dtype) -> dict:
 
 
 @torch.inference_mode()
-def pipeline_steps(pipe, kw, device, warmup, steps):
-    """One pipeline call of warmup + steps denoising steps, timed step by step (each step ends at its callback).
-    Returns (seconds until the warm-up steps were done, the other steps' times in ms, the final latents)."""
+def timed_pipeline_call(pipe, kw, device, steps):
+    """One pipeline call of `steps` denoising steps, each timed (a step ends at its callback). Returns (the call's
+    seconds end to end, what follows the last step included; each step's ms; the call's images)."""
     ends = []
 
     def on_step_end(p, i, t, callback_kwargs):
@@ -522,9 +522,17 @@ def pipeline_steps(pipe, kw, device, warmup, steps):
         dist.barrier()
     sync(device)
     start = time.perf_counter()
-    out = pipe(**kw, num_inference_steps=warmup + steps, callback_on_step_end=on_step_end).images
-    times_ms = [(b - e) * 1e3 for e, b in zip([start] + ends, ends)]
-    return ends[warmup - 1] - start, times_ms[warmup:], out
+    out = pipe(**kw, num_inference_steps=steps, callback_on_step_end=on_step_end).images
+    sync(device)
+    wall = time.perf_counter() - start
+    return wall, [(b - e) * 1e3 for e, b in zip([start] + ends, ends)], out
+
+
+def pipeline_steps(pipe, kw, device, warmup, steps):
+    """One pipeline call of warmup + steps denoising steps, timed step by step.
+    Returns (seconds until the warm-up steps were done, the other steps' times in ms, the final latents)."""
+    _, times_ms, out = timed_pipeline_call(pipe, kw, device, warmup + steps)
+    return sum(times_ms[:warmup]) / 1e3, times_ms[warmup:], out
 
 
 # --- records ------------------------------------------------------------------------------------------------------
