@@ -49,6 +49,17 @@ def test_compiled_matches_eager(name, layout, new_shape):
         assert ("ring attention" in " ".join(report.opaque)) == (layout[1] > 1)
 
 
+def _counting_backend():
+    """(the graphs Dynamo has handed it so far, a torch.compile backend that runs each graph as it is)."""
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    return compiles, counting_backend
+
+
 # Qwen-Image prompts come in any length; each length would compile its own block code and capture its own graph.
 TEXT_BUCKET_CALLS = [dict(text_len=5), dict(text_len=7, valid_lens=[4, 6]), dict(text_len=3), dict(text_len=8)]
 
@@ -60,11 +71,8 @@ def _text_bucket_worker(bucket, parallel=True):
     from _fake_graphs import fake_cuda_graphs
     from fastusp import compile as fastusp_compile
 
-    compiles, counts = [], {}
-
-    def counting_backend(gm, example_inputs):
-        compiles.append(gm)
-        return gm.forward
+    counts = {}
+    compiles, counting_backend = _counting_backend()
 
     fake_cuda_graphs(counts)
     model = fastusp.parallelize(tiny_qwen(), ulysses=2) if parallel else tiny_qwen()
@@ -140,11 +148,7 @@ def test_compile_single_device_model_without_parallelize():
 def _compile_under_first_block_cache(cache_first: bool):
     from diffusers.hooks import FirstBlockCacheConfig
 
-    compiles = []
-
-    def counting_backend(gm, example_inputs):
-        compiles.append(gm)
-        return gm.forward
+    compiles, counting_backend = _counting_backend()
 
     def cached(compile_it: bool):
         model = tiny_flux()
@@ -170,11 +174,7 @@ def _compile_under_first_block_cache(cache_first: bool):
 
 
 def _compile_whole_model() -> tuple:
-    compiles = []
-
-    def counting_backend(gm, example_inputs):
-        compiles.append(gm)
-        return gm.forward
+    compiles, counting_backend = _counting_backend()
 
     model = tiny_flux()
     with torch.no_grad():
