@@ -413,17 +413,28 @@ def test_flux2_klein_inpaint_pipeline_matches_single_process(degrees):
 # diffusers' enable_model_cpu_offload (device="cpu" here: the hooks are the same on a GPU) wraps each model's forward
 # in an accelerate hook, and the pipeline removes and adds its hooks again after every call.
 
-def _offload_worker(name: str, degrees: dict, offload_first: bool, graphs: bool = False) -> dict:
+def _offload_worker(name: str, degrees: dict, offload_first: bool, graphs: bool = False,
+                    group_offload: str | None = None) -> dict:
+    """Two pipeline calls under model CPU offload, or under group offloading of the transformer at the given level
+    ("block_level", "leaf_level"), set up before or after parallelize."""
     import fastusp
     from fastusp import compile as fastusp_compile
 
     pipe = BUILDERS[name]()
     counts = {}
+
+    def offload():
+        if group_offload is None:
+            pipe.enable_model_cpu_offload(device="cpu")
+        else:
+            pipe.transformer.enable_group_offload(torch.device("cpu"), torch.device("cpu"), offload_type=group_offload,
+                                                  num_blocks_per_group=1)
+
     if offload_first:
-        pipe.enable_model_cpu_offload(device="cpu")
+        offload()
     fastusp.parallelize(pipe, **degrees)
     if not offload_first:
-        pipe.enable_model_cpu_offload(device="cpu")
+        offload()
     if graphs:
         _offload_moves_weights()
         fake_cuda_graphs(counts, lambda: [p.data_ptr() for p in pipe.transformer.parameters()])
@@ -486,28 +497,15 @@ def test_cuda_graphs_under_model_cpu_offload_are_captured_once_per_call():
         assert out["counts"] == {"captures": 2, "replays": 2 * STEPS}, out["counts"]
 
 
-def _group_offload_worker(kind: str, offload_first: bool) -> dict:
-    import fastusp
-
-    pipe = BUILDERS["flux"]()
-    offload = lambda: pipe.transformer.enable_group_offload(torch.device("cpu"), torch.device("cpu"),
-                                                            offload_type=kind, num_blocks_per_group=1)
-    if offload_first:
-        offload()
-    fastusp.parallelize(pipe, ulysses=2)
-    if not offload_first:
-        offload()
-    seen = _record_tokens("flux", pipe)
-    return dict(image=_generate(pipe, 0)["image"], seen=seen)
-
-
 @pytest.mark.parametrize("kind,offload_first", [("block_level", True), ("leaf_level", False)])
 def test_group_offloading(kind, offload_first):
     # diffusers' hooks on the blocks (here onload = offload = CPU, so they move nothing): the sharded forward and
     # the device fastusp takes from the model coexist with them
     expected = _reference("flux", seed=0)
-    for rank, out in enumerate(run_distributed(_group_offload_worker, 2, kind, offload_first)):
-        _assert_close(out["image"], expected["image"], f"rank {rank} image")
+    for rank, out in enumerate(run_distributed(_offload_worker, 2, "flux", dict(ulysses=2), offload_first, False,
+                                               kind)):
+        for call, got in enumerate(out["calls"]):
+            _assert_close(got["image"], expected["image"], f"rank {rank} call {call} image")
         assert all(n < IMAGE_TOKENS for k, n in out["seen"] if k == "img")  # it ran sharded
 
 
