@@ -21,9 +21,11 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.hooks import FirstBlockCacheConfig
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from ._forward import forward_of, own_forward, replace_forward, set_own_forward, wrap_forward
+from .caches import FirstBlockCacheGraphs, is_first_block_cache_hook
 from .controlnet import controlnets
 from .cuda_graphs import GraphedForward
 
@@ -63,7 +65,8 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
     """Compile a pipeline's (or a transformer's) forward in place; returns `obj`. Parallelized or not.
 
     mode: Inductor mode for the compiled regions ("default", "max-autotune-no-cudagraphs").
-    cuda_graphs: capture the whole transformer forward as one CUDA graph per input shape (default: on CUDA).
+    cuda_graphs: capture the whole transformer forward as one CUDA graph per input shape (default: on CUDA); under
+        diffusers' First Block Cache, two per input shape and cache context, the cache deciding between them.
     regional: compile each repeated block once (default) instead of the whole transformer (slow to compile).
         A pipeline's ControlNets have their blocks compiled either way (they are the transformer's block kinds), and
         with cuda_graphs each ControlNet's forward is captured as graphs of its own.
@@ -172,11 +175,32 @@ def apply_compile(regions, report: CompileReport, reorder_comm: bool, backend) -
 
 def apply_cuda_graphs(slot, transformer, report: CompileReport) -> None:
     """Replace the forward of slot (the transformer, or the slot that cfg parallelism calls) by one that replays a
-    CUDA graph of the whole forward per input signature, captured again when the transformer changes."""
+    CUDA graph of the whole forward per input signature, captured again when the transformer changes. Under
+    diffusers' First Block Cache, two graphs per signature and cache context, one per decision (caches.py)."""
     forward = forward_of(slot)
-    graphed = _graphed_or_eager(GraphedForward(lambda **kw: forward(**kw, return_dict=False)[0], transformer),
-                                report, "cuda graphs")
-    wrap_forward(slot, lambda original, inputs: graphed(inputs, lambda: original(**inputs, return_dict=False)[0]))
+    cache_graphs = FirstBlockCacheGraphs(transformer, _sequence_group(transformer))
+    sample = cache_graphs.forced(lambda **kw: forward(**kw, return_dict=False)[0])
+    graphed = _graphed_or_eager(GraphedForward(sample, transformer), report, "cuda graphs")
+    transformer._fastusp_cache_graphs = cache_graphs
+
+    def run(original, inputs):
+        cache = getattr(transformer, "_cache_config", None)
+        if cache is None:
+            return graphed(inputs, lambda: original(**inputs, return_dict=False)[0])
+        if not isinstance(cache, FirstBlockCacheConfig):
+            raise ValueError(f"{type(cache).__name__} is enabled on {type(transformer).__name__}, whose forward is "
+                             f"replayed from CUDA graphs: a replay would not run the cache. Of diffusers' caches only "
+                             f"First Block Cache runs under fastusp's graphs; for the others call "
+                             f"compile_pipeline(..., cuda_graphs=False)")
+        return cache_graphs(inputs, lambda branch_inputs: graphed(branch_inputs, lambda: sample(**branch_inputs)))
+
+    wrap_forward(slot, run)
+
+
+def _sequence_group(transformer):
+    """The process group that shares the transformer's sequence, or None when one process holds all of it."""
+    config = getattr(transformer, "_fastusp_config", None)
+    return config.sequence_group if config is not None and config.sequence_size > 1 else None
 
 
 def apply_text_buckets(slot, transformer, bucket: int) -> None:
@@ -253,17 +277,20 @@ def _check_weights_stay_put(model) -> None:
     """A CUDA graph replays with the weights at the addresses they had at capture. enable_model_cpu_offload moves a
     whole model before its forward starts, so the graphs see the move and are captured again (ModelState). Hooks on
     its modules (enable_sequential_cpu_offload, diffusers' group offloading or caches) change weights or decide what
-    runs inside the forward, where a replay would not follow."""
+    runs inside the forward, where a replay would not follow; First Block Cache's are the exception (its decision
+    is taken between graphs, caches.FirstBlockCacheGraphs)."""
     # a registry without hooks is harmless: diffusers gives the transformer one in every pipeline call (cache_context)
     hooked = [name or type(model).__name__ for name, m in model.named_modules()
-              if getattr(getattr(m, "_diffusers_hook", None), "hooks", None)
+              if any(not is_first_block_cache_hook(h) for h in getattr(getattr(m, "_diffusers_hook", None), "hooks",
+                                                                       {}).values())
               or (m is not model and hasattr(m, "_hf_hook"))]
     if hooked:
         shown = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "")
         raise ValueError(
             f"{type(model).__name__} has hooks on its modules ({shown}): sequential CPU offload, group offloading or "
-            f"a cache, which move weights or choose blocks during the forward, where a CUDA graph would replay the "
-            f"first call's; use pipe.enable_model_cpu_offload() or none, or pass cuda_graphs=False")
+            f"a cache other than First Block Cache, which move weights or choose blocks during the forward, where a "
+            f"CUDA graph would replay the first call's; use pipe.enable_model_cpu_offload() or none, or pass "
+            f"cuda_graphs=False")
 
 
 def _repeated_blocks(transformer) -> list[tuple[str, torch.nn.Module]]:

@@ -49,10 +49,6 @@ class GraphedForward:
         self._nccl_pool = None  # owns the NCCL memory for as long as the graphs may replay from it
 
     def __call__(self, **kwargs):
-        if self.model_state is not None and getattr(self.model_state.module, "is_cache_enabled", False):
-            raise ValueError(f"a diffusers cache was enabled on {type(self.model_state.module).__name__} after its CUDA "
-                             f"graphs were set up: a replay would not run it. Enable the cache first and call "
-                             f"compile_pipeline(..., cuda_graphs=False)")
         if self.model_state is not None and self.model_state.changed() and self.graphs:
             logger.info("fastusp: the model changed (modules, weights or adapter settings): recapturing its CUDA graphs")
             self.graphs.clear()  # their memory goes back to the pool, for the new captures

@@ -517,7 +517,9 @@ def test_group_offloading(kind, offload_first):
 CACHE_STEPS = 8
 
 
-def _cached_run(name: str, cache: str | None, degrees: dict | None = None) -> dict:
+def _cached_run(name: str, cache: str | None, degrees: dict | None = None, graphs: bool = False) -> dict:
+    """graphs: the transformer's forward replayed from (fake) CUDA graphs; full runs are then the calls that replayed
+    the compute graph (a replay runs no Python hooks on a GPU)."""
     from diffusers.hooks import (FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
                                  TaylorSeerCacheConfig)
 
@@ -526,6 +528,14 @@ def _cached_run(name: str, cache: str | None, degrees: dict | None = None) -> di
     if degrees:
         import fastusp
         fastusp.parallelize(pipe, **degrees)
+    counts = {}
+    if graphs:
+        from fastusp import compile as fastusp_compile
+
+        fake_cuda_graphs(counts)
+        # what compile_pipeline does on CUDA with backend=None (it refuses graphs on a CPU transformer)
+        report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
+        fastusp_compile.compile_transformer(pipe.transformer, report, regional=True, reorder_comm=True, backend=None)
     configs = {"first-block": lambda: FirstBlockCacheConfig(threshold=0.5 if name == "flux" else 0.6),
                "mag": lambda: MagCacheConfig(threshold=0.5, max_skip_steps=2, num_inference_steps=CACHE_STEPS,
                                              mag_ratios=[1.0 - 0.01 * i for i in range(CACHE_STEPS)]),
@@ -538,7 +548,13 @@ def _cached_run(name: str, cache: str | None, degrees: dict | None = None) -> di
     last = (pipe.transformer.single_transformer_blocks if name == "flux" else pipe.transformer.transformer_blocks)[-1]
     full_runs = []  # with a block-skipping cache, the last block's attention runs only in steps not skipped
     last.attn.register_forward_pre_hook(lambda module, args: full_runs.append(1))
-    return dict(image=_generate(pipe, 0, steps=CACHE_STEPS)["image"], full_runs=len(full_runs))
+    image = _generate(pipe, 0, steps=CACHE_STEPS)["image"]
+    if graphs:  # and a second pipeline call, which must start afresh as the cache does (it resets after each)
+        computed = pipe.transformer._fastusp_cache_graphs.steps
+        return dict(image=image, full_runs=computed["computed"], counts=dict(counts),
+                    again=_generate(pipe, 0, steps=CACHE_STEPS)["image"], full_runs_again=computed["computed"],
+                    counts_again=counts)
+    return dict(image=image, full_runs=len(full_runs))
 
 
 @pytest.mark.parametrize("name,cache,degrees", [
@@ -557,3 +573,24 @@ def test_diffusers_caches_skip_the_same_steps_as_one_process(name, cache, degree
     for rank, out in enumerate(run_distributed(_cached_run, 2, name, cache, degrees, timeout=60)):
         assert out["full_runs"] == expected["full_runs"], (rank, out["full_runs"], expected["full_runs"])
         _assert_close(out["image"], expected["image"], f"rank {rank} image")
+
+
+@pytest.mark.parametrize("name,degrees,world", [
+    ("flux", None, 1), ("flux", dict(ulysses=2), 2), ("qwen", dict(ulysses=2), 2),
+], ids=["flux-one-process", "flux-ulysses2", "qwen-ulysses2"])
+def test_first_block_cache_under_cuda_graphs_skips_the_same_steps(name, degrees, world):
+    # two graphs per cache context and shape (skip, compute), the decision taken between them on the host
+    expected = _cached_run(name, "first-block")
+    assert 1 < expected["full_runs"] < CACHE_STEPS * len(TEXT_LENS[name]), expected["full_runs"]
+    contexts = len(TEXT_LENS[name])  # true CFG: "cond" and "uncond"
+    for rank, out in enumerate(run_distributed(_cached_run, world, name, "first-block", degrees, True, timeout=60)):
+        assert out["full_runs"] == expected["full_runs"], (rank, out["full_runs"], expected["full_runs"])
+        assert out["counts"]["captures"] == 2 * contexts, (rank, out["counts"])
+        # a context's first call in a pipeline call replays compute; every later one skip, then compute where the
+        # change is too large. The second pipeline call captures nothing new.
+        replays = CACHE_STEPS * contexts + out["full_runs"] - contexts
+        assert out["counts"]["replays"] == replays, (rank, out["counts"])
+        assert out["counts_again"] == dict(captures=2 * contexts, replays=2 * replays), (rank, out["counts_again"])
+        _assert_close(out["image"], expected["image"], f"rank {rank} image")
+        assert out["full_runs_again"] == 2 * expected["full_runs"], (rank, out["full_runs_again"])
+        _assert_close(out["again"], expected["image"], f"rank {rank} second call's image")

@@ -112,8 +112,8 @@ def test_cuda_graphs_refuse_hooks_that_move_weights_inside_the_forward():
         fastusp.compile_pipeline(pipe)
 
 
-def test_cuda_graphs_take_a_pipeline_that_has_run_but_not_a_cache():
-    from diffusers.hooks import FirstBlockCacheConfig
+def test_cuda_graphs_take_a_pipeline_that_has_run_and_first_block_cache_but_no_other_cache():
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
     from fastusp.compile import _check_weights_stay_put
     from tiny_pipelines import tiny_call_kwargs, tiny_flux_pipeline
 
@@ -123,14 +123,17 @@ def test_cuda_graphs_take_a_pipeline_that_has_run_but_not_a_cache():
     pipe(**tiny_call_kwargs(pipe, text_len=7), height=32, width=32, num_inference_steps=1, output_type="pt")
     assert hasattr(pipe.transformer, "_diffusers_hook")
     _check_weights_stay_put(pipe.transformer)
-    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
-    with pytest.raises(ValueError, match="hooks on its modules .*a cache"):
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))  # decided between graphs
+    _check_weights_stay_put(pipe.transformer)
+    pipe.transformer.disable_cache()
+    pipe.transformer.enable_cache(MagCacheConfig(num_inference_steps=4, mag_ratios=[1.0] * 4))
+    with pytest.raises(ValueError, match="hooks on its modules .*a cache other than First Block Cache"):
         _check_weights_stay_put(pipe.transformer)
 
 
 def _graphs_then_cache() -> str:
     from _fake_graphs import fake_cuda_graphs
-    from diffusers.hooks import FirstBlockCacheConfig
+    from diffusers.hooks import MagCacheConfig
     from fastusp import compile as fastusp_compile
     from tiny_models import flux_inputs
 
@@ -140,18 +143,21 @@ def _graphs_then_cache() -> str:
     fastusp_compile.compile_transformer(model, report, regional=True, reorder_comm=True, backend=None)
     with torch.no_grad():
         model(**flux_inputs(), return_dict=False)
-        model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+        model.enable_cache(MagCacheConfig(num_inference_steps=4, mag_ratios=[1.0] * 4))
         try:
-            model(**flux_inputs(), return_dict=False)
+            with model.cache_context("cond"):
+                model(**flux_inputs(), return_dict=False)
         except ValueError as e:
             return str(e)
     return "no error"
 
 
 def test_a_cache_enabled_after_the_graphs_is_refused_not_ignored():
-    # the graphs would replay the forward as captured, without the cache's decisions
+    # the graphs would replay the forward as captured, without the cache's decisions (First Block Cache excepted:
+    # test_pipelines.py::test_first_block_cache_under_cuda_graphs_skips_the_same_steps enables it after the graphs)
     [message] = run_distributed(_graphs_then_cache, 1)
-    assert "a diffusers cache was enabled on FluxTransformer2DModel after its CUDA graphs" in message, message
+    assert "MagCacheConfig is enabled on FluxTransformer2DModel, whose forward is replayed from CUDA graphs" in \
+        message, message
 
 
 def test_a_rank_that_would_share_the_first_gpu_is_refused(monkeypatch):
