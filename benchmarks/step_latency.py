@@ -24,8 +24,8 @@ when it fails (`err` is then set), and appends it to $OUT/results.jsonl when $OU
                   eager forward without torch.compile (any impl whose forward fastusp can wrap).
 --first-block-cache T  diffusers' First Block Cache at threshold T on the transformer (before compiling); every
                   step then reruns the same inputs, so after the first step each one is skipped (T >= 0) or, with
-                  T < 0, computed in full (the cache's own cost). CUDA graphs refuse caches: use --compile-mode
-                  pipeline-nographs (fastusp.compile_pipeline(cuda_graphs=False)) or eager.
+                  T < 0, computed in full (the cache's own cost). Under fastusp's CUDA graphs a skipped step
+                  replays the skip graph, a computed one the skip graph and then the compute graph.
 --true-cfg S      time a denoising step of diffusers' own pipeline (FluxPipeline / QwenImagePipeline around the
                   same transformer, no VAE or text encoder) with true classifier-free guidance at scale S: two
                   transformer passes per step (random prompt and negative prompt embeds of --txt tokens, no mask).

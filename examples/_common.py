@@ -63,7 +63,7 @@ def parse_args(example: Example, argv=None) -> argparse.Namespace:
                          "the models wait in CPU memory and take turns on the GPU (FLUX.2-dev on 80 GB cards)")
     ap.add_argument("--first-block-cache", type=float, default=None, metavar="THRESHOLD",
                     help="diffusers' First Block Cache on the transformer (e.g. 0.12): steps whose first block changed "
-                         "less than this reuse the rest of the last full step; with --compile, CUDA graphs are off")
+                         "less than this reuse the rest of the last full step")
     ap.add_argument("--compile", action="store_true", help="fastusp.compile_pipeline(pipe) after parallelize")
     ap.add_argument("--check", action="store_true",
                     help="with --model: also run the un-parallelized pipeline first and report the difference "
@@ -208,8 +208,7 @@ def main(example: Example, argv=None) -> None:
     fastusp.parallelize(pipe, ulysses=args.ulysses, ring=args.ring, cfg=args.cfg, fp8_comm=fp8)
     if args.compile:
         timer.detach()  # hook the module that is actually called (compile_pipeline may swap it)
-        # a cache decides on the host in mid-forward, which a CUDA graph cannot replay
-        pipe = fastusp.compile_pipeline(pipe, cuda_graphs=False if args.first_block_cache is not None else None) or pipe
+        pipe = fastusp.compile_pipeline(pipe) or pipe
         timer = StepTimer(pipe, device)
     for _ in range(args.warmup):
         generate(pipe, args, call_kwargs, timer)

@@ -438,9 +438,10 @@ def check_offload(world: int, rank: int, device) -> int:
 
 
 def check_first_block_cache(world: int, rank: int, device) -> int:
-    """diffusers' First Block Cache enabled after parallelize (Ulysses over all ranks, eager, 8 steps) at four
-    thresholds: every rank must run the remaining blocks in the same steps as one GPU does (fastusp decides on the
-    whole sequence; a rank deciding on its own tokens could hang), and the latents must match. These few-layer
+    """diffusers' First Block Cache enabled after parallelize (Ulysses over all ranks, 8 steps) at four thresholds,
+    eager, and at two of them under compile_pipeline (CUDA graphs, the decision taken between a skip and a compute
+    graph): every rank must run the remaining blocks in the same steps as one GPU does eagerly (fastusp decides on
+    the whole sequence; a rank deciding on its own tokens could hang), and the latents must match. These few-layer
     random models skip either no step or every step after each pass's first (2 full runs of 16); the CPU tests
     cover thresholds that skip some."""
     from diffusers.hooks import FirstBlockCacheConfig
@@ -448,28 +449,36 @@ def check_first_block_cache(world: int, rank: int, device) -> int:
     failures = 0
     for name in ("flux", "qwen"):
         for threshold in (0.5, 1.0, 2.0, 4.0):
-            runs = {}
+            runs, pipes = {}, {}
 
             def cache_and_count(pipe, key):
                 pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
                 blocks = pipe.transformer.single_transformer_blocks if name == "flux" else \
                     pipe.transformer.transformer_blocks
-                runs[key] = 0  # the last block's attention runs only in steps the cache did not skip
+                runs[key], pipes[key] = 0, pipe  # the last block's attention runs only in steps not skipped
 
                 def count(module, args):
                     runs[key] += 1
                 blocks[-1].attn.register_forward_pre_hook(count)
 
             ref = pipeline_latents(name, device, None, False, steps=8, setup=lambda p: cache_and_count(p, "one"))[0]
-            out = pipeline_latents(name, device, dict(ulysses=world), False, steps=8,
-                                   setup=lambda p: cache_and_count(p, "parallel"))[0]
-            err = ((out - ref).norm() / ref.norm()).item()
-            ok = runs["one"] == runs["parallel"] and err < BF16_TOL and torch.isfinite(out).all().item()
-            failures += not ok
-            if rank == 0:
-                print(json.dumps(dict(check="first_block_cache", model=f"{name}-pipeline", world=world,
-                                      ulysses=world, threshold=threshold, full_runs=runs, rel_err=round(err, 5),
-                                      ok=ok, card=torch.cuda.get_device_name(device))), flush=True)
+            # compiled at two thresholds: one that skips no step and one that skips all it can, for both models
+            for compiled in (False, True) if threshold in (0.5, 2.0) else (False,):
+                key = "graphs" if compiled else "parallel"
+                out = pipeline_latents(name, device, dict(ulysses=world), compiled, steps=8,
+                                       setup=lambda p: cache_and_count(p, key))[0]
+                if compiled:  # a replay runs no Python hooks: the calls that replayed the compute graph
+                    runs[key] = pipes[key].transformer._fastusp_cache_graphs.steps["computed"]
+                err = ((out - ref).norm() / ref.norm()).item()
+                ok = runs["one"] == runs[key] and err < BF16_TOL and torch.isfinite(out).all().item()
+                failures += not ok
+                if rank == 0:
+                    print(json.dumps(dict(check="first_block_cache", model=f"{name}-pipeline", world=world,
+                                          ulysses=world, compiled=compiled, threshold=threshold,
+                                          full_runs={k: runs[k] for k in ("one", key)}, rel_err=round(err, 5),
+                                          ok=ok, card=torch.cuda.get_device_name(device))), flush=True)
+                del out
+                pipes.pop(key)
     return failures
 
 
