@@ -78,19 +78,27 @@ def output(model, x: dict, compiled: str | None) -> torch.Tensor:
         return model(**x, return_dict=False)[0].float()
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def emit(rank: int, device, **record) -> None:
+    """Rank 0 prints one check's record as a JSON line, with the card."""
+    if rank == 0:
+        print(json.dumps(dict(**record, card=torch.cuda.get_device_name(device))), flush=True)
+
+
 def parity(parallel, x: dict, ref: torch.Tensor, compiled: str | None, tol: float, rank: int, device,
            no_fallback: bool = False, **record) -> bool:
     """The parallelized model's output (compiled as compile_as says) against ref, within tol and finite (and, with
     no_fallback, a compile report without fallbacks); rank 0 prints one "parity" record: `record` (model, world,
     degrees, fp8) and the result."""
     out = output(parallel, x, compiled)
-    err = ((out - ref).norm() / ref.norm()).item()
+    err = rel_err(out, ref)
     report = fastusp.compile_report(parallel)
     ok = err < tol and torch.isfinite(out).all().item() and not (no_fallback and report and report.fell_back)
-    if rank == 0:
-        print(json.dumps(dict(check="parity", **record, compiled=compiled, rel_err=round(err, 5), ok=ok,
-                              compile=report.summary() if report else None,
-                              card=torch.cuda.get_device_name(device))), flush=True)
+    emit(rank, device, check="parity", **record, compiled=compiled, rel_err=round(err, 5), ok=ok,
+         compile=report.summary() if report else None)
     return ok
 
 
@@ -159,13 +167,11 @@ def check_ip_adapter(world: int, rank: int, device) -> int:
                 fastusp.compile_pipeline(model)
             outs = [run(model, e).float() for e in embeds]
         for i, (out, ref) in enumerate(zip(outs, refs)):
-            err = ((out - ref).norm() / ref.norm()).item()
+            err = rel_err(out, ref)
             ok = err < BF16_TOL and torch.isfinite(out).all().item()
             failures += not ok
-            if rank == 0:
-                print(json.dumps(dict(check="ip_adapter", model="flux", world=world, ulysses=world, call=i,
-                                      compiled=compiled, rel_err=round(err, 5), ok=ok,
-                                      card=torch.cuda.get_device_name(device))), flush=True)
+            emit(rank, device, check="ip_adapter", model="flux", world=world, ulysses=world, call=i,
+                 compiled=compiled, rel_err=round(err, 5), ok=ok)
         del model
         torch._dynamo.reset()
     return failures
@@ -220,8 +226,8 @@ def check_controlnet(world: int, rank: int, device) -> int:
             reference = build_pipe(name)
             ref = step(reference)
             without = reference.transformer(**x, return_dict=False)[0].float()
-        if ((without - ref).norm() / ref.norm()).item() < 2 * BF16_TOL:  # residuals too small to test anything
-            print(json.dumps(dict(check=check, model=name, ok=False, error="residuals do not change the output")))
+        if rel_err(without, ref) < 2 * BF16_TOL:  # residuals too small to test anything
+            emit(rank, device, check=check, model=name, ok=False, error="residuals do not change the output")
             failures += 1
         del reference
         for compiled in (False, True):
@@ -231,14 +237,11 @@ def check_controlnet(world: int, rank: int, device) -> int:
                     fastusp.compile_pipeline(pipe)
                     step(pipe)  # warm-up: compile and record
                 out = step(pipe)
-            err = ((out - ref).norm() / ref.norm()).item()
+            err = rel_err(out, ref)
             ok = err < BF16_TOL and torch.isfinite(out).all().item()
             failures += not ok
-            if rank == 0:
-                print(json.dumps(dict(check=check, model=name, world=world, ulysses=world, compiled=compiled,
-                                      rel_err=round(err, 5), ok=ok,
-                                      compile=fastusp.compile_report(pipe).summary() if compiled else None,
-                                      card=torch.cuda.get_device_name(device))), flush=True)
+            emit(rank, device, check=check, model=name, world=world, ulysses=world, compiled=compiled,
+                 rel_err=round(err, 5), ok=ok, compile=fastusp.compile_report(pipe).summary() if compiled else None)
             del pipe
             torch._dynamo.reset()
     return failures
@@ -286,14 +289,12 @@ def check_lora(world: int, rank: int, device) -> int:
     for compiled in ("graphs", "inductor"):
         outs, report = outputs(compiled)
         for (name, out), (_, ref) in zip(outs, refs):
-            err = ((out - ref).norm() / ref.norm()).item()
+            err = rel_err(out, ref)
             ok = err < BF16_TOL and torch.isfinite(out).all().item()
             failures += not ok
-            if rank == 0:
-                changed = ((ref - refs[0][1]).norm() / refs[0][1].norm()).item()  # the LoRA's effect, for scale
-                print(json.dumps(dict(check="lora", model="flux", world=world, ulysses=world, state=name,
-                                      compiled=compiled, rel_err=round(err, 5), vs_no_lora=round(changed, 3), ok=ok,
-                                      compile=report.summary(), card=torch.cuda.get_device_name(device))), flush=True)
+            changed = rel_err(ref, refs[0][1])  # the LoRA's effect, for scale
+            emit(rank, device, check="lora", model="flux", world=world, ulysses=world, state=name, compiled=compiled,
+                 rel_err=round(err, 5), vs_no_lora=round(changed, 3), ok=ok, compile=report.summary())
         torch._dynamo.reset()
     return failures
 
@@ -404,13 +405,11 @@ def check_cfg_parallel(world: int, rank: int, device) -> int:
         for compiled in (False, True):
             degrees = dict(cfg=2, ulysses=world // 2)
             out = pipeline_latents(name, device, degrees, compiled)
-            err = ((out - ref).norm() / ref.norm()).item()
+            err = rel_err(out, ref)
             ok = err < BF16_TOL and torch.isfinite(out).all().item()
             failures += not ok
-            if rank == 0:
-                print(json.dumps(dict(check="cfg_parallel", model=f"{name}-pipeline", world=world, **degrees,
-                                      compiled=compiled, rel_err=round(err, 5), ok=ok,
-                                      card=torch.cuda.get_device_name(device))), flush=True)
+            emit(rank, device, check="cfg_parallel", model=f"{name}-pipeline", world=world, **degrees,
+                 compiled=compiled, rel_err=round(err, 5), ok=ok)
             torch._dynamo.reset()
     return failures
 
@@ -426,13 +425,11 @@ def check_offload(world: int, rank: int, device) -> int:
         for compiled in (False, True):
             degrees = dict(ulysses=world)
             out = pipeline_latents(name, device, degrees, compiled, offload=True, calls=2)
-            errs = [((o - ref).norm() / ref.norm()).item() for o in out]
+            errs = [rel_err(o, ref) for o in out]
             ok = max(errs) < BF16_TOL and torch.isfinite(out).all().item()
             failures += not ok
-            if rank == 0:
-                print(json.dumps(dict(check="offload", model=f"{name}-pipeline", world=world, **degrees,
-                                      compiled=compiled, rel_err=[round(e, 5) for e in errs], ok=ok,
-                                      card=torch.cuda.get_device_name(device))), flush=True)
+            emit(rank, device, check="offload", model=f"{name}-pipeline", world=world, **degrees,
+                 compiled=compiled, rel_err=[round(e, 5) for e in errs], ok=ok)
             torch._dynamo.reset()
     return failures
 
@@ -469,14 +466,12 @@ def check_first_block_cache(world: int, rank: int, device) -> int:
                                        setup=lambda p: cache_and_count(p, key))[0]
                 if compiled:  # a replay runs no Python hooks: the calls that replayed the compute graph
                     runs[key] = pipes[key].transformer._fastusp_cache_graphs.steps["computed"]
-                err = ((out - ref).norm() / ref.norm()).item()
+                err = rel_err(out, ref)
                 ok = runs["one"] == runs[key] and err < BF16_TOL and torch.isfinite(out).all().item()
                 failures += not ok
-                if rank == 0:
-                    print(json.dumps(dict(check="first_block_cache", model=f"{name}-pipeline", world=world,
-                                          ulysses=world, compiled=compiled, threshold=threshold,
-                                          full_runs={k: runs[k] for k in ("one", key)}, rel_err=round(err, 5),
-                                          ok=ok, card=torch.cuda.get_device_name(device))), flush=True)
+                emit(rank, device, check="first_block_cache", model=f"{name}-pipeline", world=world, ulysses=world,
+                     compiled=compiled, threshold=threshold, full_runs={k: runs[k] for k in ("one", key)},
+                     rel_err=round(err, 5), ok=ok)
                 del out
                 pipes.pop(key)
     return failures
@@ -498,14 +493,12 @@ def check_text_bucket(world: int, rank: int, device) -> int:
             ref = reference(**x, return_dict=False)[0].float()
             model(**x, return_dict=False)  # the first call compiles (77) or not (100: the same padded shape)
             out = model(**x, return_dict=False)[0].float()
-        err = ((out - ref).norm() / ref.norm()).item()
+        err = rel_err(out, ref)
         report = fastusp.compile_report(model)
         ok = err < BF16_TOL and torch.isfinite(out).all().item() and not report.fell_back
         failures += not ok
-        if rank == 0:
-            print(json.dumps(dict(check="text_bucket", model="qwen", world=world, ulysses=world, text_len=text_len,
-                                  masked=masked, rel_err=round(err, 5), ok=ok, compile=report.summary(),
-                                  card=torch.cuda.get_device_name(device))), flush=True)
+        emit(rank, device, check="text_bucket", model="qwen", world=world, ulysses=world, text_len=text_len,
+             masked=masked, rel_err=round(err, 5), ok=ok, compile=report.summary())
     torch._dynamo.reset()
     return failures
 
