@@ -517,9 +517,11 @@ def test_group_offloading(kind, offload_first):
 CACHE_STEPS = 8
 
 
-def _cached_run(name: str, cache: str | None, degrees: dict | None = None, graphs: bool = False) -> dict:
-    """graphs: the transformer's forward replayed from (fake) CUDA graphs; full runs are then the calls that replayed
-    the compute graph (a replay runs no Python hooks on a GPU)."""
+def _cached_run(name: str, cache: str | None, degrees: dict | None = None, graphs: bool = False,
+                failing_capture: int | None = None) -> dict:
+    """graphs: the transformer's forward replayed from (fake) CUDA graphs; full runs are then the calls that went to
+    the compute graph (a replay runs no Python hooks on a GPU). failing_capture: that capture (1, 2, ...) fails as
+    a capture can on a GPU."""
     from diffusers.hooks import (FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
                                  TaylorSeerCacheConfig)
 
@@ -533,9 +535,12 @@ def _cached_run(name: str, cache: str | None, degrees: dict | None = None, graph
         from fastusp import compile as fastusp_compile
 
         fake_cuda_graphs(counts)
+        if failing_capture is not None:
+            _fail_capture(failing_capture, counts)
         # what compile_pipeline does on CUDA with backend=None (it refuses graphs on a CPU transformer)
         report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
         fastusp_compile.compile_transformer(pipe.transformer, report, regional=True, reorder_comm=True, backend=None)
+        pipe.transformer._fastusp_compile_report = report
     configs = {"first-block": lambda: FirstBlockCacheConfig(threshold=0.5 if name == "flux" else 0.6),
                "mag": lambda: MagCacheConfig(threshold=0.5, max_skip_steps=2, num_inference_steps=CACHE_STEPS,
                                              mag_ratios=[1.0 - 0.01 * i for i in range(CACHE_STEPS)]),
@@ -553,7 +558,7 @@ def _cached_run(name: str, cache: str | None, degrees: dict | None = None, graph
         computed = pipe.transformer._fastusp_cache_graphs.steps
         return dict(image=image, full_runs=computed["computed"], counts=dict(counts),
                     again=_generate(pipe, 0, steps=CACHE_STEPS)["image"], full_runs_again=computed["computed"],
-                    counts_again=counts)
+                    counts_again=counts, fell_back=report.fell_back)
     return dict(image=image, full_runs=len(full_runs))
 
 
@@ -575,16 +580,35 @@ def test_diffusers_caches_skip_the_same_steps_as_one_process(name, cache, degree
         _assert_close(out["image"], expected["image"], f"rank {rank} image")
 
 
+def _fail_capture(which: int, counts: dict) -> None:
+    from fastusp import cuda_graphs
+
+    capture = cuda_graphs.capture_graph
+
+    def capture_graph(fn, warmup, pool):
+        if counts["captures"] + 1 == which:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return capture(fn, warmup, pool)
+
+    cuda_graphs.capture_graph = capture_graph
+
+
 @pytest.mark.parametrize("name,degrees,world", [
-    ("flux", None, 1), ("flux", dict(ulysses=2), 2), ("qwen", dict(ulysses=2), 2),
-], ids=["flux-one-process", "flux-ulysses2", "qwen-ulysses2"])
+    ("flux", None, 1), ("flux", dict(ulysses=2), 2), ("qwen", dict(ulysses=2), 2), ("qwen", dict(cfg=2), 2),
+], ids=["flux-one-process", "flux-ulysses2", "qwen-ulysses2", "qwen-cfg2"])
 def test_first_block_cache_under_cuda_graphs_skips_the_same_steps(name, degrees, world):
     # two graphs per cache context and shape (skip, compute), the decision taken between them on the host
     expected = _cached_run(name, "first-block")
     assert 1 < expected["full_runs"] < CACHE_STEPS * len(TEXT_LENS[name]), expected["full_runs"]
+    outs = run_distributed(_cached_run, world, name, "first-block", degrees, True, timeout=60)
+    full_runs = [out["full_runs"] for out in outs]
     contexts = len(TEXT_LENS[name])  # true CFG: "cond" and "uncond"
-    for rank, out in enumerate(run_distributed(_cached_run, world, name, "first-block", degrees, True, timeout=60)):
-        assert out["full_runs"] == expected["full_runs"], (rank, out["full_runs"], expected["full_runs"])
+    if (degrees or {}).get("cfg") == 2:  # each rank runs one of them: together, what one process runs
+        contexts = 1
+        assert sum(full_runs) == expected["full_runs"], (full_runs, expected["full_runs"])
+    else:
+        assert full_runs == [expected["full_runs"]] * world, (full_runs, expected["full_runs"])
+    for rank, out in enumerate(outs):
         assert out["counts"]["captures"] == 2 * contexts, (rank, out["counts"])
         # a context's first call in a pipeline call replays compute; every later one skip, then compute where the
         # change is too large. The second pipeline call captures nothing new.
@@ -592,5 +616,18 @@ def test_first_block_cache_under_cuda_graphs_skips_the_same_steps(name, degrees,
         assert out["counts"]["replays"] == replays, (rank, out["counts"])
         assert out["counts_again"] == dict(captures=2 * contexts, replays=2 * replays), (rank, out["counts_again"])
         _assert_close(out["image"], expected["image"], f"rank {rank} image")
-        assert out["full_runs_again"] == 2 * expected["full_runs"], (rank, out["full_runs_again"])
+        assert out["full_runs_again"] == 2 * out["full_runs"], (rank, out["full_runs_again"])
+        _assert_close(out["again"], expected["image"], f"rank {rank} second call's image")
+
+
+def test_first_block_cache_keeps_deciding_when_a_graph_cannot_be_captured():
+    # the second capture (the skip graph) fails: from then on the forward runs eagerly, the decision still forced
+    # between the two branches and read from fastusp's stored residuals, which the compute graph filled
+    expected = _cached_run("flux", "first-block")
+    for rank, out in enumerate(run_distributed(_cached_run, 2, "flux", "first-block", dict(ulysses=2), True, 2,
+                                               timeout=60)):
+        assert "cuda graphs" in out["fell_back"], (rank, out["fell_back"])
+        assert out["full_runs"] == expected["full_runs"], (rank, out["full_runs"], expected["full_runs"])
+        assert out["counts"]["replays"] == 1, (rank, out["counts"])  # the first call's compute graph only
+        _assert_close(out["image"], expected["image"], f"rank {rank} image")
         _assert_close(out["again"], expected["image"], f"rank {rank} second call's image")
