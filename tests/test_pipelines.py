@@ -540,7 +540,6 @@ def _cached_run(name: str, cache: str | None, degrees: dict | None = None, graph
         # what compile_pipeline does on CUDA with backend=None (it refuses graphs on a CPU transformer)
         report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
         fastusp_compile.compile_transformer(pipe.transformer, report, regional=True, reorder_comm=True, backend=None)
-        pipe.transformer._fastusp_compile_report = report
     configs = {"first-block": lambda: FirstBlockCacheConfig(threshold=0.5 if name == "flux" else 0.6),
                "mag": lambda: MagCacheConfig(threshold=0.5, max_skip_steps=2, num_inference_steps=CACHE_STEPS,
                                              mag_ratios=[1.0 - 0.01 * i for i in range(CACHE_STEPS)]),
