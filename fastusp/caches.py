@@ -8,7 +8,8 @@ agree the decision is not the one a single device makes. fastusp computes the tw
 (one small all-reduce per step, beside the host sync the cache makes anyway).
 
 The caches that decide from the step index (TaylorSeer, MagCache with given ratios, Pyramid Attention Broadcast)
-decide alike on every rank without help.
+decide alike on every rank without help. MagCache's calibration mode, which measures those ratios as a mean over the
+tokens, takes its mean over the whole sequence too, so every rank prints the ratios one device would.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 from diffusers.hooks.first_block_cache import FBCBlockHook, FBCHeadBlockHook
+from diffusers.hooks.mag_cache import MagCacheBlockHook
 
 
 def share_cache_decisions(transformer, group) -> None:
@@ -28,6 +30,10 @@ def share_cache_decisions(transformer, group) -> None:
         hook._fastusp_group = group
         hook._fastusp_forced = None  # set by FirstBlockCacheGraphs while it runs a branch
         hook._should_compute_remaining_blocks = _whole_sequence_decision(hook, group)
+    tail = _mag_cache_tail_hook(transformer)
+    if tail is not None and tail.config.calibrate and getattr(tail, "_fastusp_group", False) is not group:
+        tail._fastusp_group = group
+        tail._perform_calibration_step = _whole_sequence_calibration(group)
 
 
 def first_block_cache_hook(transformer) -> FBCHeadBlockHook | None:
@@ -37,6 +43,17 @@ def first_block_cache_hook(transformer) -> FBCHeadBlockHook | None:
             registry = getattr(blocks[0], "_diffusers_hook", None)
             for hook in getattr(registry, "hooks", {}).values():
                 if isinstance(hook, FBCHeadBlockHook):
+                    return hook
+    return None
+
+
+def _mag_cache_tail_hook(transformer) -> MagCacheBlockHook | None:
+    """MagCache's tail hook: it sits on the last block of the last block list."""
+    for blocks in reversed(list(transformer.children())):
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+            registry = getattr(blocks[-1], "_diffusers_hook", None)
+            for hook in getattr(registry, "hooks", {}).values():
+                if isinstance(hook, MagCacheBlockHook) and hook.is_tail:
                     return hook
     return None
 
@@ -71,6 +88,24 @@ def _whole_sequence_decision(hook, group):
         return relative_change(residual, previous, group).item() > hook.threshold
 
     return should_compute_remaining_blocks
+
+
+def _whole_sequence_calibration(group):
+    def perform_calibration_step(state, residual: torch.Tensor) -> None:
+        """MagCacheBlockHook's calibration ratio, mean over tokens of |r| / (|r_prev| + 1e-8) with the per-token norms
+        taken over channels (diffusers 0.42), the sum and the token count added over the group."""
+        if state.previous_residual is None:  # the first step has nothing to compare with: 1.0, as diffusers logs
+            state.calibration_ratios.append(1.0)
+            return
+        ratios = torch.linalg.norm(residual.float(), dim=-1) / (
+            torch.linalg.norm(state.previous_residual.float(), dim=-1) + 1e-8)
+        totals = torch.stack([ratios.sum(), torch.full((), ratios.numel(), dtype=torch.float32,
+                                                       device=ratios.device)])
+        if group is not None:
+            dist.all_reduce(totals, group=group)
+        state.calibration_ratios.append((totals[0] / totals[1]).item())
+
+    return perform_calibration_step
 
 
 class FirstBlockCacheGraphs:

@@ -630,3 +630,35 @@ def test_first_block_cache_keeps_deciding_when_a_graph_cannot_be_captured():
         assert out["counts"]["replays"] == 1, (rank, out["counts"])  # the first call's compute graph only
         _assert_close(out["image"], expected["image"], f"rank {rank} image")
         _assert_close(out["again"], expected["image"], f"rank {rank} second call's image")
+
+
+def _mag_cache_calibration(name: str, degrees: dict | None = None) -> list:
+    """The ratios MagCache's calibration mode prints at the end of a pipeline call, per cache context."""
+    import ast
+    import contextlib
+    import io
+
+    from diffusers.hooks import MagCacheConfig
+
+    pipe = BUILDERS[name]()
+    pipe.set_progress_bar_config(disable=True)
+    if degrees:
+        import fastusp
+        fastusp.parallelize(pipe, **degrees)
+    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=CACHE_STEPS))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _generate(pipe, 0, steps=CACHE_STEPS)
+    lines = printed.getvalue().splitlines()
+    return [ast.literal_eval(after) for line, after in zip(lines, lines[1:]) if "Calibration Complete" in line]
+
+
+@pytest.mark.parametrize("name,degrees", [("flux", dict(ulysses=2)), ("qwen", dict(ring=2))],
+                         ids=["flux-ulysses2", "qwen-ring2"])
+def test_mag_cache_calibrates_on_the_whole_sequence(name, degrees):
+    # its ratios are means over the tokens: each rank's own tokens would give each rank other ratios
+    expected = _mag_cache_calibration(name)
+    assert len(expected) == len(TEXT_LENS[name]) and all(len(r) == CACHE_STEPS for r in expected), expected
+    assert len({round(x, 3) for r in expected for x in r}) > 2, expected  # ratios that differ between steps
+    for rank, ratios in enumerate(run_distributed(_mag_cache_calibration, 2, name, degrees, timeout=60)):
+        assert torch.allclose(torch.tensor(ratios), torch.tensor(expected), rtol=1e-5), (rank, ratios, expected)
