@@ -1,4 +1,5 @@
-"""diffusers' First Block Cache under fastusp: one decision, the one-device one, on every rank; and CUDA graphs.
+"""diffusers' caches under fastusp: on every rank, the decisions and measurements one device makes; First Block
+Cache under CUDA graphs.
 
 `transformer.enable_cache(FirstBlockCacheConfig(threshold=...))` runs the first block, then skips the others when its
 output residual r changed little since the last full step: mean|r - r_prev| / mean|r_prev| <= threshold. Under
@@ -22,9 +23,10 @@ from diffusers.hooks.mag_cache import MagCacheBlockHook
 
 
 def share_cache_decisions(transformer, group) -> None:
-    """Make a First Block Cache on `transformer` decide on the whole sequence over `group` (the ranks that share
-    it; None: this process holds the whole sequence). Called before every sharded forward, since the cache can be
-    enabled after parallelize; costs a look at the first block of each of the transformer's block lists."""
+    """Make a First Block Cache on `transformer` decide, and a calibrating MagCache measure, on the whole sequence
+    over `group` (the ranks that share it; None: this process holds the whole sequence). Called before every sharded
+    forward, since a cache can be enabled after parallelize; costs a look at the first and the last block of each of
+    the transformer's block lists."""
     hook = first_block_cache_hook(transformer)
     if hook is not None and getattr(hook, "_fastusp_group", False) is not group:
         hook._fastusp_group = group
