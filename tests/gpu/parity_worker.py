@@ -336,8 +336,8 @@ def check_qwen_variants(world: int, rank: int, device) -> int:
 
 def run_checks() -> int:
     """All checks; --quick: the transformer smoke test only; --only NAME,...: ip-adapter, controlnet, lora,
-    qwen-variants, main, cfg-parallel, offload, text-bucket or first-block-cache; --models flux,flux2,qwen: main's
-    transformers (default all)."""
+    qwen-variants, main, cfg-parallel, offload, text-bucket, first-block-cache or mag-cache-calibration;
+    --models flux,flux2,qwen: main's transformers (default all)."""
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", device_id=device)
@@ -345,7 +345,7 @@ def run_checks() -> int:
     checks = {"ip-adapter": check_ip_adapter, "controlnet": check_controlnet, "lora": check_lora,
               "qwen-variants": check_qwen_variants, "main": main, "cfg-parallel": check_cfg_parallel,
               "offload": check_offload, "text-bucket": check_text_bucket,
-              "first-block-cache": check_first_block_cache}
+              "first-block-cache": check_first_block_cache, "mag-cache-calibration": check_mag_cache_calibration}
     if "--only" in sys.argv:
         checks = {name: checks[name] for name in sys.argv[sys.argv.index("--only") + 1].split(",")}
     elif "--quick" in sys.argv:
@@ -474,6 +474,35 @@ def check_first_block_cache(world: int, rank: int, device) -> int:
                      rel_err=round(err, 5), ok=ok)
                 del out
                 pipes.pop(key)
+    return failures
+
+
+def check_mag_cache_calibration(world: int, rank: int, device) -> int:
+    """MagCacheConfig(calibrate=True) under Ulysses over all ranks prints the ratios one GPU prints (means over the
+    whole sequence's tokens), for the FLUX and Qwen-Image pipelines (true CFG: a list per pass), eager, 8 steps."""
+    import ast
+    import contextlib
+    import io
+
+    from diffusers.hooks import MagCacheConfig
+
+    def calibrated(name, degrees):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            pipeline_latents(name, device, degrees, False, steps=8, setup=lambda p: p.transformer.enable_cache(
+                MagCacheConfig(calibrate=True, num_inference_steps=8)))
+        lines = printed.getvalue().splitlines()
+        return torch.tensor([ast.literal_eval(after) for line, after in zip(lines, lines[1:])
+                             if "Calibration Complete" in line])
+
+    failures = 0
+    for name in ("flux", "qwen"):
+        ref, out = calibrated(name, None), calibrated(name, dict(ulysses=world))
+        ok = ref.shape == out.shape == (2, 8) and torch.allclose(out, ref, rtol=1e-3)
+        failures += not ok
+        emit(rank, device, check="mag_cache_calibration", model=f"{name}-pipeline", world=world, ulysses=world,
+             max_rel_diff=round(((out - ref).abs() / ref.abs()).max().item(), 6) if out.shape == ref.shape else None,
+             ok=ok)
     return failures
 
 
