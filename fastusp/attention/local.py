@@ -50,7 +50,8 @@ def _cudnn_usable(q, k, v) -> bool:
 
 @torch.compiler.assume_constant_result
 def _cudnn_enabled_for(device: torch.device, dtype: torch.dtype) -> bool:
-    return torch.backends.cuda.cudnn_sdp_enabled() and _cudnn_supports(device, dtype)
+    # CUDA tensors only: torch's check initializes CUDA, which raises with a CUDA build of torch and no GPU driver
+    return device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled() and _cudnn_supports(device, dtype)
 
 
 @functools.lru_cache(maxsize=None)  # eager ring steps ask on every chunk
