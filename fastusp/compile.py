@@ -155,12 +155,26 @@ def compile_controlnets(nets, transformer, report: CompileReport, reorder_comm: 
         net._fastusp_compiled = True
 
 
+_SPMD_CHECK = "aten_distributed_optimizations.spmd_check"
+
+
+def _inductor_options(mode: str, reorder_comm: bool) -> dict:
+    """torch.compile takes a mode or options, not both: the mode spelled out as options, plus ours."""
+    options = dict(torch._inductor.list_mode_options(mode), reorder_for_compute_comm_overlap=reorder_comm)
+    if _SPMD_CHECK in torch._inductor.config.get_config_copy():
+        # Off: Inductor's check that every rank traced the same graph (torch 2.12 runs it whenever
+        # reorder_for_compute_comm_overlap is on) gathers a hash on the default group while compiling. Ranks of an
+        # uneven token split trace different shapes by design: each block printed a mismatch report, and a FLUX
+        # ring compile deadlocked (one rank waiting in the check, the other, fallen back to eager, sending ring
+        # chunks; docs/design.md).
+        options[_SPMD_CHECK] = False
+    return options
+
+
 def apply_compile(regions, report: CompileReport, reorder_comm: bool, backend) -> None:
     """torch.compile each (name, module) region in place (fullgraph, except a whole transformer); if one fails to
     compile, all of these regions run eagerly."""
-    options = None
-    if backend == "inductor":  # torch.compile takes mode or options, not both: spell the mode out as options
-        options = dict(torch._inductor.list_mode_options(report.mode), reorder_for_compute_comm_overlap=reorder_comm)
+    options = _inductor_options(report.mode, reorder_comm) if backend == "inductor" else None
     fallback = _EagerFallback(report)
     for name, module in regions:
         if name == "transformer":  # its call with fastusp's wrappers in it, graph breaks allowed

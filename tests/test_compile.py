@@ -145,6 +145,35 @@ def test_compile_single_device_model_without_parallelize():
     assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
+def _spmd_checks_while_compiling():
+    """How often Inductor's SPMD graph check ran: under compile_pipeline, then under a plain torch.compile with the
+    overlap option that enables it (the control: the check is there and is seen)."""
+    import torch._inductor.config as inductor_config
+    import torch._inductor.fx_passes.spmd_check as spmd_check
+
+    inductor_config.aten_distributed_optimizations.spmd_check = True  # torch 2.12's default
+    inductor_config.fx_graph_cache = False  # a cache hit skips the post-grad passes, the check with them
+    calls, check = [], spmd_check.spmd_check
+    spmd_check.spmd_check = lambda gm: calls.append(gm) or check(gm)
+    model = tiny_qwen()
+    with torch.no_grad():
+        fastusp.compile_pipeline(model)
+        model(**qwen_inputs(batch=1), return_dict=False)
+        ours = len(calls)
+        torch.compile(lambda x: x.sin() + 1, options={"reorder_for_compute_comm_overlap": True})(torch.randn(4))
+    return ours, len(calls) - ours
+
+
+def test_compile_pipeline_turns_off_inductors_spmd_graph_check():
+    # The check gathers every rank's graph hash on the default group while a block compiles. Ranks of an uneven
+    # split trace different shapes, and a rank that does not reach the check (a fallback, a cache hit) leaves the
+    # others waiting in it: with torch 2.12 (check on by default) FLUX's compiled ring deadlocked on CPU.
+    pytest.importorskip("torch._inductor.fx_passes.spmd_check")
+    [(ours, control)] = run_distributed(_spmd_checks_while_compiling, 1)
+    assert control == 1
+    assert ours == 0
+
+
 def _compile_under_first_block_cache(cache_first: bool):
     from diffusers.hooks import FirstBlockCacheConfig
 
