@@ -68,13 +68,19 @@ def relative_change(residual: torch.Tensor, previous: torch.Tensor, group) -> to
     """mean|residual - previous| / mean|previous| over the whole sequence (the sums and the element count added over
     group), a 0-d tensor. Each mean is rounded to the residual's dtype, as diffusers' .mean() does, so bf16
     decisions match a single device's too."""
-    totals = torch.stack([(residual - previous).abs().sum(dtype=torch.float32),
-                          previous.abs().sum(dtype=torch.float32),
-                          torch.full((), residual.numel(), dtype=torch.float32, device=residual.device)])
-    if group is not None:
-        dist.all_reduce(totals, group=group)
+    totals = _totals_over(group, [(residual - previous).abs().sum(dtype=torch.float32),
+                                  previous.abs().sum(dtype=torch.float32)], residual.numel())
     change, scale = (totals[:2] / totals[2]).to(residual.dtype)
     return change / scale
+
+
+def _totals_over(group, sums: list[torch.Tensor], count: int) -> torch.Tensor:
+    """[*sums, count] (0-d float32 sums of this rank's tokens, and how many were summed) added over group: the
+    whole sequence's. group None: this process holds the whole sequence."""
+    totals = torch.stack([*sums, torch.full((), count, dtype=torch.float32, device=sums[0].device)])
+    if group is not None:
+        dist.all_reduce(totals, group=group)
+    return totals
 
 
 def _whole_sequence_decision(hook, group):
@@ -101,10 +107,7 @@ def _whole_sequence_calibration(group):
             return
         ratios = torch.linalg.norm(residual.float(), dim=-1) / (
             torch.linalg.norm(state.previous_residual.float(), dim=-1) + 1e-8)
-        totals = torch.stack([ratios.sum(), torch.full((), ratios.numel(), dtype=torch.float32,
-                                                       device=ratios.device)])
-        if group is not None:
-            dist.all_reduce(totals, group=group)
+        totals = _totals_over(group, [ratios.sum()], ratios.numel())
         state.calibration_ratios.append((totals[0] / totals[1]).item())
 
     return perform_calibration_step
