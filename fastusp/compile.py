@@ -212,9 +212,10 @@ def apply_cuda_graphs(slot, transformer, report: CompileReport) -> None:
 
 
 def _sequence_group(transformer):
-    """The process group that shares the transformer's sequence, or None when one process holds all of it."""
+    """The group the sharded forward shares cache decisions over (None: not parallelized, or one rank per sequence):
+    the same group, or share_cache_decisions would patch the cache's hook anew on every call."""
     config = getattr(transformer, "_fastusp_config", None)
-    return config.sequence_group if config is not None and config.sequence_size > 1 else None
+    return config.shared_sequence_group if config is not None else None
 
 
 def apply_text_buckets(slot, transformer, bucket: int) -> None:

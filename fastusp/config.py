@@ -143,6 +143,11 @@ class ParallelConfig:
         return self._groups["sequence"]
 
     @property
+    def shared_sequence_group(self):
+        """The sequence group where several ranks share the sequence; None where one rank holds all of it."""
+        return self.sequence_group if self.sequence_size > 1 else None
+
+    @property
     def rank(self) -> int:
         return self._rank
 

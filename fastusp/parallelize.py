@@ -229,12 +229,14 @@ def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -
         if getattr(transformer.config, flag, False):
             _shard_block_image_inputs(transformer, inputs, context, rank)
 
+    cache_group = config.shared_sequence_group  # diffusers' caches decide over it (caches.py)
+
     def run_sharded(original, inputs):
         for name, purpose in (spec.refused_inputs or {}).items():
             if inputs.get(name) is not None:
                 raise NotImplementedError(f"{name}: {purpose} is not supported by fastusp")
-        if ranks > 1:
-            share_cache_decisions(transformer, config.sequence_group)
+        if cache_group is not None:
+            share_cache_decisions(transformer, cache_group)
         with context.forward_with(shard_inputs(inputs, spec, ranks, rank)) as layout:
             sample = original(**inputs, return_dict=False)[0]
         return gather_seq(sample, list(layout.image), config.sequence_group, dim=1)
