@@ -14,7 +14,18 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor, _get_qkv_projections
 
 from ..attention.usp import usp_attention
+from . import rope
 from .context import USPContext, USPProcessor, cached_call_signature
+
+
+def rotated(query: torch.Tensor, key: torch.Tensor, image_rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' apply_rotary_emb on q and k [B, S, H, D]: one kernel where `rope.applies` (eager CUDA), bitwise
+    the same; else diffusers' own ops (compiled, where Inductor fuses them; CPU)."""
+    cos, sin = image_rotary_emb
+    if rope.applies(query, key, cos, sin):
+        return rope.rotate(query, key, cos, sin)
+    return (apply_rotary_emb(query, image_rotary_emb, sequence_dim=1),
+            apply_rotary_emb(key, image_rotary_emb, sequence_dim=1))
 
 
 def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden_states, attention_mask,
@@ -41,8 +52,7 @@ def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden
         value = torch.cat([encoder_value, value], dim=1)
 
     if image_rotary_emb is not None:
-        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key = rotated(query, key, image_rotary_emb)
 
     hidden_states = usp_attention(query, key, value, context.current_layout(), context.config)
     hidden_states = hidden_states.flatten(2, 3).to(query.dtype)

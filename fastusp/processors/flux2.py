@@ -8,12 +8,11 @@ for the joined sequence, and one GEMM projects the attention output and the MLP'
 from __future__ import annotations
 
 import torch
-from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
 
 from ..attention.usp import usp_attention
 from .context import USPProcessor, cached_call_signature
-from .flux import FastUSPFluxAttnProcessor
+from .flux import FastUSPFluxAttnProcessor, rotated
 
 
 class FastUSPFlux2AttnProcessor(FastUSPFluxAttnProcessor):
@@ -43,8 +42,7 @@ class FastUSPFlux2ParallelSelfAttnProcessor(USPProcessor):
         value = value.unflatten(-1, (-1, attn.head_dim))
 
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            query, key = rotated(query, key, image_rotary_emb)
 
         hidden_states = usp_attention(query, key, value, self.context.current_layout(), self.context.config)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)

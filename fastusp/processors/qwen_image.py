@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..attention.usp import usp_attention
+from . import rope
 from .context import USPProcessor, cached_call_signature
 
 
@@ -32,9 +33,10 @@ def _joint_rotated(txt_query, img_query, txt_key, img_key, image_rotary_emb):
     """RoPE on each stream's q and k, joined [text, image] -> (query, key), as diffusers' processor does them.
 
     Compiled, each stream is rotated apart, as in diffusers, so that Inductor fuses its q/k normalization with the
-    rotation. Eager (and CUDA graphs of the eager forward), q and k of both streams are joined first and rotated in
-    one call: the same elementwise products, 45 fewer aten ops per block, and an eager multi-GPU step is bound by
-    host time per op. Measured: see docs/design.md ("RoPE in one call, eager only")."""
+    rotation. Eager on CUDA, one kernel per stream writes its rotated q and k straight into the joined tensors
+    (`rope`, bitwise the same). Eager elsewhere, q and k of both streams are joined first and rotated in one call:
+    the same elementwise products, 45 fewer aten ops per block, and an eager multi-GPU step is bound by host time
+    per op. Measured: see docs/design.md ("RoPE in one call, eager only")."""
     if image_rotary_emb is None:
         return torch.cat([txt_query, img_query], dim=1), torch.cat([txt_key, img_key], dim=1)
     img_freqs, txt_freqs = image_rotary_emb
@@ -42,6 +44,15 @@ def _joint_rotated(txt_query, img_query, txt_key, img_key, image_rotary_emb):
         img_query, img_key = _rope(img_query, img_freqs), _rope(img_key, img_freqs)
         txt_query, txt_key = _rope(txt_query, txt_freqs), _rope(txt_key, txt_freqs)
         return torch.cat([txt_query, img_query], dim=1), torch.cat([txt_key, img_key], dim=1)
+    streams = [(txt_query, txt_key, torch.view_as_real(txt_freqs)),
+               (img_query, img_key, torch.view_as_real(img_freqs))]
+    if all(rope.applies(q, k, cos_sin[..., 0], cos_sin[..., 1], pairs=True) for q, k, cos_sin in streams):
+        batch, seq_txt, heads, dim = txt_query.shape
+        query = txt_query.new_empty(batch, seq_txt + img_query.shape[1], heads, dim)
+        key = torch.empty_like(query)
+        for (q, k, cos_sin), tokens in zip(streams, (slice(None, seq_txt), slice(seq_txt, None))):
+            rope.rotate_into(q, k, cos_sin[..., 0], cos_sin[..., 1], query[:, tokens], key[:, tokens], pairs=True)
+        return query, key
     query_key = torch.cat([torch.cat([txt_query, img_query], dim=1), torch.cat([txt_key, img_key], dim=1)])
     return _rope(query_key, torch.cat([txt_freqs, img_freqs])).chunk(2)
 

@@ -1,0 +1,65 @@
+"""fastusp's RoPE kernel (fastusp/processors/rope.py) against the ops it replaces: bitwise equal outputs.
+
+On CUDA the kernel itself runs (skipped without a GPU; the device runs it). On CPU it runs under Triton's interpreter
+where Triton is installed (CI's CPU-only torch has none: skipped there), in float32 and float16 only: the interpreter
+rounds float32 to bfloat16 by truncation, where GPUs round to nearest even as torch does.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def mismatches(device: str, dtypes) -> list[str]:
+    """Every case where the kernel's output differs from diffusers' FLUX RoPE or fastusp's Qwen-Image RoPE."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from fastusp.processors import rope
+    from fastusp.processors.qwen_image import _rope
+
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device)
+    shapes = [(1, 37, 3, 16), (2, 5, 4, 8), (1, 1, 5, 6)] + ([(1, 4608, 24, 128)] if device == "cuda" else [])
+    bad = []
+    for dtype in dtypes:
+        for batch, seq, heads, dim in shapes:
+            name = f"{dtype} {(batch, seq, heads, dim)}"
+            q, k = rand(batch, seq, heads, dim).to(dtype), rand(batch, seq, heads, dim).to(dtype)
+            cos, sin = rand(seq, dim), rand(seq, dim)
+            q_strided = rand(batch, seq, heads + 2, dim).to(dtype)[:, :, 1:-1]  # heads of a wider tensor
+            out_q, out_k = rope.rotate(q_strided, k, cos, sin)
+            if not (torch.equal(out_q, apply_rotary_emb(q_strided, (cos, sin), sequence_dim=1))
+                    and torch.equal(out_k, apply_rotary_emb(k, (cos, sin), sequence_dim=1))):
+                bad.append(f"FLUX {name}")
+            # Qwen-Image: one (cos, sin) per pair, written into the tokens after 3 others of a joined tensor
+            freqs = torch.polar(torch.rand(seq, dim // 2, generator=g), torch.randn(seq, dim // 2, generator=g))
+            cos_sin = torch.view_as_real(freqs.to(device))
+            joined_q = torch.zeros(batch, seq + 3, heads, dim, dtype=dtype, device=device)
+            joined_k = torch.zeros_like(joined_q)
+            rope.rotate_into(q, k, cos_sin[..., 0], cos_sin[..., 1], joined_q[:, 3:], joined_k[:, 3:], pairs=True)
+            if not (torch.equal(joined_q[:, 3:], _rope(q, freqs.to(device)))
+                    and torch.equal(joined_k[:, 3:], _rope(k, freqs.to(device)))
+                    and not joined_q[:, :3].any() and not joined_k[:, :3].any()):
+                bad.append(f"Qwen-Image {name}")
+    return bad
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rope_kernel_on_cuda():
+    assert mismatches("cuda", (torch.bfloat16, torch.float16, torch.float32)) == []
+
+
+def test_rope_kernel_under_triton_interpreter():
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, __file__], env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+if __name__ == "__main__":  # the interpreter run: TRITON_INTERPRET must be set before Triton is imported
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    bad = mismatches("cpu", (torch.float32, torch.float16))
+    print("\n".join(bad) or "all equal")
+    sys.exit(1 if bad else 0)
