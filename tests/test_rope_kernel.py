@@ -46,6 +46,17 @@ def mismatches(device: str, dtypes) -> list[str]:
     return bad
 
 
+def test_kernel_takes_only_what_its_32_bit_offsets_reach():
+    from fastusp.processors import rope
+
+    flux_4k = torch.empty(2, 66048, 24, 128, device="meta")  # FLUX 4096x4096 + 512 text, batch 2: 4.1e8 elements
+    too_big = torch.empty(8, 66048, 48, 128, device="meta")  # 3.2e9
+    few_but_far = torch.empty(2**20, 2**11 + 1, device="meta")[:, :8]  # 8M elements spread over 2.1e9
+    assert rope.addressable(flux_4k)
+    assert not rope.addressable(too_big) and not rope.addressable(flux_4k, too_big)
+    assert not rope.addressable(few_but_far)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_rope_kernel_on_cuda():
     assert mismatches("cuda", (torch.bfloat16, torch.float16, torch.float32)) == []

@@ -49,10 +49,11 @@ def _joint_rotated(txt_query, img_query, txt_key, img_key, image_rotary_emb):
     if all(rope.applies(q, k, cos_sin[..., 0], cos_sin[..., 1], pairs=True) for q, k, cos_sin in streams):
         batch, seq_txt, heads, dim = txt_query.shape
         query = txt_query.new_empty(batch, seq_txt + img_query.shape[1], heads, dim)
-        key = torch.empty_like(query)
-        for (q, k, cos_sin), tokens in zip(streams, (slice(None, seq_txt), slice(seq_txt, None))):
-            rope.rotate_into(q, k, cos_sin[..., 0], cos_sin[..., 1], query[:, tokens], key[:, tokens], pairs=True)
-        return query, key
+        if rope.addressable(query):
+            key = torch.empty_like(query)
+            for (q, k, cos_sin), tokens in zip(streams, (slice(None, seq_txt), slice(seq_txt, None))):
+                rope.rotate_into(q, k, cos_sin[..., 0], cos_sin[..., 1], query[:, tokens], key[:, tokens], pairs=True)
+            return query, key
     query_key = torch.cat([torch.cat([txt_query, img_query], dim=1), torch.cat([txt_key, img_key], dim=1)])
     return _rope(query_key, torch.cat([txt_freqs, img_freqs])).chunk(2)
 

@@ -47,21 +47,28 @@ if triton is not None:
         _rotate_row(k + b * k_b + s * k_s + h * k_h, k_out + b * ko_b + s * ko_s + h * ko_h, d, c, n, mask)
 
 
+def addressable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel's 32-bit offsets reach every element: each tensor's first to last element spans fewer than
+    2**31 elements (about 4 GiB in bf16 for one q)."""
+    return all(sum((n - 1) * stride for n, stride in zip(t.shape, t.stride())) < 2**31 - 1 for t in tensors)
+
+
 def applies(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             pairs: bool = False) -> bool:
     """Whether the kernel takes this call: eager (not traced by torch.compile) on CUDA, q and k [B, S, H, D] alike
-    with contiguous head dims, float32 cos/sin of shape [S, D] (pairs: [S, D/2]), and no gradient wanted (the
-    kernel has no backward). Anything else takes diffusers' ops, which also raise diffusers' errors."""
+    with contiguous head dims and `addressable`, float32 cos/sin of shape [S, D] (pairs: [S, D/2]), and no gradient
+    wanted (the kernel has no backward). Anything else takes diffusers' ops, which also raise diffusers' errors."""
     seq, dim = query.shape[1], query.shape[-1]
     return (not torch.compiler.is_compiling() and query.is_cuda and triton is not None
             and query.shape == key.shape and query.dtype == key.dtype and query.stride(-1) == key.stride(-1) == 1
+            and addressable(query, key)
             and dim % 2 == 0 and cos.shape == sin.shape == (seq, dim // 2 if pairs else dim)
             and cos.dtype == sin.dtype == torch.float32 and cos.device == sin.device == query.device
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)))
 
 
 def rotate_into(query, key, cos, sin, query_out, key_out, pairs: bool) -> None:
-    """query_out, key_out [B, S, H, D] (any strides, contiguous head dim) <- q and k rotated.
+    """query_out, key_out [B, S, H, D] (any strides, contiguous head dim, `addressable`) <- q and k rotated.
     cos, sin: [S, D] one value per element (pairs=False, FLUX) or [S, D/2] one per pair (pairs=True)."""
     batch, seq, heads, dim = query.shape
     if query.numel() == 0:
