@@ -21,7 +21,7 @@ def mismatches(device: str, dtypes) -> list[str]:
 
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device)
-    shapes = [(1, 37, 3, 16), (2, 5, 4, 8), (1, 1, 5, 6)] + ([(1, 4608, 24, 128)] if device == "cuda" else [])
+    shapes = [(1, 37, 3, 16), (2, 5, 4, 8), (1, 1, 5, 6)] + ([(1, 4608, 24, 128)] if device != "cpu" else [])
     bad = []
     for dtype in dtypes:
         for batch, seq, heads, dim in shapes:
@@ -60,6 +60,13 @@ def test_kernel_takes_only_what_its_32_bit_offsets_reach():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_rope_kernel_on_cuda():
     assert mismatches("cuda", (torch.bfloat16, torch.float16, torch.float32)) == []
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_rope_kernel_on_a_gpu_that_is_not_the_current_device():
+    """A rank whose script never called torch.cuda.set_device: Triton must still launch on the tensors' GPU."""
+    assert torch.cuda.current_device() == 0
+    assert mismatches(f"cuda:{torch.cuda.device_count() - 1}", (torch.bfloat16,)) == []
 
 
 def test_rope_kernel_under_triton_interpreter():

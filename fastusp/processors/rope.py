@@ -13,6 +13,8 @@ depend on its order.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -70,9 +72,18 @@ def applies(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torc
 def rotate_into(query, key, cos, sin, query_out, key_out, pairs: bool) -> None:
     """query_out, key_out [B, S, H, D] (any strides, contiguous head dim, `addressable`) <- q and k rotated.
     cos, sin: [S, D] one value per element (pairs=False, FLUX) or [S, D/2] one per pair (pairs=True)."""
-    batch, seq, heads, dim = query.shape
     if query.numel() == 0:
         return
+    # Triton launches on the current device's current stream, torch ops on the tensors' device: a rank whose script
+    # never called torch.cuda.set_device would launch on GPU 0, unordered with its own stream
+    on_device = (torch.cuda.device(query.device) if query.is_cuda and query.device.index != torch.cuda.current_device()
+                 else contextlib.nullcontext())
+    with on_device:
+        _launch(query, key, cos, sin, query_out, key_out, pairs)
+
+
+def _launch(query, key, cos, sin, query_out, key_out, pairs: bool) -> None:
+    batch, seq, heads, dim = query.shape
     _rope_rows[(batch * seq,)](
         query, key, query_out, key_out, cos, sin, seq, heads, dim,
         *query.stride()[:3], *key.stride()[:3], *query_out.stride()[:3], *key_out.stride()[:3],
