@@ -17,7 +17,6 @@ import contextlib
 
 import torch
 
-
 try:
     import triton
     import triton.language as tl
