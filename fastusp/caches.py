@@ -40,24 +40,23 @@ def share_cache_decisions(transformer, group) -> None:
 
 def first_block_cache_hook(transformer) -> FBCHeadBlockHook | None:
     """The cache's head hook: it sits on the first block of the first block list."""
-    for blocks in transformer.children():
-        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
-            registry = getattr(blocks[0], "_diffusers_hook", None)
-            for hook in getattr(registry, "hooks", {}).values():
-                if isinstance(hook, FBCHeadBlockHook):
-                    return hook
-    return None
+    return next((hook for hook in _end_block_hooks(transformer, last=False) if isinstance(hook, FBCHeadBlockHook)),
+                None)
 
 
 def _mag_cache_tail_hook(transformer) -> MagCacheBlockHook | None:
     """MagCache's tail hook: it sits on the last block of the last block list."""
-    for blocks in reversed(list(transformer.children())):
-        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
-            registry = getattr(blocks[-1], "_diffusers_hook", None)
-            for hook in getattr(registry, "hooks", {}).values():
-                if isinstance(hook, MagCacheBlockHook) and hook.is_tail:
-                    return hook
-    return None
+    return next((hook for hook in _end_block_hooks(transformer, last=True)
+                 if isinstance(hook, MagCacheBlockHook) and hook.is_tail), None)
+
+
+def _end_block_hooks(transformer, last: bool):
+    """diffusers' hooks on the first block of each of the transformer's block lists, in order; last: on the last
+    block of each, last list first."""
+    lists = [blocks for blocks in transformer.children() if isinstance(blocks, torch.nn.ModuleList) and len(blocks)]
+    for blocks in reversed(lists) if last else lists:
+        registry = getattr(blocks[-1 if last else 0], "_diffusers_hook", None)
+        yield from getattr(registry, "hooks", {}).values()
 
 
 def is_first_block_cache_hook(hook) -> bool:
