@@ -44,15 +44,16 @@ def _joint_rotated(txt_query, img_query, txt_key, img_key, image_rotary_emb):
         img_query, img_key = _rope(img_query, img_freqs), _rope(img_key, img_freqs)
         txt_query, txt_key = _rope(txt_query, txt_freqs), _rope(txt_key, txt_freqs)
         return torch.cat([txt_query, img_query], dim=1), torch.cat([txt_key, img_key], dim=1)
-    streams = [(txt_query, txt_key, torch.view_as_real(txt_freqs)),
-               (img_query, img_key, torch.view_as_real(img_freqs))]
-    if all(rope.applies(q, k, cos_sin[..., 0], cos_sin[..., 1], pairs=True) for q, k, cos_sin in streams):
+    # each stream's (q, k, cos, sin): a complex frequency's real and imaginary parts are cos and sin
+    streams = [(q, k, *torch.view_as_real(freqs).unbind(-1))
+               for q, k, freqs in ((txt_query, txt_key, txt_freqs), (img_query, img_key, img_freqs))]
+    if all(rope.applies(*stream, pairs=True) for stream in streams):
         batch, seq_txt, heads, dim = txt_query.shape
         query = txt_query.new_empty(batch, seq_txt + img_query.shape[1], heads, dim)
         if rope.addressable(query):
             key = torch.empty_like(query)
-            for (q, k, cos_sin), tokens in zip(streams, (slice(None, seq_txt), slice(seq_txt, None))):
-                rope.rotate_into(q, k, cos_sin[..., 0], cos_sin[..., 1], query[:, tokens], key[:, tokens], pairs=True)
+            for stream, tokens in zip(streams, (slice(None, seq_txt), slice(seq_txt, None))):
+                rope.rotate_into(*stream, query[:, tokens], key[:, tokens], pairs=True)
             return query, key
     query_key = torch.cat([torch.cat([txt_query, img_query], dim=1), torch.cat([txt_key, img_key], dim=1)])
     return _rope(query_key, torch.cat([txt_freqs, img_freqs])).chunk(2)
