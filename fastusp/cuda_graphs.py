@@ -49,10 +49,14 @@ class GraphedForward:
         self._nccl_pool = None  # owns the NCCL memory for as long as the graphs may replay from it
 
     def __call__(self, **kwargs):
+        leaves, spec = pytree.tree_flatten(kwargs)
+        with _on_inputs_gpu(leaves):
+            return self._replay(leaves, spec, kwargs)
+
+    def _replay(self, leaves, spec, kwargs):
         if self.model_state is not None and self.model_state.changed() and self.graphs:
             logger.info("fastusp: the model changed (modules, weights or adapter settings): recapturing its CUDA graphs")
             self.graphs.clear()  # their memory goes back to the pool, for the new captures
-        leaves, spec = pytree.tree_flatten(kwargs)
         key = _signature(leaves, spec)
         entry = self.graphs.get(key)
         if entry is None:
@@ -78,6 +82,17 @@ class GraphedForward:
         graph, static_output = capture_graph(run, self.warmup, self.pool)
         logger.info("fastusp: captured CUDA graph %d for new input shapes", len(self.graphs) + 1)
         return static_inputs, graph, static_output
+
+
+def _on_inputs_gpu(leaves):
+    """Capture and replay on the GPU the inputs are on. A graph, the streams it is captured and replayed on and its
+    memory pool all belong to the current device: on a rank whose script never called torch.cuda.set_device (rank 1,
+    its model on cuda:1, the current device still cuda:0) the forward's kernels would run outside the capture and
+    every replay would return the capture's output."""
+    device = next((leaf.device for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.is_cuda), None)
+    if device is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def capture_graph(fn, warmup: int = 2, pool=None):

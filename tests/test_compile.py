@@ -382,6 +382,23 @@ def test_graph_warmups_and_capture_each_get_fresh_input_containers(monkeypatch):
     assert "ip_adapter_image_embeds" in kwargs  # the caller's dict is not the one the forward pops from
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cuda_graphs_on_a_gpu_that_is_not_the_current_device():
+    """A rank whose script never called torch.cuda.set_device: its graphs are captured and replayed on the model's
+    GPU, so each replay computes its own inputs (captured on the current device, a replay returns the capture's)."""
+    from fastusp.cuda_graphs import GraphedForward
+
+    assert torch.cuda.current_device() == 0
+    device = f"cuda:{torch.cuda.device_count() - 1}"
+    model = tiny_flux().to(device)
+    graphed = GraphedForward(lambda **kwargs: model(**kwargs, return_dict=False)[0], model)
+    with torch.no_grad():
+        for seed in (1, 2, 3):  # the first call captures, the others replay
+            inputs = {k: v.to(device) for k, v in flux_inputs(seed=seed).items()}
+            torch.testing.assert_close(graphed(**inputs), model(**inputs, return_dict=False)[0])
+    assert len(graphed.graphs) == 1 and torch.cuda.current_device() == 0
+
+
 def test_more_input_shapes_than_dynamo_keeps_run_eagerly_instead_of_failing():
     # Each image size compiles its own block code (dynamic=False); past Dynamo's recompile_limit, fullgraph compiles
     # raise. Those calls must run eagerly and stay correct, not crash the pipeline.
