@@ -51,9 +51,10 @@ class GraphedForward:
     def __call__(self, **kwargs):
         leaves, spec = pytree.tree_flatten(kwargs)
         with _on_inputs_gpu(leaves):
-            return self._replay(leaves, spec, kwargs)
+            return self._run(leaves, spec, kwargs)
 
-    def _replay(self, leaves, spec, kwargs):
+    def _run(self, leaves, spec, kwargs):
+        """Replay the graph for these inputs: captured first if new, the eager forward where none may be kept."""
         if self.model_state is not None and self.model_state.changed() and self.graphs:
             logger.info("fastusp: the model changed (modules, weights or adapter settings): recapturing its CUDA graphs")
             self.graphs.clear()  # their memory goes back to the pool, for the new captures
