@@ -7,6 +7,7 @@ of all, so they are outermost. The ring x ulysses ranks of one cfg group share o
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field, fields
 
@@ -182,6 +183,15 @@ def check_one_gpu_per_rank(device: torch.device) -> None:
             f"pipe.to(f\"cuda:{{local_rank}}\"), or pipe.enable_model_cpu_offload(gpu_id=local_rank) "
             f"(LOCAL_RANK from torchrun)"
         )
+
+
+def on_device(device: torch.device):
+    """A context where `device`, if a CUDA device, is the current one. Kernels that are not torch ops (Triton's, a
+    CUDA graph's capture and replay, with its streams and pool) go to the current device, not the tensors': on a rank
+    whose script never called torch.cuda.set_device (rank 1, its model on cuda:1) that is still cuda:0."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def maybe_init_distributed(device: torch.device) -> None:

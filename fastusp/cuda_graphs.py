@@ -34,6 +34,8 @@ import torch.distributed as dist
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 from torch.utils import _pytree as pytree
 
+from .config import on_device
+
 logger = logging.getLogger("fastusp")
 
 
@@ -86,14 +88,10 @@ class GraphedForward:
 
 
 def _on_inputs_gpu(leaves):
-    """Capture and replay on the GPU the inputs are on. A graph, the streams it is captured and replayed on and its
-    memory pool all belong to the current device: on a rank whose script never called torch.cuda.set_device (rank 1,
-    its model on cuda:1, the current device still cuda:0) the forward's kernels would run outside the capture and
-    every replay would return the capture's output."""
+    """Capture and replay on the GPU the inputs are on: captured on another device, the forward's kernels would run
+    outside the capture and every replay would return the capture's output."""
     device = next((leaf.device for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.is_cuda), None)
-    if device is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
+    return contextlib.nullcontext() if device is None else on_device(device)
 
 
 def capture_graph(fn, warmup: int = 2, pool=None):

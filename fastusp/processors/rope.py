@@ -13,9 +13,9 @@ depend on its order.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from ..config import on_device
 
 try:
     import triton
@@ -73,11 +73,7 @@ def rotate_into(query, key, cos, sin, query_out, key_out, pairs: bool) -> None:
     cos, sin: [S, D] one value per element (pairs=False, FLUX) or [S, D/2] one per pair (pairs=True)."""
     if query.numel() == 0:
         return
-    # Triton launches on the current device's current stream, torch ops on the tensors' device: a rank whose script
-    # never called torch.cuda.set_device would launch on GPU 0, unordered with its own stream
-    on_device = (torch.cuda.device(query.device) if query.is_cuda and query.device.index != torch.cuda.current_device()
-                 else contextlib.nullcontext())
-    with on_device:
+    with on_device(query.device):  # Triton launches on the current device's stream, not on the tensors'
         _launch(query, key, cos, sin, query_out, key_out, pairs)
 
 
