@@ -1,7 +1,8 @@
 """Ring attention, pipelined: key/value chunks rotate around the ring while the current chunk computes.
 
 Each step posts the send/receive of the chunk for step i+1 before attending to chunk i (double buffer: the chunk
-in use and the chunk in flight), then merges by log-sum-exp in float32. Chunks may differ in length.
+in use and the chunk in flight), then merges by log-sum-exp (merge.py, float32 arithmetic). Chunks may differ in
+length.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def ring_attention(q: torch.Tensor, kv: torch.Tensor, chunk_lens: list[int], gro
         chunk = kv if step == 0 else (dequantize_fp8(wire, q.dtype) if fp8 else wire)
         k, v = _as_bhsd(chunk)
         bias = None if key_bias is None else key_bias[:, starts[src]: starts[src] + chunk_lens[src]]
-        out, lse = merge_attention(out, lse, *attention_with_lse(q, k, v, bias))
+        last = step + 1 == comm.size  # the last merge writes q's dtype; before it the running result is float32
+        out, lse = merge_attention(out, lse, *attention_with_lse(q, k, v, bias), q.dtype if last else torch.float32)
         if step + 1 < comm.size:
             if overlap:
                 comm.wait()
