@@ -20,10 +20,17 @@ benchmarks/results/2026-11-27-4xH200-x-y.md). Registering only the graphs' memor
 the graphs' private pool, so it is never freed and reused while a graph can still replay. Registering all of
 torch's allocations instead (TORCH_NCCL_USE_TENSOR_REGISTER_ALLOCATOR_HOOK) was as fast but gave a NaN once.
 FASTUSP_NCCL_GRAPH_MEMORY=0 captures in torch's default graph pool instead.
+
+NCCL's communicators cannot shut down while a captured graph still holds their collectives: destroy_process_group()
+hung after any graphed forward, in torch's memory pool as in NCCL's (2xH200, torch 2.11). So every graph is dropped
+first, by destroy_process_group (wrapped once a GraphedForward exists) and at interpreter exit; a later call on the
+model captures again.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -49,6 +56,8 @@ class GraphedForward:
         self.graphs: dict = {}
         self.pool = None  # one memory pool for all graphs: graphs for other shapes reuse the memory
         self._nccl_pool = None  # owns the NCCL memory for as long as the graphs may replay from it
+        _GRAPHED.add(self)
+        _release_graphs_before_process_group_teardown()
 
     def __call__(self, **kwargs):
         leaves, spec = pytree.tree_flatten(kwargs)
@@ -74,6 +83,11 @@ class GraphedForward:
         # the next replay overwrites the static output
         return pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, static_output)
 
+    def release(self) -> None:
+        """Drop every graph and their memory; the next call captures again."""
+        self.graphs.clear()
+        self.pool = self._nccl_pool = None
+
     def _capture(self, leaves, spec):
         static_inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         if self.pool is None:
@@ -85,6 +99,34 @@ class GraphedForward:
         graph, static_output = capture_graph(run, self.warmup, self.pool)
         logger.info("fastusp: captured CUDA graph %d for new input shapes", len(self.graphs) + 1)
         return static_inputs, graph, static_output
+
+
+_GRAPHED: weakref.WeakSet = weakref.WeakSet()
+_TEARDOWN_WRAPPED = False
+
+
+def release_all_graphs() -> None:
+    """Drop the CUDA graphs of every GraphedForward, so that NCCL's communicators can shut down."""
+    for graphed in list(_GRAPHED):
+        graphed.release()
+
+
+def _release_graphs_before_process_group_teardown() -> None:
+    """Wrap torch.distributed.destroy_process_group to release the graphs first, and release them at exit too:
+    atexit callbacks run before the interpreter's teardown destroys the process groups left alive."""
+    global _TEARDOWN_WRAPPED
+    if _TEARDOWN_WRAPPED or not dist.is_available():
+        return
+    destroy = dist.destroy_process_group
+
+    @functools.wraps(destroy)
+    def destroy_process_group(*args, **kwargs):
+        release_all_graphs()
+        return destroy(*args, **kwargs)
+
+    dist.destroy_process_group = dist.distributed_c10d.destroy_process_group = destroy_process_group
+    atexit.register(release_all_graphs)
+    _TEARDOWN_WRAPPED = True
 
 
 def _on_inputs_gpu(leaves):

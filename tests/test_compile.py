@@ -382,6 +382,34 @@ def test_graph_warmups_and_capture_each_get_fresh_input_containers(monkeypatch):
     assert "ip_adapter_image_embeds" in kwargs  # the caller's dict is not the one the forward pops from
 
 
+def _graphs_across_destroy_process_group():
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from fastusp import cuda_graphs
+
+    captures = []
+    cuda_graphs.capture_graph = lambda fn, warmup, pool: (captures.append(pool) or SimpleNamespace(replay=lambda: None),
+                                                          fn())
+    cuda_graphs.nccl_memory_pool = lambda: SimpleNamespace(id=len(captures))
+    graphed = cuda_graphs.GraphedForward(lambda x: x * 2)
+    graphed(x=torch.ones(2))
+    before = (len(graphed.graphs), graphed.pool is not None)
+    same_function = dist.destroy_process_group is dist.distributed_c10d.destroy_process_group
+    dist.destroy_process_group()
+    after = (len(graphed.graphs), graphed.pool, dist.is_initialized())
+    graphed(x=torch.ones(2))  # captures again, in a new pool
+    return before, same_function, after, captures
+
+
+def test_destroy_process_group_releases_the_cuda_graphs_first():
+    # NCCL's communicators do not shut down while a graph holds their collectives (destroy_process_group hung on
+    # GPU; tests/gpu/no_set_device_worker.py now ends with it). Capture is replaced as in tests/_fake_graphs.py.
+    results = run_distributed(_graphs_across_destroy_process_group, world=2)
+    assert results == [((1, True), True, (0, None, False), [0, 1])] * 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_cuda_graphs_on_a_gpu_that_is_not_the_current_device():
     """A rank whose script never called torch.cuda.set_device: its graphs are captured and replayed on the model's
