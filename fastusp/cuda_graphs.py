@@ -23,8 +23,8 @@ FASTUSP_NCCL_GRAPH_MEMORY=0 captures in torch's default graph pool instead.
 
 NCCL's communicators cannot shut down while a captured graph still holds their collectives: destroy_process_group()
 hung after any graphed forward, in torch's memory pool as in NCCL's (2xH200, torch 2.11). So every graph is dropped
-first, by destroy_process_group (wrapped once a GraphedForward exists) and at interpreter exit; a later call on the
-model captures again.
+first, when a process group shuts down (ProcessGroup.shutdown, which destroy_process_group calls, is wrapped once a
+GraphedForward exists) and at interpreter exit; a later call on the model captures again.
 """
 from __future__ import annotations
 
@@ -112,19 +112,23 @@ def release_all_graphs() -> None:
 
 
 def _release_graphs_before_process_group_teardown() -> None:
-    """Wrap torch.distributed.destroy_process_group to release the graphs first, and release them at exit too:
-    atexit callbacks run before the interpreter's teardown destroys the process groups left alive."""
+    """Release the graphs before any process group shuts down, and at exit.
+
+    destroy_process_group shuts each group down through ProcessGroup.shutdown (torch 2.11-2.13), so that method is
+    wrapped: it covers every way in, a script that imported destroy_process_group by name before fastusp built a
+    graph included (`from torch.distributed import destroy_process_group`, as torch's DDP tutorial writes). atexit
+    callbacks run before the interpreter's teardown destroys the process groups left alive."""
     global _TEARDOWN_WRAPPED
     if _TEARDOWN_WRAPPED or not dist.is_available():
         return
-    destroy = dist.destroy_process_group
+    shutdown = dist.ProcessGroup.shutdown
 
-    @functools.wraps(destroy)
-    def destroy_process_group(*args, **kwargs):
+    @functools.wraps(shutdown)
+    def release_graphs_then_shutdown(self, *args, **kwargs):
         release_all_graphs()
-        return destroy(*args, **kwargs)
+        return shutdown(self, *args, **kwargs)
 
-    dist.destroy_process_group = dist.distributed_c10d.destroy_process_group = destroy_process_group
+    dist.ProcessGroup.shutdown = release_graphs_then_shutdown
     atexit.register(release_all_graphs)
     _TEARDOWN_WRAPPED = True
 
