@@ -3,12 +3,10 @@
 On CUDA the kernel itself runs (skipped without a GPU; the device runs it). On CPU it runs under Triton's interpreter
 where Triton is installed (CI's CPU-only torch has none: skipped there), in float32 and float16.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+
+from _triton_interpreter import run_under_triton_interpreter, script_main
 
 
 def differences(device: str, dtypes) -> list[str]:
@@ -72,14 +70,8 @@ def test_merge_kernel_on_a_gpu_that_is_not_the_current_device():
 
 
 def test_merge_kernel_under_triton_interpreter():
-    pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, __file__], env=dict(os.environ, TRITON_INTERPRET="1"),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_under_triton_interpreter(__file__)
 
 
-if __name__ == "__main__":  # the interpreter run: TRITON_INTERPRET must be set before Triton is imported
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    bad = differences("cpu", (torch.float32, torch.float16))
-    print("\n".join(bad) or "all within rounding")
-    sys.exit(1 if bad else 0)
+if __name__ == "__main__":  # the interpreter run
+    script_main(differences)

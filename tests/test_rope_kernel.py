@@ -4,12 +4,10 @@ On CUDA the kernel itself runs (skipped without a GPU; the device runs it). On C
 where Triton is installed (CI's CPU-only torch has none: skipped there), in float32 and float16 only: the interpreter
 rounds float32 to bfloat16 by truncation, where GPUs round to nearest even as torch does.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+
+from _triton_interpreter import run_under_triton_interpreter, script_main
 
 
 def mismatches(device: str, dtypes) -> list[str]:
@@ -70,14 +68,8 @@ def test_rope_kernel_on_a_gpu_that_is_not_the_current_device():
 
 
 def test_rope_kernel_under_triton_interpreter():
-    pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, __file__], env=dict(os.environ, TRITON_INTERPRET="1"),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_under_triton_interpreter(__file__)
 
 
-if __name__ == "__main__":  # the interpreter run: TRITON_INTERPRET must be set before Triton is imported
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    bad = mismatches("cpu", (torch.float32, torch.float16))
-    print("\n".join(bad) or "all equal")
-    sys.exit(1 if bad else 0)
+if __name__ == "__main__":  # the interpreter run
+    script_main(mismatches)

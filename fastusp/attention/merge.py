@@ -13,13 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .._triton import addressable, tl, triton
 from ..config import on_device
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only torch builds: the torch ops below
-    triton = None
 
 
 def merge_attention(out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor,
@@ -50,12 +45,8 @@ def _kernel_applies(out, lse, block_out, block_lse) -> bool:
     return (triton is not None and block_out.is_cuda and not torch.compiler.is_compiling()
             and out.shape == block_out.shape and lse.shape == block_lse.shape == block_out.shape[:3]
             and out.stride(-1) == block_out.stride(-1) == 1 and lse.dtype == block_lse.dtype == torch.float32
-            and all(_addressable(t) for t in (out, lse, block_out, block_lse))
+            and addressable(out, lse, block_out, block_lse)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (out, lse, block_out, block_lse))))
-
-
-def _addressable(t: torch.Tensor) -> bool:
-    return sum((n - 1) * stride for n, stride in zip(t.shape, t.stride())) < 2**31 - 1
 
 
 if triton is not None:

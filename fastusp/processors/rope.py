@@ -15,13 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .._triton import addressable, tl, triton
 from ..config import on_device
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only torch builds: every call takes diffusers' ops
-    triton = None
 
 if triton is not None:
     @triton.jit
@@ -46,12 +41,6 @@ if triton is not None:
         n = tl.load(sin + s * s_s + f * s_d, mask=d < dim).to(tl.float32)
         _rotate_row(q + b * q_b + s * q_s + h * q_h, q_out + b * qo_b + s * qo_s + h * qo_h, d, c, n, mask)
         _rotate_row(k + b * k_b + s * k_s + h * k_h, k_out + b * ko_b + s * ko_s + h * ko_h, d, c, n, mask)
-
-
-def addressable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernel's 32-bit offsets reach every element: each tensor's first to last element spans fewer than
-    2**31 elements (about 4 GiB in bf16 for one q)."""
-    return all(sum((n - 1) * stride for n, stride in zip(t.shape, t.stride())) < 2**31 - 1 for t in tensors)
 
 
 def applies(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
