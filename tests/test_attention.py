@@ -85,8 +85,7 @@ def test_cudnn_check_traces_without_graph_break(dynamic):
 def _ring_worker(q, k, v, bias, lens):
     rank, starts = dist.get_rank(), [sum(lens[:i]) for i in range(len(lens))]
     mine = slice(starts[rank], starts[rank] + lens[rank])
-    kv = torch.stack([k[:, :, mine], v[:, :, mine]]).permute(3, 0, 1, 2, 4).contiguous()  # [S, 2, B, H, D]
-    return ring_attention(q[:, :, mine], kv, lens, dist.group.WORLD, bias)
+    return ring_attention(q[:, :, mine], k[:, :, mine], v[:, :, mine], lens, dist.group.WORLD, bias)
 
 
 @pytest.mark.parametrize("lens", [[4, 4], [5, 3, 4], [3, 1, 2, 2]])

@@ -36,6 +36,8 @@ def differences(device: str, dtypes) -> list[str]:
                 if got_out.dtype != dtype or got_out.shape != want_out.shape:
                     bad.append(f"{name}: {got_out.dtype} {tuple(got_out.shape)}")
                     continue
+                if not got_out.transpose(1, 2).is_contiguous():  # ring attention's result is used in that layout
+                    bad.append(f"{name}: strides {got_out.stride()}, not [B, S, H, D] memory")
                 finite = torch.isfinite(want_out).all(-1)  # rows with every key masked are NaN both ways
                 # within two units in the last place of the output dtype, relative to each row's largest value; in
                 # float32 1e-5: an LSE near 10 is itself rounded to 1e-6, and a weight exp(lse - total) with it

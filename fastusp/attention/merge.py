@@ -22,7 +22,9 @@ def merge_attention(out: torch.Tensor | None, lse: torch.Tensor | None, block_ou
     """Fold one block's (out [B, H, S, D], lse [B, H, S]) into the running result (None before the first block).
 
     Returns (the merged out in `dtype`, its lse in float32). The first block is returned as it is, uncopied: the
-    next merge reads it in its own dtype.
+    next merge reads it in its own dtype. The kernel writes the merged out in [B, S, H, D] memory, the layout the
+    attention kernels write and the output projection reads, so that ring attention's result needs no transposing
+    copy after it.
     """
     if out is None:
         return block_out, block_lse.float()
@@ -52,9 +54,9 @@ def _kernel_applies(out, lse, block_out, block_lse) -> bool:
 if triton is not None:
     @triton.jit
     def _merge_rows(out, lse, blk, blk_lse, dst, dst_lse, heads, seq, dim,
-                    o_b, o_h, o_s, l_b, l_h, l_s, k_b, k_h, k_s, kl_b, kl_h, kl_s,
+                    o_b, o_h, o_s, l_b, l_h, l_s, k_b, k_h, k_s, kl_b, kl_h, kl_s, d_b, d_h, d_s,
                     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One program per (BLOCK_S queries, batch x head). dst [B, H, S, D] and dst_lse [B, H, S] are contiguous."""
+        """One program per (BLOCK_S queries, batch x head). dst_lse [B, H, S] is contiguous."""
         bh = tl.program_id(1)
         b, h = bh // heads, bh % heads
         s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -69,14 +71,14 @@ if triton is not None:
         cells = rows[:, None] & (d[None, :] < dim)
         x = tl.load(out + b * o_b + h * o_h + s[:, None] * o_s + d[None, :], mask=cells).to(tl.float32)
         y = tl.load(blk + b * k_b + h * k_h + s[:, None] * k_s + d[None, :], mask=cells).to(tl.float32)
-        row = bh * seq + s
-        tl.store(dst + row[:, None] * dim + d[None, :], (x * wa + y * wc).to(dst.dtype.element_ty), mask=cells)
-        tl.store(dst_lse + row, total, mask=rows)
+        merged = (x * wa + y * wc).to(dst.dtype.element_ty)
+        tl.store(dst + b * d_b + h * d_h + s[:, None] * d_s + d[None, :], merged, mask=cells)
+        tl.store(dst_lse + bh * seq + s, total, mask=rows)
 
 
 def _merge_kernel(out, lse, block_out, block_lse, dtype):
     batch, heads, seq, dim = block_out.shape
-    dst = torch.empty(block_out.shape, dtype=dtype, device=block_out.device)
+    dst = torch.empty(batch, seq, heads, dim, dtype=dtype, device=block_out.device).transpose(1, 2)
     dst_lse = torch.empty(block_out.shape[:3], dtype=torch.float32, device=block_out.device)
     if dst.numel() == 0:
         return dst, dst_lse
@@ -84,7 +86,7 @@ def _merge_kernel(out, lse, block_out, block_lse, dtype):
     with on_device(block_out.device):  # Triton launches on the current device's stream, not on the tensors'
         _merge_rows[(triton.cdiv(seq, block_s), batch * heads)](
             out, lse, block_out, block_lse, dst, dst_lse, heads, seq, dim,
-            *out.stride()[:3], *lse.stride(), *block_out.stride()[:3], *block_lse.stride(),
+            *out.stride()[:3], *lse.stride(), *block_out.stride()[:3], *block_lse.stride(), *dst.stride()[:3],
             BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(dim), num_warps=4,
         )
     return dst, dst_lse

@@ -1,9 +1,9 @@
-"""Point-to-point rotation of a buffer around a ring of ranks: send to the next rank, receive from the previous.
+"""Point-to-point rotation of buffers around a ring of ranks: send to the next rank, receive from the previous.
 
 Usage, so that transfer overlaps compute:
-    nxt = comm.send_recv(buf, recv_shape)   # queued and launched at once
-    ... compute on buf ...
-    comm.wait(); buf = nxt
+    nxt = comm.send_recv([k, v], [k_shape, v_shape])   # queued and launched at once, as one NCCL group
+    ... compute on k, v ...
+    comm.wait(); k, v = nxt
 """
 from __future__ import annotations
 
@@ -26,14 +26,15 @@ class RingComm:
         self.size, self.rank, self.next_rank, self.prev_rank = _ring_peers(group)
         self._reqs = None
 
-    def send_recv(self, buf: torch.Tensor, recv_shape: tuple[int, ...]) -> torch.Tensor:
+    def send_recv(self, bufs: list[torch.Tensor], recv_shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        """Send each contiguous buffer to the next rank and receive one of each shape from the previous."""
         if self._reqs is not None:
             raise RuntimeError("RingComm.send_recv called again before wait()")
-        recv = buf.new_empty(recv_shape)
-        ops = [dist.P2POp(dist.isend, buf, self.next_rank, self.group),
-               dist.P2POp(dist.irecv, recv, self.prev_rank, self.group)]
+        recvs = [buf.new_empty(shape) for buf, shape in zip(bufs, recv_shapes)]
+        ops = [dist.P2POp(dist.isend, buf, self.next_rank, self.group) for buf in bufs]
+        ops += [dist.P2POp(dist.irecv, recv, self.prev_rank, self.group) for recv in recvs]
         self._reqs = dist.batch_isend_irecv(ops)
-        return recv
+        return recvs
 
     def wait(self) -> None:
         if self._reqs is None:
