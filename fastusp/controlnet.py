@@ -22,7 +22,7 @@ import torch
 from ._forward import replace_forward
 from .config import ParallelConfig
 from .processors.context import USPContext
-from .sharding import SeqLayout, key_bias_from_text_mask
+from .sharding import SeqLayout
 
 logger = logging.getLogger("fastusp")
 
@@ -99,4 +99,4 @@ def _with_mode_token_copies(layout: SeqLayout, hidden: torch.Tensor) -> SeqLayou
     for t in text[:-1]:
         first += t
         keep[:, first] = False  # the next rank's first text token: its mode-token copy
-    return SeqLayout(text, layout.image, key_bias_from_text_mask(keep, text, layout.image, hidden.dtype))
+    return SeqLayout(text, layout.image).with_text_mask(keep, hidden.dtype)

@@ -27,7 +27,7 @@ from .processors.context import USPContext
 from .processors.flux import FastUSPFluxAttnProcessor, FastUSPFluxIPAdapterAttnProcessor
 from .processors.flux2 import FastUSPFlux2AttnProcessor, FastUSPFlux2ParallelSelfAttnProcessor
 from .processors.qwen_image import FastUSPQwenImageAttnProcessor
-from .sharding import SeqLayout, key_bias_from_text_mask
+from .sharding import SeqLayout
 
 logger = logging.getLogger("fastusp")
 
@@ -274,8 +274,7 @@ def _layout_for(inputs: dict, spec: ModelSpec, ranks: int) -> SeqLayout:
     # A given mask is always applied, as the single-device model does. Checking for an all-ones mask here would
     # cost a host sync every step (and break CUDA graph capture); the Qwen-Image pipeline drops such masks itself.
     if mask is not None:
-        bias = key_bias_from_text_mask(mask, layout.text, layout.image, inputs["hidden_states"].dtype)
-        layout = SeqLayout(layout.text, layout.image, bias)
+        layout = layout.with_text_mask(mask, inputs["hidden_states"].dtype)
     return layout
 
 

@@ -27,15 +27,23 @@ class SeqLayout:
     key_bias: None, or an additive float mask [batch, total tokens] in the global key order
               (rank 0 text, rank 0 image, rank 1 text, ...): 0 for keys to attend, a large negative number for
               padded text tokens.
+    text_bias: the same mask over the text keys alone [batch, text tokens] (rank 0 text, rank 1 text, ...), for
+               attention that takes the unmasked image keys apart (ring attention).
     """
 
     text: tuple[int, ...]
     image: tuple[int, ...]
     key_bias: torch.Tensor | None = None
+    text_bias: torch.Tensor | None = None
 
     @classmethod
     def even(cls, text_len: int, image_len: int, world: int, key_bias: torch.Tensor | None = None) -> "SeqLayout":
         return cls(tuple(split_sizes(text_len, world)), tuple(split_sizes(image_len, world)), key_bias)
+
+    def with_text_mask(self, text_mask: torch.Tensor, dtype: torch.dtype) -> "SeqLayout":
+        """This layout with the key biases of a [B, S_text] text mask (True/1 = keep)."""
+        text_bias = text_bias_from_mask(text_mask, dtype)
+        return SeqLayout(self.text, self.image, key_bias_from_text_bias(text_bias, self.text, self.image), text_bias)
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -51,19 +59,23 @@ class SeqLayout:
         return slice(start, start + self.image[rank])
 
 
-def key_bias_from_text_mask(text_mask: torch.Tensor, layout_text: tuple[int, ...], layout_image: tuple[int, ...],
-                            dtype: torch.dtype) -> torch.Tensor:
-    """Additive key mask [B, S_total] in the global key order from a [B, S_text] mask (True/1 = keep).
+def text_bias_from_mask(text_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive bias [B, S_text] from a [B, S_text] mask (True/1 = keep).
 
     A large finite negative value (not -inf) keeps a key chunk that is entirely padding from producing NaN in a
     ring step: its log-sum-exp is then hugely negative and its merge weight is exactly zero.
     """
     keep = text_mask.to(torch.bool)
-    neg = torch.finfo(dtype).min / 2
-    text_bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, neg)
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min / 2)
+
+
+def key_bias_from_text_bias(text_bias: torch.Tensor, layout_text: tuple[int, ...],
+                            layout_image: tuple[int, ...]) -> torch.Tensor:
+    """The text keys' bias [B, S_text] -> the bias of all keys [B, S_total] in the global key order (image keys 0)."""
     pieces, start = [], 0
     for t, i in zip(layout_text, layout_image):
         pieces.append(text_bias[:, start:start + t])
-        pieces.append(text_bias.new_zeros(keep.shape[0], i))
+        pieces.append(text_bias.new_zeros(text_bias.shape[0], i))
         start += t
     return torch.cat(pieces, dim=1)
+

@@ -12,7 +12,7 @@ from fastusp.attention.merge import merge_attention
 from fastusp.attention.ring import ring_attention
 from fastusp.distributed.gather import gather_seq
 from fastusp.distributed import ulysses as a2a
-from fastusp.sharding import SeqLayout, key_bias_from_text_mask, split_sizes
+from fastusp.sharding import SeqLayout, split_sizes
 
 
 def rel_err(a, b):
@@ -82,24 +82,30 @@ def test_cudnn_check_traces_without_graph_break(dynamic):
         assert torch.equal(check(q), q + 1)  # no cuDNN on CPU
 
 
-def _ring_worker(q, k, v, bias, lens):
+def _ring_worker(q, k, v, text_bias, lens, text_lens):
     rank, starts = dist.get_rank(), [sum(lens[:i]) for i in range(len(lens))]
     mine = slice(starts[rank], starts[rank] + lens[rank])
-    return ring_attention(q[:, :, mine], k[:, :, mine], v[:, :, mine], lens, dist.group.WORLD, bias)
+    return ring_attention(q[:, :, mine], k[:, :, mine], v[:, :, mine], lens, dist.group.WORLD, text_bias, text_lens)
 
 
-@pytest.mark.parametrize("lens", [[4, 4], [5, 3, 4], [3, 1, 2, 2]])
+@pytest.mark.parametrize("lens, text_lens", [([4, 4], [2, 1]), ([5, 3, 4], [0, 2, 1]), ([3, 1, 2, 2], [2, 0, 1, 1])])
 @pytest.mark.parametrize("masked", [False, True])
-def test_ring_attention_equals_full_attention(lens, masked):
+def test_ring_attention_equals_full_attention(lens, text_lens, masked):
+    """Every chunk's keys are [its text keys | its image keys]; with a mask only text keys are masked."""
     total = sum(lens)
     q, k, v = torch.randn(2, 3, total, 8), torch.randn(2, 3, total, 8), torch.randn(2, 3, total, 8)
-    bias = None
-    if masked:  # batch 1 masks its first three keys: a whole chunk is padding when the first chunk is short
-        bias = torch.zeros(2, total)
-        bias[1, :3] = torch.finfo(torch.float32).min / 2
-    outs = run_distributed(_ring_worker, len(lens), q, k, v, bias, lens)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias[:, None, None, :])
+    text_bias = key_bias = None
+    if masked:  # batch 1 masks the first text key and a whole chunk's text: the last chunk's
+        text_bias = torch.zeros(2, sum(text_lens))
+        text_bias[1, 0] = text_bias[1, -text_lens[-1]:] = torch.finfo(torch.float32).min / 2
+        starts = [sum(lens[:r]) for r in range(len(lens))]
+        text_keys = [key for start, t in zip(starts, text_lens) for key in range(start, start + t)]
+        key_bias = torch.zeros(2, total).index_copy(1, torch.tensor(text_keys), text_bias)
+    outs = run_distributed(_ring_worker, len(lens), q, k, v, text_bias, lens, text_lens)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=None if key_bias is None else key_bias[:, None, None, :])
     assert rel_err(torch.cat(outs, dim=2), ref) < 1e-5
+    if masked:  # the mask mattered
+        assert rel_err(torch.cat(outs, dim=2), F.scaled_dot_product_attention(q, k, v)) > 1e-2
 
 
 def seq_to_head(tensors, lens, chunks, fp8=False):
@@ -174,8 +180,7 @@ def test_gather_seq_uneven():
 
 def test_key_bias_follows_the_global_key_order():
     mask = torch.tensor([[1, 1, 1, 0, 0]])
-    layout = SeqLayout.even(text_len=5, image_len=4, world=2)  # text [3, 2], image [2, 2]
-    bias = key_bias_from_text_mask(mask, layout.text, layout.image, torch.float32)
-    kept = bias[0] == 0
+    layout = SeqLayout.even(text_len=5, image_len=4, world=2).with_text_mask(mask, torch.float32)  # text [3, 2]
     # rank 0: text 0..2 (kept), image x2; rank 1: text 3..4 (padding), image x2
-    assert kept.tolist() == [True, True, True, True, True, False, False, True, True]
+    assert (layout.key_bias[0] == 0).tolist() == [True, True, True, True, True, False, False, True, True]
+    assert (layout.text_bias[0] == 0).tolist() == [True, True, True, False, False]  # the text keys alone

@@ -17,8 +17,9 @@ MODELS = {"flux": (tiny_flux, flux_inputs), "flux2": (tiny_flux2, flux2_inputs),
 
 def _eager_then_compiled(name, layout, new_shape):
     build, make_inputs = MODELS[name]
-    # Qwen-Image with a padded text mask: compiled Ulysses attends to the text keys apart from the image keys
-    masked = dict(valid_lens=[2, 5]) if name == "qwen" and layout[1] == 1 else {}
+    # Qwen-Image with a padded text mask: compiled Ulysses attends to the text keys apart from the image keys, and
+    # the ring op takes the text keys' bias
+    masked = dict(valid_lens=[2, 5]) if name == "qwen" else {}
     inputs = make_inputs(batch=2, height=3, width=5, text_len=5, **masked)
     model = fastusp.parallelize(build(), ulysses=layout[0], ring=layout[1])
     with torch.no_grad():

@@ -2,7 +2,9 @@
 
 Each step posts the send/receive of the chunk for step i+1 before attending to chunk i (double buffer: the chunk
 in use and the chunk in flight), then merges by log-sum-exp (merge.py, float32 arithmetic). Chunks may differ in
-length.
+length. With a text mask, each chunk's keys come as [its text keys | its image keys]: the image keys, almost all of
+them, are attended without a bias (cuDNN's kernel), the few text keys with theirs, and the two blocks merge like
+any others. A bias over the whole chunk would send every key through the slower biased kernel.
 """
 from __future__ import annotations
 
@@ -25,17 +27,32 @@ def _from_wire(x: torch.Tensor, dtype: torch.dtype, fp8: bool) -> torch.Tensor:
     return (dequantize_fp8(x, dtype) if fp8 else x).transpose(1, 2)
 
 
+def _chunk_blocks(q, k, v, text_len: int, text_bias: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(out, lse) of q over one chunk's keys: all at once, or with a text bias the image keys and the text keys
+    apart (every chunk has image keys: no rank holds fewer than one)."""
+    if text_bias is None:
+        return [attention_with_lse(q, k, v)]
+    image = attention_with_lse(q, k[:, :, text_len:], v[:, :, text_len:])
+    if text_len == 0:
+        return [image]
+    return [image, attention_with_lse(q, k[:, :, :text_len], v[:, :, :text_len], text_bias)]
+
+
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_lens: list[int], group,
-                   key_bias: torch.Tensor | None = None, fp8: bool = False, overlap: bool = True) -> torch.Tensor:
+                   text_bias: torch.Tensor | None = None, text_lens: list[int] | None = None, fp8: bool = False,
+                   overlap: bool = True) -> torch.Tensor:
     """Attend q [B, H, S_q, D] to the keys/values of every rank in `group`.
 
     k, v: this rank's chunk [B, H, S_kv, D]. chunk_lens[r]: S_kv of ring rank r.
-    key_bias: None or [B, sum(chunk_lens)], the keys of ring rank r at offset sum(chunk_lens[:r]).
+    text_bias: None, or an additive mask [B, sum(text_lens)] over the text keys. Then the first text_lens[r] keys
+    of ring rank r's chunk are its text keys, with their bias at offset sum(text_lens[:r]); its other keys are
+    attended unmasked.
     overlap=False waits for each transfer before computing (the unpipelined ring, kept to measure the overlap).
     Returns [B, H, S_q, D] in q.dtype; on CUDA it lies in [B, S_q, H, D] memory (see merge.py).
     """
     comm = RingComm(group)
-    starts = [sum(chunk_lens[:r]) for r in range(comm.size)]
+    text_lens = text_lens or [0] * comm.size
+    text_starts = [sum(text_lens[:r]) for r in range(comm.size)]
     # What goes out is what comes in, so a quantized chunk is quantized once, by its owner.
     wire = [_to_wire(k, fp8), _to_wire(v, fp8)]
     out = lse = None
@@ -48,9 +65,12 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_lens
                 comm.wait()
         if step > 0:
             k, v = (_from_wire(w, q.dtype, fp8) for w in wire)
-        bias = None if key_bias is None else key_bias[:, starts[src]: starts[src] + chunk_lens[src]]
-        last = step + 1 == comm.size  # the last merge writes q's dtype; before it the running result is float32
-        out, lse = merge_attention(out, lse, *attention_with_lse(q, k, v, bias), q.dtype if last else torch.float32)
+        bias = None if text_bias is None else text_bias[:, text_starts[src]: text_starts[src] + text_lens[src]]
+        blocks = _chunk_blocks(q, k, v, text_lens[src], bias)
+        for i, block in enumerate(blocks):
+            # the last merge writes q's dtype; before it the running result is float32
+            last = step + 1 == comm.size and i + 1 == len(blocks)
+            out, lse = merge_attention(out, lse, *block, q.dtype if last else torch.float32)
         if step + 1 < comm.size:
             if overlap:
                 comm.wait()

@@ -24,12 +24,23 @@ def _traced(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def _text_keys_first(x: torch.Tensor, text: tuple[int, ...], image: tuple[int, ...]) -> torch.Tensor:
+    """Keys [B, h, S, D] in the Ulysses group's order [text_0, image_0, text_1, image_1, ...] -> [text_0, text_1,
+    ..., image_0, image_1, ...], as a view of [B, S, h, D] memory: the one copy, which ring attention's send
+    needs anyway."""
+    starts = [sum(text[:j]) + sum(image[:j]) for j in range(len(text))]
+    spans = [(s, t) for s, t in zip(starts, text)] + [(s + t, i) for s, t, i in zip(starts, text, image)]
+    x = x.transpose(1, 2)
+    return torch.cat([x.narrow(1, start, length) for start, length in spans], dim=1).transpose(1, 2)
+
+
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SeqLayout,
                   config: ParallelConfig) -> torch.Tensor:
     """q, k, v: this rank's tokens [B, S_local, H, D] -> attention output for them, [B, S_local, H, D]."""
     u, r = config.ulysses, config.ring
     tokens = layout.tokens
-    group_lens = list(tokens[config.ring_rank * u:(config.ring_rank + 1) * u])
+    rank_span = slice(config.ring_rank * u, (config.ring_rank + 1) * u)  # the world ranks of this Ulysses group
+    group_lens = list(tokens[rank_span])
 
     def attend(q_h: torch.Tensor, k_h: torch.Tensor, v_h: torch.Tensor) -> torch.Tensor:
         """[B, h, S_chunk, D] each -> [B, h, S_chunk, D]."""
@@ -40,8 +51,11 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seq
                 return attention_text_keys_apart(q_h, k_h, v_h, layout.key_bias, layout.text, layout.image)
             return attention(q_h, k_h, v_h, layout.key_bias)
         chunk_lens = [sum(tokens[i * u:(i + 1) * u]) for i in range(r)]
-        return maybe_traceable_ring_attention(q_h, k_h, v_h, chunk_lens, config.ring_group, layout.key_bias,
-                                              config.fp8_qkv, config.ring_overlap)
+        text_lens = [sum(layout.text[i * u:(i + 1) * u]) for i in range(r)]
+        if layout.text_bias is not None and u > 1:  # the ring wants each chunk's keys as [text | image]
+            k_h, v_h = (_text_keys_first(x, layout.text[rank_span], layout.image[rank_span]) for x in (k_h, v_h))
+        return maybe_traceable_ring_attention(q_h, k_h, v_h, chunk_lens, config.ring_group, layout.text_bias,
+                                              text_lens, config.fp8_qkv, config.ring_overlap)
 
     if u == 1:  # no all-to-all: q, k and v are used in place (the ring sends k and v as they are)
         return attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
