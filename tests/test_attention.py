@@ -85,7 +85,8 @@ def test_cudnn_check_traces_without_graph_break(dynamic):
 def _ring_worker(q, k, v, text_bias, lens, text_lens):
     rank, starts = dist.get_rank(), [sum(lens[:i]) for i in range(len(lens))]
     mine = slice(starts[rank], starts[rank] + lens[rank])
-    return ring_attention(q[:, :, mine], k[:, :, mine], v[:, :, mine], lens, dist.group.WORLD, text_bias, text_lens)
+    kv = torch.stack([k[:, :, mine], v[:, :, mine]]).permute(3, 0, 1, 2, 4).contiguous()  # [S, 2, B, H, D]
+    return ring_attention(q[:, :, mine], kv, lens, dist.group.WORLD, text_bias, text_lens)
 
 
 @pytest.mark.parametrize("lens, text_lens", [([4, 4], [2, 1]), ([5, 3, 4], [0, 2, 1]), ([3, 1, 2, 2], [2, 0, 1, 1])])

@@ -75,14 +75,14 @@ def _ring_bytes(fp8):
     sent = []
     original = RingComm.send_recv
 
-    def spy(self, bufs, shapes):
-        sent.extend(buf.numel() * buf.element_size() for buf in bufs)
-        return original(self, bufs, shapes)
+    def spy(self, buf, shape):
+        sent.append(buf.numel() * buf.element_size())
+        return original(self, buf, shape)
 
     RingComm.send_recv = spy
     q = torch.randn(1, 4, 16, 128, dtype=torch.bfloat16)
-    k, v = torch.randn(2, 1, 4, 16, 128, dtype=torch.bfloat16)
-    ring_attention(q, k, v, [16, 16], dist.group.WORLD, fp8=fp8)
+    kv = torch.randn(16, 2, 1, 4, 128, dtype=torch.bfloat16)
+    ring_attention(q, kv, [16, 16], dist.group.WORLD, fp8=fp8)
     return sum(sent)
 
 

@@ -16,15 +16,9 @@ from .local import attention_with_lse
 from .merge import merge_attention
 
 
-def _to_wire(x: torch.Tensor, fp8: bool) -> torch.Tensor:
-    """[B, H, S, D] -> the contiguous [B, S, H, D] that travels: the projections' own layout, so with no Ulysses
-    the local k and v go out as they are, uncopied (no stacking either: k and v are two sends of one group)."""
-    x = x.transpose(1, 2).contiguous()
-    return quantize_fp8(x) if fp8 else x
-
-
-def _from_wire(x: torch.Tensor, dtype: torch.dtype, fp8: bool) -> torch.Tensor:
-    return (dequantize_fp8(x, dtype) if fp8 else x).transpose(1, 2)
+def _as_bhsd(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[S, 2, B, H, D] -> k, v as [B, H, S, D] views."""
+    return kv[:, 0].permute(1, 2, 0, 3), kv[:, 1].permute(1, 2, 0, 3)
 
 
 def _chunk_blocks(q, k, v, text_len: int, text_bias: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -38,12 +32,12 @@ def _chunk_blocks(q, k, v, text_len: int, text_bias: torch.Tensor | None) -> lis
     return [image, attention_with_lse(q, k[:, :, :text_len], v[:, :, :text_len], text_bias)]
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_lens: list[int], group,
+def ring_attention(q: torch.Tensor, kv: torch.Tensor, chunk_lens: list[int], group,
                    text_bias: torch.Tensor | None = None, text_lens: list[int] | None = None, fp8: bool = False,
                    overlap: bool = True) -> torch.Tensor:
     """Attend q [B, H, S_q, D] to the keys/values of every rank in `group`.
 
-    k, v: this rank's chunk [B, H, S_kv, D]. chunk_lens[r]: S_kv of ring rank r.
+    kv: this rank's chunk [S_kv, 2, B, H, D] (contiguous). chunk_lens[r]: S_kv of ring rank r.
     text_bias: None, or an additive mask [B, sum(text_lens)] over the text keys. Then the first text_lens[r] keys
     of ring rank r's chunk are its text keys, with their bias at offset sum(text_lens[:r]); its other keys are
     attended unmasked.
@@ -53,20 +47,19 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_lens
     comm = RingComm(group)
     text_lens = text_lens or [0] * comm.size
     text_starts = [sum(text_lens[:r]) for r in range(comm.size)]
-    # What goes out is what comes in, so a quantized chunk is quantized once, by its owner.
-    wire = [_to_wire(k, fp8), _to_wire(v, fp8)]
+    # The wire format: what goes out is what comes in, so a quantized chunk is quantized once, by its owner.
+    wire = quantize_fp8(kv) if fp8 else kv
     out = lse = None
     for step in range(comm.size):
         src = (comm.rank - step) % comm.size
         if step + 1 < comm.size:
-            incoming = chunk_lens[(comm.rank - step - 1) % comm.size]
-            next_wire = comm.send_recv(wire, [(w.shape[0], incoming, *w.shape[2:]) for w in wire])
+            incoming = (comm.rank - step - 1) % comm.size
+            next_wire = comm.send_recv(wire, (chunk_lens[incoming],) + tuple(wire.shape[1:]))
             if not overlap:
                 comm.wait()
-        if step > 0:
-            k, v = (_from_wire(w, q.dtype, fp8) for w in wire)
+        chunk = kv if step == 0 else (dequantize_fp8(wire, q.dtype) if fp8 else wire)
         bias = None if text_bias is None else text_bias[:, text_starts[src]: text_starts[src] + text_lens[src]]
-        blocks = _chunk_blocks(q, k, v, text_lens[src], bias)
+        blocks = _chunk_blocks(q, *_as_bhsd(chunk), text_lens[src], bias)
         for i, block in enumerate(blocks):
             # the last merge writes q's dtype; before it the running result is float32
             last = step + 1 == comm.size and i + 1 == len(blocks)

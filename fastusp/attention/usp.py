@@ -24,14 +24,13 @@ def _traced(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _text_keys_first(x: torch.Tensor, text: tuple[int, ...], image: tuple[int, ...]) -> torch.Tensor:
-    """Keys [B, h, S, D] in the Ulysses group's order [text_0, image_0, text_1, image_1, ...] -> [text_0, text_1,
-    ..., image_0, image_1, ...], as a view of [B, S, h, D] memory: the one copy, which ring attention's send
-    needs anyway."""
+def _text_keys_first(kv: torch.Tensor, text: tuple[int, ...], image: tuple[int, ...]) -> torch.Tensor:
+    """kv [S, 2, B, h, D] in the Ulysses group's order [text_0, image_0, text_1, image_1, ...] -> a contiguous copy
+    in the order [text_0, text_1, ..., image_0, image_1, ...]: the one copy, which ring attention's send needs
+    anyway."""
     starts = [sum(text[:j]) + sum(image[:j]) for j in range(len(text))]
     spans = [(s, t) for s, t in zip(starts, text)] + [(s + t, i) for s, t, i in zip(starts, text, image)]
-    x = x.transpose(1, 2)
-    return torch.cat([x.narrow(1, start, length) for start, length in spans], dim=1).transpose(1, 2)
+    return torch.cat([kv.narrow(0, start, length) for start, length in spans])
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SeqLayout,
@@ -42,9 +41,10 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seq
     rank_span = slice(config.ring_rank * u, (config.ring_rank + 1) * u)  # the world ranks of this Ulysses group
     group_lens = list(tokens[rank_span])
 
-    def attend(q_h: torch.Tensor, k_h: torch.Tensor, v_h: torch.Tensor) -> torch.Tensor:
-        """[B, h, S_chunk, D] each -> [B, h, S_chunk, D]."""
+    def attend(q_h: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """q_h [B, h, S_chunk, D], kv [S_chunk, 2, B, h, D] -> [B, h, S_chunk, D]."""
         if r == 1:
+            k_h, v_h = kv.permute(1, 2, 3, 0, 4).unbind(0)  # two calls, not four: eager pays host time per op
             # Only when compiled: Inductor fuses the split's copies and merge. As separate kernels (eager, or eager
             # kernels in a CUDA graph) they cost more than the bias saves: 240 against 171 us (H200, 6 heads).
             if layout.key_bias is not None and torch.compiler.is_compiling():
@@ -53,12 +53,13 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seq
         chunk_lens = [sum(tokens[i * u:(i + 1) * u]) for i in range(r)]
         text_lens = [sum(layout.text[i * u:(i + 1) * u]) for i in range(r)]
         if layout.text_bias is not None and u > 1:  # the ring wants each chunk's keys as [text | image]
-            k_h, v_h = (_text_keys_first(x, layout.text[rank_span], layout.image[rank_span]) for x in (k_h, v_h))
-        return maybe_traceable_ring_attention(q_h, k_h, v_h, chunk_lens, config.ring_group, layout.text_bias,
+            kv = _text_keys_first(kv, layout.text[rank_span], layout.image[rank_span])
+        return maybe_traceable_ring_attention(q_h, kv.contiguous(), chunk_lens, config.ring_group, layout.text_bias,
                                               text_lens, config.fp8_qkv, config.ring_overlap)
 
-    if u == 1:  # no all-to-all: q, k and v are used in place (the ring sends k and v as they are)
-        return attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    if u == 1:  # no all-to-all: q is used in place, only k|v are packed (the ring sends them)
+        kv = a2a.pack_head_chunks([k, v], 1, 1)[0][0]  # [S_local, 2, B, H, D]
+        return attend(q.transpose(1, 2), kv).transpose(1, 2)
 
     group, fp8 = config.ulysses_group, config.fp8_qkv
     sends = a2a.pack_head_chunks([q, k, v], u, config.head_chunks(q.shape[2], _traced(q)))
@@ -66,7 +67,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seq
     returning = []
     for send, received in zip(sends, in_flight):
         qkv = a2a.finish_seq_to_head(a2a.wait(received), send, q.dtype, fp8)  # [S_chunk, 3, B, hc, D]
-        out = attend(*qkv.permute(1, 2, 3, 0, 4).unbind(0))  # two calls, not six: eager pays host time per op
+        out = attend(qkv[:, 0].permute(1, 2, 0, 3), qkv[:, 1:])
         returning.append(a2a.start_head_to_seq(out, group_lens, config.ulysses_rank, group, config.fp8_out))
     return a2a.join_head_chunks([a2a.wait(x) for x in returning], q.shape[0], q.shape[1], u, q.shape[3], q.dtype,
                                 config.fp8_out)

@@ -1,9 +1,9 @@
-"""Point-to-point rotation of buffers around a ring of ranks: send to the next rank, receive from the previous.
+"""Point-to-point rotation of a buffer around a ring of ranks: send to the next rank, receive from the previous.
 
 Usage, so that transfer overlaps compute:
-    nxt = comm.send_recv([k, v], [k_shape, v_shape])   # queued and launched at once, as one NCCL group
-    ... compute on k, v ...
-    comm.wait(); k, v = nxt
+    nxt = comm.send_recv(buf, recv_shape)   # queued and launched at once
+    ... compute on buf ...
+    comm.wait(); buf = nxt
 """
 from __future__ import annotations
 
@@ -26,15 +26,14 @@ class RingComm:
         self.size, self.rank, self.next_rank, self.prev_rank = _ring_peers(group)
         self._reqs = None
 
-    def send_recv(self, bufs: list[torch.Tensor], recv_shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
-        """Send each contiguous buffer to the next rank and receive one of each shape from the previous."""
+    def send_recv(self, buf: torch.Tensor, recv_shape: tuple[int, ...]) -> torch.Tensor:
         if self._reqs is not None:
             raise RuntimeError("RingComm.send_recv called again before wait()")
-        recvs = [buf.new_empty(shape) for buf, shape in zip(bufs, recv_shapes)]
-        ops = [dist.P2POp(dist.isend, buf, self.next_rank, self.group) for buf in bufs]
-        ops += [dist.P2POp(dist.irecv, recv, self.prev_rank, self.group) for recv in recvs]
+        recv = buf.new_empty(recv_shape)
+        ops = [dist.P2POp(dist.isend, buf, self.next_rank, self.group),
+               dist.P2POp(dist.irecv, recv, self.prev_rank, self.group)]
         self._reqs = dist.batch_isend_irecv(ops)
-        return recvs
+        return recv
 
     def wait(self) -> None:
         if self._reqs is None:

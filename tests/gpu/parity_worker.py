@@ -126,8 +126,9 @@ def main(world: int, rank: int, device) -> int:
             checks += [(u, r, False, "inductor") for u, r in layouts(world)]
             checks += [(u, r, False, "graphs") for u, r in layouts(world)]
             checks += [(world, 1, True, "inductor")]  # FP8 compiled: its scale views once failed to lower on GPU
-        else:  # compiled Ulysses at this world size: every rank's image keys joined, the masked text keys apart
-            checks += [(world, 1, False, "inductor")]
+        else:  # compiled Ulysses at this world size: every rank's image keys joined, the masked text keys apart;
+            # compiled hybrid: each ring chunk's keys reordered [text | image] inside the graph
+            checks += [(world, 1, False, "inductor"), (world // 2, 2, False, "inductor")]
         if "--quick" in sys.argv:  # one model, the Ulysses layout eager / compiled / graphed: a smoke test
             checks = [c for c in checks if c[:3] == (world, 1, False)]
         for u, r, fp8, compiled in checks:
