@@ -62,8 +62,8 @@ class SeqLayout:
 def text_bias_from_mask(text_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive bias [B, S_text] from a [B, S_text] mask (True/1 = keep).
 
-    A large finite negative value (not -inf) keeps a key chunk that is entirely padding from producing NaN in a
-    ring step: its log-sum-exp is then hugely negative and its merge weight is exactly zero.
+    A large finite negative value (not -inf) keeps a block of keys that is entirely padding (a ring chunk's text
+    keys) from producing NaN: its log-sum-exp is then hugely negative and its merge weight is exactly zero.
     """
     keep = text_mask.to(torch.bool)
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min / 2)
@@ -78,4 +78,3 @@ def key_bias_from_text_bias(text_bias: torch.Tensor, layout_text: tuple[int, ...
         pieces.append(text_bias.new_zeros(text_bias.shape[0], i))
         start += t
     return torch.cat(pieces, dim=1)
-
