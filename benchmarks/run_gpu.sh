@@ -78,7 +78,13 @@ failure_text() {
   fi
   # a rank's own error line, else argparse's complaint about the arguments
   line=$(grep -m1 -E '^STEP_LATENCY_ERR|^step_latency.py: error:' "$err_file" | sed 's/^STEP_LATENCY_ERR //')
-  echo "${line:-exit code $rc without a record; see err.log}"
+  [ -n "$line" ] && { echo "$line"; return; }
+  # faulthandler's stack dump, 15 s before the limit, can itself crash a rank that is busy compiling (seen: SIGSEGV)
+  if grep -q -E '^Timeout \([0-9:]+\)!' "$err_file"; then
+    echo "still running at the stack dump 15 s before the ${limit} s limit, then exit code $rc; see err.log"
+    return
+  fi
+  echo "exit code $rc without a record; see err.log"
 }
 
 # rank 0 often sees only the echo of another rank's crash ("connection closed", NCCL watchdog): copy the other
