@@ -37,8 +37,9 @@ class SeqLayout:
     text_bias: torch.Tensor | None = None
 
     @classmethod
-    def even(cls, text_len: int, image_len: int, world: int, key_bias: torch.Tensor | None = None) -> "SeqLayout":
-        return cls(tuple(split_sizes(text_len, world)), tuple(split_sizes(image_len, world)), key_bias)
+    def even(cls, text_len: int, image_len: int, world: int) -> "SeqLayout":
+        """Near-even chunks, unmasked; with_text_mask adds a mask's two biases together."""
+        return cls(tuple(split_sizes(text_len, world)), tuple(split_sizes(image_len, world)))
 
     def with_text_mask(self, text_mask: torch.Tensor, dtype: torch.dtype) -> "SeqLayout":
         """This layout with the key biases of a [B, S_text] text mask (True/1 = keep)."""
