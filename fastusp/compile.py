@@ -90,6 +90,13 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
     transformer = getattr(obj, "transformer", obj)
     on_cuda = get_module_execution_device(transformer).type == "cuda"  # an offloaded model's GPU, not the CPU
     use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+    spec = _model_spec(transformer)
+    no_graphs = spec.no_cuda_graphs if spec is not None else None
+    if no_graphs is not None:
+        if cuda_graphs or backend is None:
+            raise ValueError(f"CUDA graphs are not available for {type(transformer).__name__}: {no_graphs}; "
+                             f"compile with cuda_graphs=None or False and a torch.compile backend")
+        use_graphs = False
     if use_graphs and not on_cuda:
         raise ValueError("cuda_graphs=True needs the transformer on a CUDA device")
     if use_graphs:
@@ -103,6 +110,8 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
     report = getattr(transformer, "_fastusp_compile_report", None)
     if report is None:
         report = CompileReport(mode=mode, cuda_graphs=use_graphs, text_bucket=text_bucket)
+        if no_graphs is not None and on_cuda:
+            report.fell_back["cuda graphs"] = no_graphs
         compile_transformer(transformer, report, regional, reorder_comm, backend)
         transformer._fastusp_compile_report = report
     elif not new_controlnets:
@@ -123,7 +132,7 @@ def compile_transformer(transformer, report: CompileReport, regional: bool, reor
     """Its repeated blocks (or the whole of it) compiled, then its forward graphed, as report.cuda_graphs says, and
     prompts padded to report.text_bucket tokens on their way in."""
     config = getattr(transformer, "_fastusp_config", None)
-    if config is not None and config.ring > 1:
+    if config is not None and config.ring > 1 and not _model_spec(transformer).joint_sequence:
         report.opaque.append("ring attention (fastusp::ring_attention custom op)")
     if backend is not None:
         regions = _repeated_blocks(transformer) if regional else [("transformer", transformer)]
@@ -245,10 +254,15 @@ def _pad_tokens(tensor: torch.Tensor, dim: int, extra: int) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, pad)
 
 
-def _text_mask_spec(transformer):
+def _model_spec(transformer):
+    """What parallelize knows of this transformer's class (None: a class fastusp does not parallelize)."""
     from .parallelize import _model_specs
 
-    spec = _model_specs().get(type(transformer))
+    return _model_specs().get(type(transformer))
+
+
+def _text_mask_spec(transformer):
+    spec = _model_spec(transformer)
     if spec is None or spec.text_mask is None:
         raise ValueError(f"text_bucket pads prompts behind a text mask, which {type(transformer).__name__} does not "
                          f"take (FLUX pipelines pad prompts to a fixed length themselves)")

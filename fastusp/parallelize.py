@@ -1,8 +1,9 @@
-"""parallelize(): patch a diffusers FLUX / FLUX.2 / Qwen-Image transformer (or the pipeline holding it) for USP.
+"""parallelize(): patch a diffusers FLUX / FLUX.2 / Qwen-Image (2.1) transformer (or the pipeline holding it) for USP.
 
 After it the transformer takes the same full inputs on every rank and returns the full output on every rank:
   apply_usp_processors      swap each attention processor for the fastusp one (diffusers' math, USP attention)
   apply_sequence_sharding   wrap forward: cut inputs along the sequence, run diffusers' forward, gather the output
+                            (Qwen-Image 2.1: cut the joint sequence the forward builds, at its first block)
   apply_controlnet_sharding pipelines with a ControlNet: it is sharded too, its residuals stay sharded
   apply_rank_consistency    pipelines only: same initial noise on every rank, progress bar on rank 0
   apply_cfg_parallel        pipelines with cfg=2 only: each half of the ranks runs one guidance pass of a step
@@ -27,6 +28,7 @@ from .processors.context import USPContext
 from .processors.flux import FastUSPFluxAttnProcessor, FastUSPFluxIPAdapterAttnProcessor
 from .processors.flux2 import FastUSPFlux2AttnProcessor, FastUSPFlux2ParallelSelfAttnProcessor
 from .processors.qwen_image import FastUSPQwenImageAttnProcessor
+from .processors.qwen_image21 import FastUSPQwenImage21AttnProcessor
 from .sharding import SeqLayout
 
 logger = logging.getLogger("fastusp")
@@ -53,10 +55,16 @@ class ModelSpec:
     # forward inputs fastusp does not shard -> what they are for: a call that sets one raises, rather than run
     # diffusers' per-position code on this rank's tokens alone
     refused_inputs: dict[str, str] | None = None
+    # the forward interleaves text and image tokens into one sequence itself (Qwen-Image 2.1): the blocks get this
+    # rank's rows of it, and its inputs stay whole
+    joint_sequence: bool = False
+    # why compile_pipeline cannot capture the forward as CUDA graphs, if it cannot
+    no_cuda_graphs: str | None = None
 
 
 def _model_specs() -> dict[type, ModelSpec]:
-    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel
+    from diffusers import (Flux2Transformer2DModel, FluxTransformer2DModel, QwenImage21Transformer2DModel,
+                           QwenImageTransformer2DModel)
 
     return {
         FluxTransformer2DModel: ModelSpec(
@@ -84,6 +92,13 @@ def _model_specs() -> dict[type, ModelSpec]:
             # reference images (1, modulated as at t = 0)
             block_image_inputs={"zero_cond_t": {"modulate_index": -1}},
         ),
+        QwenImage21Transformer2DModel: ModelSpec(
+            {"QwenImage21AttnProcessor": FastUSPQwenImage21AttnProcessor,
+             "QwenImage21FlexAttnProcessor": FastUSPQwenImage21AttnProcessor},
+            text_inputs={}, image_inputs={}, residual_inputs={}, joint_sequence=True,
+            no_cuda_graphs="Qwen-Image 2.1's forward reads tensors on the host (.tolist(), to lay out RoPE and the "
+                           "block-causal segments), which CUDA graph capture forbids",
+        ),
     }
 
 
@@ -91,7 +106,7 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     """Shard a FLUX / FLUX.2 / Qwen-Image transformer's token sequence across all ranks, in place; returns `obj`.
 
     obj: a diffusers pipeline with a `transformer`, or a FluxTransformer2DModel / Flux2Transformer2DModel /
-    QwenImageTransformer2DModel.
+    QwenImageTransformer2DModel / QwenImage21Transformer2DModel (Qwen-Image 2.1: not with cfg=2).
     cfg * ulysses * ring must equal the number of processes (torchrun --nproc-per-node), and ulysses must divide
     the number of attention heads. cfg=2 runs the two guidance passes of true CFG on two halves of the ranks at
     once (a pipeline only). fp8_comm and the tuning options (ulysses_chunks, ring_overlap): see ParallelConfig.
@@ -105,6 +120,9 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     if obj is not transformer and getattr(transformer, "_fastusp_config", None) is not None:
         return _add_pipeline(obj, transformer, config)
     spec = _spec_for(transformer)
+    if spec.joint_sequence and config.cfg > 1:
+        raise NotImplementedError(f"cfg parallelism is not supported for {type(transformer).__name__}; use "
+                                  f"ulysses and ring over all ranks")
     for model in [transformer, *controlnets(obj)]:
         config.validate_heads(model.config.num_attention_heads)
     # where it computes: under enable_model_cpu_offload the weights wait on the CPU and the offload hook names the GPU
@@ -223,6 +241,9 @@ def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -
     """Wrap forward so it takes full inputs, runs on this rank's tokens and returns the full output."""
     config = context.config
     ranks, rank = config.sequence_size, config.sequence_rank
+    if spec.joint_sequence:
+        _shard_joint_sequence(transformer, context, ranks, rank)
+        return
     if spec.rope_from_shapes:
         _shard_qwen_rope(transformer.pos_embed, context, rank)
     for flag, inputs in (spec.block_image_inputs or {}).items():
@@ -240,6 +261,45 @@ def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -
         with context.forward_with(shard_inputs(inputs, spec, ranks, rank)) as layout:
             sample = original(**inputs, return_dict=False)[0]
         return gather_seq(sample, list(layout.image), config.sequence_group, dim=1)
+
+    wrap_forward(transformer, run_sharded)
+
+
+def _shard_joint_sequence(transformer, context: USPContext, ranks: int, rank: int) -> None:
+    """Qwen-Image 2.1 builds its joint sequence inside the forward (text and condition-image tokens interleaved, the
+    target image's last; with a KV cache after the first step, the target image's alone). The first block gets this
+    rank's rows of it, every block this rank's rows of the per-token inputs (RoPE, which tokens modulate as the
+    target), and the last block's output is gathered: the forward's tail (norm_out, proj_out) runs on the whole
+    sequence, as on one device. The segments and key mask that the processors read stay global."""
+    config, blocks = context.config, transformer.transformer_blocks
+
+    def enter(block, args, kwargs):
+        if block is blocks[0]:
+            hidden = kwargs["hidden_states"]
+            if hidden.shape[1] < ranks:
+                raise ValueError(f"{hidden.shape[1]} tokens cannot be split over {ranks} ranks; use a larger image")
+            context.layout = SeqLayout.even(0, hidden.shape[1], ranks)
+            kwargs["hidden_states"] = _shard(hidden, context.layout.image_slice(rank), 1)
+        rows = context.current_layout().image_slice(rank)
+        for name in ("rotary_emb", "target_token_mask"):
+            kwargs[name] = _shard(kwargs.get(name), rows, 0)
+        return args, kwargs
+
+    def leave(block, args, kwargs, output):
+        return gather_seq(output, list(context.current_layout().image), config.sequence_group, dim=1)
+
+    for block in blocks:
+        block.register_forward_pre_hook(enter, with_kwargs=True)
+    blocks[-1].register_forward_hook(leave, with_kwargs=True)
+
+    def run_sharded(original, inputs):
+        if getattr(transformer, "_cache_config", None) is not None:
+            raise NotImplementedError(f"diffusers' caches are not supported on a parallelized "
+                                      f"{type(transformer).__name__}")
+        try:
+            return original(**inputs, return_dict=False)[0]
+        finally:
+            context.layout = None
 
     wrap_forward(transformer, run_sharded)
 

@@ -101,6 +101,45 @@ def qwen_inputs(batch=1, height=4, width=5, text_len=7, valid_lens=None, seed=1,
     )
 
 
+def tiny_qwen21():
+    """Qwen-Image 2.1: one single-stream block kind over the joint [text | images] sequence, block-causal."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    torch.manual_seed(0)
+    return QwenImage21Transformer2DModel(
+        num_layers=2, attention_head_dim=16, num_attention_heads=HEADS, context_in_dim=32, in_channels=16,
+        out_channels=16, axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def qwen21_inputs(batch=2, target_hw=(4, 6), condition_hw=(2, 4), text_lens=(3, 2), valid_lens=(5, 4), seed=1,
+                  timestep=0.5):
+    """Qwen-Image 2.1's forward inputs as its pipeline passes them: the prompt's `text_lens[0]` tokens, a condition
+    image's slots (one per 2x2 latent tokens; none if condition_hw is None), `text_lens[1]` more text tokens, then
+    the target image's slots; latents [condition | target]. valid_lens: per-sample real text tokens (the prompt's
+    tail is padding), or None for no mask."""
+    g = torch.Generator().manual_seed(seed)
+    slots = [False] * text_lens[0]
+    if condition_hw:
+        slots += [True] * (condition_hw[0] * condition_hw[1] // 4)
+    slots += [False] * text_lens[1]
+    text = len(slots)
+    shapes = ([(1, *condition_hw)] if condition_hw else []) + [(1, *target_hw)]
+    img_mask = torch.tensor([slots + [True] * (target_hw[0] * target_hw[1] // 4)] * batch)
+    mask = None
+    if valid_lens is not None:  # counts the text positions only: slots are always valid
+        real = torch.cumsum(~torch.tensor(slots), 0)
+        mask = torch.stack([(real <= n) | torch.tensor(slots) for n in valid_lens])
+    return dict(
+        hidden_states=torch.randn(batch, sum(h * w for _, h, w in shapes), 16, generator=g),
+        encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+        encoder_hidden_states_mask=mask,
+        timestep=torch.full((batch,), timestep),
+        img_shapes=[shapes] * batch,
+        img_mask=img_mask,
+    )
+
+
 def qwen_layered_inputs(batch=1, height=4, width=5, text_len=7, valid_lens=None, seed=1, layers=2):
     """Qwen-Image-Layered's forward inputs: the composite and `layers` layers being generated, then the input image,
     all height x width (one img_shapes entry each, as the pipeline passes them); the RGB flag alternates over the
