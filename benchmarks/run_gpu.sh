@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a list of step-latency benchmarks on a GPU machine with no internet, from the repo root.
 #
-#   bash benchmarks/run_gpu.sh [flux|flux2|qwen] RUN... [flux|flux2|qwen] RUN...
+#   bash benchmarks/run_gpu.sh [flux|flux2|qwen|qwen21] RUN... [flux|flux2|qwen|qwen21] RUN...
 #   RUN = world:impl:config:compile[:extra,args]     (commas in extra become spaces)
 #     1:single:-:0    2:fastusp:u2r1:1    4:fastusp:u2r2-fp8:1    2:diffusers:ulysses2:1:--backend,_native_cudnn
 #     2:yunchang:u2r1:0 (yunchang's USP inside fastusp's sharding; wheel in .whl/)
@@ -28,7 +28,7 @@ check_spec() {
 }
 
 for spec in "$@"; do
-  case $spec in flux|flux2|qwen|qwen-image) ;; *) check_spec "$spec" || exit 2 ;; esac
+  case $spec in flux|flux2|qwen|qwen-image|qwen21) ;; *) check_spec "$spec" || exit 2 ;; esac
 done
 
 OUT=${OUT:-/tmp/bench-out}
@@ -141,7 +141,7 @@ n=0
 skipped=0
 for spec in "$@"; do
   case $spec in
-    flux|flux2|qwen|qwen-image) model=$spec; continue ;;
+    flux|flux2|qwen|qwen-image|qwen21) model=$spec; continue ;;
   esac
   IFS=: read -r world impl config compile extra <<<"$spec"
   left=$((BUDGET_S - SECONDS - 15))  # 15 s kept for a failure record and the clean-up

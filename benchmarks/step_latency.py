@@ -35,6 +35,10 @@ when it fails (`err` is then set), and appends it to $OUT/results.jsonl when $OU
                   FluxControlNetPipeline shell around both goes to parallelize / compile_pipeline); with
                   --controlnet-whole, and for the other impls, it runs whole on every rank, blocks compiled one by
                   one when --compile 1. InstantX's FLUX Union ControlNet is 5+10.
+--model qwen21    Qwen-Image 2.1 (one joint sequence, block-causal; 16x VAE, unpatched latents: 4096 image tokens at
+                  1024²). Every step is the prefill (use_kv_cache=False); with --kv-cache, the steps after the
+                  first, which decode the image's tokens against the prompt's cached keys and values (the
+                  pipeline's default). No diffusers context parallel exists for it: the baseline is one GPU.
 --tiny            CPU + gloo, float32, a one-layer model and a 256x256 image: checks the harness, not speed.
 """
 from __future__ import annotations
@@ -62,9 +66,10 @@ if REPO_ROOT not in sys.path:
     sys.path.append(REPO_ROOT)
 
 TINY = dict(num_layers=1, attention_head_dim=16, num_attention_heads=4)
-MODEL_NAMES = {"flux": "flux", "flux2": "flux2", "qwen": "qwen-image", "qwen-image": "qwen-image"}
+MODEL_NAMES = {"flux": "flux", "flux2": "flux2", "qwen": "qwen-image", "qwen-image": "qwen-image",
+               "qwen21": "qwen-image-2.1"}
 # FLUX pads T5 to 512 tokens, FLUX.2's pipeline pads its Mistral prompt to 512; Qwen-Image prompts are short
-DEFAULT_TXT = {"flux": 512, "flux2": 512, "qwen-image": 128}
+DEFAULT_TXT = {"flux": 512, "flux2": 512, "qwen-image": 128, "qwen-image-2.1": 128}
 
 
 # --- command line -------------------------------------------------------------------------------------------------
@@ -109,6 +114,8 @@ def parse_args(argv=None):
     ap.add_argument("--edit-2511", action="store_true",
                     help="Qwen-Image-Edit-2511: the transformer with zero_cond_t and a reference image of the same "
                          "size after the edited one (twice the image tokens)")
+    ap.add_argument("--kv-cache", action="store_true",
+                    help="Qwen-Image 2.1: fill the prompt's KV cache once, then time the cached steps")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
@@ -133,6 +140,10 @@ def parse_args(argv=None):
     if a.controlnet and (a.model != "flux" or a.true_cfg or a.compile_mode == "whole"
                          or not re.fullmatch(r"\d+\+\d+", a.controlnet)):
         ap.error("--controlnet DOUBLE+SINGLE: FLUX only, without --true-cfg or --compile-mode whole")
+    if a.model == "qwen-image-2.1" and (a.true_cfg or a.impl in ("diffusers", "yunchang") or a.fuse_qkv):
+        ap.error("--model qwen21: --impl single or fastusp, without --true-cfg")
+    if a.kv_cache and a.model != "qwen-image-2.1":
+        ap.error("--kv-cache: --model qwen21 only")
     if a.edit_2511 and (a.model != "qwen-image" or a.true_cfg):
         ap.error("--edit-2511: Qwen-Image, without --true-cfg")
     if a.controlnet_whole and not (a.controlnet and a.impl == "fastusp"):
@@ -230,6 +241,9 @@ def build_model(model_name, device, dtype, tiny=False, zero_cond_t=False):
         kw = dict(guidance_embeds=True)
         if tiny:
             kw.update(TINY, num_single_layers=1, axes_dims_rope=(4, 4, 4, 4))
+    elif model_name == "qwen-image-2.1":
+        from diffusers import QwenImage21Transformer2DModel as Model
+        kw = dict(TINY, axes_dims_rope=(4, 6, 6)) if tiny else {}
     else:
         from diffusers import QwenImageTransformer2DModel as Model
         kw = dict(zero_cond_t=True) if zero_cond_t else {}
@@ -241,9 +255,12 @@ def build_model(model_name, device, dtype, tiny=False, zero_cond_t=False):
     # first (as shared/anchors did) peaks at 4 bytes/param, 76 GiB for Qwen-Image, the whole of an H100
     model = model.to(dtype).to_empty(device=device)
     fill_random_(model, device)
-    if model_name == "qwen-image":  # QwenEmbedRope keeps its frequency tables as plain attributes: rebuild off meta
+    # the RoPE modules keep their frequency tables as plain attributes: rebuild them off meta
+    if model_name == "qwen-image":
         model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(model.config.axes_dims_rope),
                                                 scale_rope=True)
+    if model_name == "qwen-image-2.1":
+        model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(model.config.axes_dims_rope))
     return model.eval()
 
 
@@ -265,6 +282,12 @@ def make_inputs(model_name, device, dtype, height, width, txt_len, text_mask="on
     reference (Qwen-Image-Edit): a reference image of the same size, its tokens after the edited image's."""
     g = torch.Generator(device=device).manual_seed(1)
     h, w = height // 16, width // 16
+    if model_name == "qwen-image-2.1":  # the prompt, then the image's slots (one per 2x2 latent tokens); no mask
+        slots = torch.tensor([[False] * txt_len + [True] * (h * w // 4)], device=device)
+        return dict(hidden_states=torch.randn(1, h * w, 64, device=device, dtype=dtype, generator=g),
+                    encoder_hidden_states=torch.randn(1, txt_len, 4096, device=device, dtype=dtype, generator=g),
+                    timestep=torch.tensor([0.5], device=device, dtype=dtype), img_shapes=[[(1, h, w)]],
+                    img_mask=slots, return_dict=False)
     images = 2 if reference else 1
     timestep = torch.tensor([0.5], device=device, dtype=dtype)
     if model_name == "flux2":  # 32 latent channels packed 2x2; batched 4-axis ids (diffusers' context parallel plan
@@ -421,6 +444,16 @@ def timed_steps(fwd, kw, device, world, steps):
         sync(device)
         times_ms.append((time.perf_counter() - t) * 1e3)
     return out, times_ms
+
+
+@torch.inference_mode()
+def kv_cached_inputs(fwd, kw, model) -> dict:
+    """Qwen-Image 2.1: run the cache's first step ("extract") once; returns the inputs of a cached step."""
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+
+    cache = QwenImage21KVCache(len(model.transformer_blocks))
+    fwd(**kw, kv_cache=cache, kv_cache_mode="extract")
+    return dict(kw, kv_cache=cache, kv_cache_mode="cached")
 
 
 # --- a step with a ControlNet (--controlnet) --------------------------------------------------------------------
@@ -586,6 +619,7 @@ def base_record(a, world, device) -> dict:
                 **({"text_mask": a.text_mask} if a.text_mask != "ones" else {}),
                 **({"true_cfg": a.true_cfg} if a.true_cfg else {}),
                 **({"edit_2511": True} if a.edit_2511 else {}),
+                **({"kv_cache": True} if a.kv_cache else {}),
                 **({"controlnet": a.controlnet} if a.controlnet else {}),
                 **({"controlnet_whole": True} if a.controlnet_whole else {}))
 
@@ -637,6 +671,8 @@ def run(a, world, rank, device, record):
         fwd = in_cache_context(fwd, model)
     kw = pipeline_inputs(model, a, device, dtype) if pipe else make_inputs(a.model, device, dtype, a.height, a.width,
                                                                              a.txt, a.text_mask, a.edit_2511)
+    if a.kv_cache:  # the pipeline's first step fills the cache; the timed steps are its later ones
+        kw = kv_cached_inputs(fwd, kw, model)
     if net is not None:
         if a.compile and target is model:  # else compile_pipeline compiled the ControlNet's blocks with the rest
             compile_controlnet_blocks(net)

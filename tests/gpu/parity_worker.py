@@ -337,7 +337,7 @@ def check_qwen_variants(world: int, rank: int, device) -> int:
 
 def run_checks() -> int:
     """All checks; --quick: the transformer smoke test only; --only NAME,...: ip-adapter, controlnet, lora,
-    qwen-variants, main, cfg-parallel, offload, text-bucket, first-block-cache or mag-cache-calibration;
+    qwen-variants, main, cfg-parallel, offload, text-bucket, first-block-cache, mag-cache-calibration or qwen21;
     --models flux,flux2,qwen: main's transformers (default all)."""
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
@@ -346,7 +346,8 @@ def run_checks() -> int:
     checks = {"ip-adapter": check_ip_adapter, "controlnet": check_controlnet, "lora": check_lora,
               "qwen-variants": check_qwen_variants, "main": main, "cfg-parallel": check_cfg_parallel,
               "offload": check_offload, "text-bucket": check_text_bucket,
-              "first-block-cache": check_first_block_cache, "mag-cache-calibration": check_mag_cache_calibration}
+              "first-block-cache": check_first_block_cache, "mag-cache-calibration": check_mag_cache_calibration,
+              "qwen21": check_qwen21}
     if "--only" in sys.argv:
         checks = {name: checks[name] for name in sys.argv[sys.argv.index("--only") + 1].split(",")}
     elif "--quick" in sys.argv:
@@ -504,6 +505,55 @@ def check_mag_cache_calibration(world: int, rank: int, device) -> int:
         emit(rank, device, check="mag_cache_calibration", model=f"{name}-pipeline", world=world, ulysses=world,
              max_rel_diff=round(((out - ref).abs() / ref.abs()).max().item(), 6) if out.shape == ref.shape else None,
              ok=ok)
+    return failures
+
+
+def check_qwen21(world: int, rank: int, device) -> int:
+    """Qwen-Image 2.1 at real widths (32 heads x 128, two blocks), batch 2 with a padded prompt, a 16x16 condition
+    image between two runs of text and a 32x30 target image: every layout, eager and compiled (no CUDA graphs: the
+    forward syncs with the host), each through the pipeline's three calls (no cache, the cache's first step, a cached
+    step). Returns the number of failed checks."""
+    from diffusers import QwenImage21Transformer2DModel
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+
+    def build21():
+        torch.manual_seed(0)
+        with torch.device(device):
+            return QwenImage21Transformer2DModel(num_layers=2).to(torch.bfloat16).eval()
+
+    g = torch.Generator(device=device).manual_seed(1)
+    rand = lambda *shape: torch.randn(*shape, device=device, dtype=torch.bfloat16, generator=g)
+    slots = [False] * 40 + [True] * 64 + [False] * 37  # text, the condition image's 2x2-token slots, text
+    x = dict(hidden_states=rand(2, 16 * 16 + 32 * 30, 64), encoder_hidden_states=rand(2, len(slots), 4096),
+             encoder_hidden_states_mask=torch.tensor([[True] * len(slots)] * 2, device=device),
+             timestep=torch.full((2,), 0.5, device=device), img_shapes=[[(1, 16, 16), (1, 32, 30)]] * 2,
+             img_mask=torch.tensor([slots + [True] * (32 * 30 // 4)] * 2, device=device))
+    x["encoder_hidden_states_mask"][0, 120:] = False  # sample 0's prompt ends 21 tokens early
+
+    def three_calls(model):
+        with torch.no_grad():
+            cache = QwenImage21KVCache(2)
+            outs = [model(**x, return_dict=False)[0],
+                    model(**x, kv_cache=cache, kv_cache_mode="extract", return_dict=False)[0],
+                    model(**dict(x, timestep=x["timestep"] * 0.4), kv_cache=cache, kv_cache_mode="cached",
+                          return_dict=False)[0]]
+        return [o.float() for o in outs]
+
+    refs = three_calls(build21())
+    failures = 0
+    for u, r in layouts(world):
+        for compiled in (False, True):
+            model = fastusp.parallelize(build21(), ulysses=u, ring=r)
+            if compiled:
+                fastusp.compile_pipeline(model)
+            for call, out, ref in zip(("no cache", "extract", "cached"), three_calls(model), refs):
+                err = rel_err(out, ref)
+                ok = err < BF16_TOL and torch.isfinite(out).all().item()
+                failures += not ok
+                emit(rank, device, check="qwen21", world=world, ulysses=u, ring=r, compiled=compiled, call=call,
+                     rel_err=round(err, 5), ok=ok)
+            del model
+            torch._dynamo.reset()
     return failures
 
 
