@@ -7,7 +7,7 @@ import torch
 
 import fastusp
 from _dist import run_distributed
-from tiny_models import qwen21_inputs, tiny_qwen21
+from tiny_models import qwen21_inputs, random_lora_state_dict, tiny_qwen21
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2), (4, 1), (1, 4)]  # (ulysses, ring)
 # 4 text tokens, a 2x2 condition image (one slot), 5 text tokens, then a 4x6 target image: 37 tokens, uneven over
@@ -100,13 +100,19 @@ class _NoProcessor:
         return [[0] * 5]
 
 
-def _pipeline_latents(degrees):
+def _pipeline_latents(degrees, lora: bool = False):
+    """Latents of three steps with true CFG and the KV cache; degrees: parallelize(pipe, **degrees), None: one
+    process. lora: a random LoRA on every linear layer of the blocks, loaded after parallelize."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline
 
     pipe = QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
                                processor=_NoProcessor(), transformer=tiny_qwen21())
+    pipe.set_progress_bar_config(disable=True)
     if degrees:
         fastusp.parallelize(pipe, **degrees)
+    if lora:
+        targets = ("to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer", "img_mlp.out")
+        pipe.load_lora_weights(random_lora_state_dict(pipe.transformer, seed=1, targets=targets), adapter_name="a")
     g = torch.Generator().manual_seed(3)
     prompt, negative = torch.randn(2, 6, 32, generator=g), torch.randn(2, 4, 32, generator=g)
     mask = torch.ones(2, 6, dtype=torch.bool)
@@ -124,6 +130,14 @@ def test_pipeline_true_cfg_with_kv_cache_matches_one_process(layout):
     # and decodes from it on the next two
     ref = _pipeline_latents(None)
     for out in run_distributed(_pipeline_latents, layout[0] * layout[1], dict(ulysses=layout[0], ring=layout[1])):
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_lora_loaded_after_parallelize_matches_one_process():
+    pytest.importorskip("peft")  # diffusers' LoRA loading needs it; the test extra installs it
+    ref, plain = _pipeline_latents(None, lora=True), _pipeline_latents(None)
+    assert ((ref - plain).norm() / ref.norm()).item() > 1e-2  # precondition: the LoRA changes the latents
+    for out in run_distributed(_pipeline_latents, 2, dict(ulysses=2), True):
         assert ((out - ref).norm() / ref.norm()).item() < 1e-5
 
 
