@@ -263,9 +263,10 @@ def _model_spec(transformer):
 
 def _text_mask_spec(transformer):
     spec = _model_spec(transformer)
-    if spec is None or spec.text_mask is None:
-        raise ValueError(f"text_bucket pads prompts behind a text mask, which {type(transformer).__name__} does not "
-                         f"take (FLUX pipelines pad prompts to a fixed length themselves)")
+    if spec is None or spec.text_mask is None or spec.joint_sequence:
+        reason = ("builds inside its forward, with the joint sequence" if spec is not None and spec.joint_sequence
+                  else "does not take (FLUX pipelines pad prompts to a fixed length themselves)")
+        raise ValueError(f"text_bucket pads prompts behind a text mask, which {type(transformer).__name__} {reason}")
     return spec
 
 

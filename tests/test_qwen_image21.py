@@ -155,6 +155,11 @@ def test_cfg_parallel_is_refused():
     assert all(run_distributed(_cfg_parallel_refused, 2))
 
 
+def test_text_bucket_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="QwenImage21Transformer2DModel builds inside its forward"):
+        fastusp.compile_pipeline(tiny_qwen21(), text_bucket=64)
+
+
 @pytest.mark.parametrize("kwargs", [dict(cuda_graphs=True), dict(backend=None)])
 def test_compile_pipeline_refuses_cuda_graphs(kwargs):
     # the forward reads tensors on the host (.tolist()), which capture forbids: say so instead of failing in capture
