@@ -41,13 +41,13 @@ class GuidancePasses:
         self.dtype = transformer.proj_out.weight.dtype
         self.passes: list[torch.Tensor] = []  # this step's outputs, index = pass number; unfilled if not ours
 
-    def run(self, forward, hidden_states: torch.Tensor) -> torch.Tensor:
+    def run(self, forward, batch: int, tokens: int, device) -> torch.Tensor:
+        """This group's pass: forward(); another group's: a [batch, tokens, out_features] placeholder."""
         index = len(self.passes)
         if index % self.cfg == self.cfg_rank:
             out = forward()
         else:
-            shape = (*hidden_states.shape[:-1], self.out_features)
-            out = torch.empty(shape, dtype=self.dtype, device=hidden_states.device)
+            out = torch.empty(batch, tokens, self.out_features, dtype=self.dtype, device=device)
         self.passes.append(out)
         if len(self.passes) % self.cfg == 0:  # a full pair: every group has its pass, exchange them
             self._exchange(self.passes[-self.cfg:])
@@ -66,6 +66,10 @@ class GuidancePasses:
         self.passes = []
 
     def _exchange(self, pair: list[torch.Tensor]) -> None:
+        if any(out.shape != pair[0].shape for out in pair):  # passes of other lengths (Qwen-Image 2.1's prefill
+            for g, out in enumerate(pair):                     # with prompts of other lengths): one broadcast each
+                dist.broadcast(out, src=dist.get_global_rank(self.group, g), group=self.group)
+            return
         mine = pair[self.cfg_rank].clone()  # all_gather writes every slot, this rank's own too
         dist.all_gather(pair, mine, group=self.group)
 
@@ -119,8 +123,9 @@ class _LoopBar:
         return getattr(self._bar, name)
 
 
-def apply_cfg_parallel(pipe, transformer, config) -> None:
-    """Wrap the (sequence-sharded) forward so each cfg group runs its share of the guidance passes."""
+def apply_cfg_parallel(pipe, transformer, config, output_tokens) -> None:
+    """Wrap the (sequence-sharded) forward so each cfg group runs its share of the guidance passes.
+    output_tokens(inputs): how many tokens the forward returns for these inputs (a skipped pass's placeholder)."""
     slot = ForwardSlot(forward_of(transformer))
     passes = GuidancePasses(config, transformer)
     # a loop starts with no passes: a call that raised mid-step may have left some
@@ -132,7 +137,8 @@ def apply_cfg_parallel(pipe, transformer, config) -> None:
         if loop.pipe is None:  # a direct call, or one outside the loop: no steps to pair it in
             return forward()
         _hook_scheduler(loop.pipe.scheduler, passes)  # here, not once: users swap pipe.scheduler
-        return passes.run(forward, inputs["hidden_states"])
+        hidden = inputs["hidden_states"]
+        return passes.run(forward, hidden.shape[0], output_tokens(inputs), hidden.device)
 
     wrap_forward(transformer, run_pass)
     transformer._fastusp_forward_slot = slot

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,12 @@ class ModelSpec:
     joint_sequence: bool = False
     # why compile_pipeline cannot capture the forward as CUDA graphs, if it cannot
     no_cuda_graphs: str | None = None
+    # how many tokens the forward returns for these inputs (the image tokens unless set): cfg=2 makes a skipped
+    # pass's placeholder from it
+    output_tokens: Callable[[dict], int] | None = None
+
+    def output_tokens_of(self, inputs: dict) -> int:
+        return self.output_tokens(inputs) if self.output_tokens else inputs["hidden_states"].shape[1]
 
 
 def _model_specs() -> dict[type, ModelSpec]:
@@ -98,15 +106,26 @@ def _model_specs() -> dict[type, ModelSpec]:
             text_inputs={}, image_inputs={}, residual_inputs={}, joint_sequence=True,
             no_cuda_graphs="Qwen-Image 2.1's forward reads tensors on the host (.tolist(), to lay out RoPE and the "
                            "block-causal segments), which CUDA graph capture forbids",
+            output_tokens=_qwen21_output_tokens,
         ),
     }
+
+
+def _qwen21_output_tokens(inputs: dict) -> int:
+    """Qwen-Image 2.1 returns its whole joint sequence: every slot of img_mask (prompt tokens, and a slot per 2x2
+    latent tokens of each image) with the image slots expanded four-fold; after the KV cache's first step, the target
+    image's tokens alone."""
+    if inputs.get("kv_cache_mode") == "cached":
+        return math.prod(inputs["img_shapes"][0][-1])
+    img_mask = inputs["img_mask"]
+    return img_mask.shape[1] + 3 * int(img_mask[0].sum())
 
 
 def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm: bool | str = False, **options):
     """Shard a FLUX / FLUX.2 / Qwen-Image transformer's token sequence across all ranks, in place; returns `obj`.
 
     obj: a diffusers pipeline with a `transformer`, or a FluxTransformer2DModel / Flux2Transformer2DModel /
-    QwenImageTransformer2DModel / QwenImage21Transformer2DModel (Qwen-Image 2.1: not with cfg=2).
+    QwenImageTransformer2DModel / QwenImage21Transformer2DModel.
     cfg * ulysses * ring must equal the number of processes (torchrun --nproc-per-node), and ulysses must divide
     the number of attention heads. cfg=2 runs the two guidance passes of true CFG on two halves of the ranks at
     once (a pipeline only). fp8_comm and the tuning options (ulysses_chunks, ring_overlap): see ParallelConfig.
@@ -120,9 +139,6 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     if obj is not transformer and getattr(transformer, "_fastusp_config", None) is not None:
         return _add_pipeline(obj, transformer, config)
     spec = _spec_for(transformer)
-    if spec.joint_sequence and config.cfg > 1:
-        raise NotImplementedError(f"cfg parallelism is not supported for {type(transformer).__name__}; use "
-                                  f"ulysses and ring over all ranks")
     for model in [transformer, *controlnets(obj)]:
         config.validate_heads(model.config.num_attention_heads)
     # where it computes: under enable_model_cpu_offload the weights wait on the CPU and the offload hook names the GPU
@@ -141,7 +157,7 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
         apply_rank_consistency(obj)
         obj._fastusp_parallelized = True
     if config.cfg > 1:
-        apply_cfg_parallel(obj, transformer, config)
+        apply_cfg_parallel(obj, transformer, config, spec.output_tokens_of)
     transformer._fastusp_config = config
     if dist.get_rank() == 0:
         logger.info("fastusp: %s parallelized with cfg=%d ulysses=%d ring=%d fp8_comm=%s",
