@@ -4,7 +4,8 @@ diffusers' FLUX and Qwen-Image pipelines call the transformer once per guidance 
 unconditional, with true CFG), combine the two outputs, then call scheduler.step. With cfg=2, cfg group g runs the
 passes whose index within the step is g (mod 2) and returns an empty placeholder for the others. When both passes
 of a pair have run, one all-gather over the cfg groups fills the placeholders in place, before the pipeline reads
-them. Kernels are queued asynchronously, so both groups compute their pass at the same time.
+them (one broadcast per pass where their lengths differ: Qwen-Image 2.1 returns its prompt's tokens too). Kernels
+are queued asynchronously, so both groups compute their pass at the same time.
 
 A step whose last pass has no partner (no guidance: one call per step) is completed when the pipeline calls
 scheduler.step, by a broadcast from the group that ran it. Outside the denoising loop (a direct call of the
