@@ -33,9 +33,19 @@ def _text_keys_first(kv: torch.Tensor, text: tuple[int, ...], image: tuple[int, 
     return torch.cat([kv.narrow(0, start, length) for start, length in spans])
 
 
+def ring_chunk_lens(tokens: tuple[int, ...], config: ParallelConfig) -> list[int]:
+    """Tokens of each ring chunk: those of the ranks of its Ulysses group."""
+    u = config.ulysses
+    return [sum(tokens[i * u:(i + 1) * u]) for i in range(config.ring)]
+
+
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SeqLayout,
-                  config: ParallelConfig) -> torch.Tensor:
-    """q, k, v: this rank's tokens [B, S_local, H, D] -> attention output for them, [B, S_local, H, D]."""
+                  config: ParallelConfig, attend_group=None) -> torch.Tensor:
+    """q, k, v: this rank's tokens [B, S_local, H, D] -> attention output for them, [B, S_local, H, D].
+
+    attend_group(q_h [B, h, S_chunk, D], kv [S_chunk, 2, B, h, D]) -> [B, h, S_chunk, D]: the attention of the Ulysses
+    group's tokens for this rank's h heads, in place of fastusp's own (local, or ring over the ring group); it gets
+    all of them at once (one head chunk)."""
     u, r = config.ulysses, config.ring
     tokens = layout.tokens
     rank_span = slice(config.ring_rank * u, (config.ring_rank + 1) * u)  # the world ranks of this Ulysses group
@@ -50,19 +60,21 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seq
             if layout.key_bias is not None and torch.compiler.is_compiling():
                 return attention_text_keys_apart(q_h, k_h, v_h, layout.key_bias, layout.text, layout.image)
             return attention(q_h, k_h, v_h, layout.key_bias)
-        chunk_lens = [sum(tokens[i * u:(i + 1) * u]) for i in range(r)]
+        chunk_lens = ring_chunk_lens(tokens, config)
         text_lens = [sum(layout.text[i * u:(i + 1) * u]) for i in range(r)]
         if layout.text_bias is not None and u > 1:  # the ring wants each chunk's keys as [text | image]
             kv = _text_keys_first(kv, layout.text[rank_span], layout.image[rank_span])
         return maybe_traceable_ring_attention(q_h, kv.contiguous(), chunk_lens, config.ring_group, layout.text_bias,
                                               text_lens, config.fp8_qkv, config.ring_overlap)
 
+    chunks = config.head_chunks(q.shape[2], _traced(q)) if attend_group is None else 1
+    attend = attend_group or attend
     if u == 1:  # no all-to-all: q is used in place, only k|v are packed (the ring sends them)
         kv = a2a.pack_head_chunks([k, v], 1, 1)[0][0]  # [S_local, 2, B, H, D]
         return attend(q.transpose(1, 2), kv).transpose(1, 2)
 
     group, fp8 = config.ulysses_group, config.fp8_qkv
-    sends = a2a.pack_head_chunks([q, k, v], u, config.head_chunks(q.shape[2], _traced(q)))
+    sends = a2a.pack_head_chunks([q, k, v], u, chunks)
     in_flight = [a2a.start_seq_to_head(send, group_lens, group, fp8) for send in sends]
     returning = []
     for send, received in zip(sends, in_flight):

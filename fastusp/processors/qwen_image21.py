@@ -2,10 +2,11 @@
 sequence computed from this rank's rows.
 
 The sharded forward hands each block this rank's rows of the joint [text | images] sequence (parallelize.py,
-`_shard_joint_sequence`). Here q, k and v go from sequence to head sharding (Ulysses all-to-all); under Ring the
-keys and values of the other ring chunks are all-gathered (one collective, not the pipelined ring: Qwen-Image 2.1's
-block-causal mask differs row by row). Each rank then holds its heads' keys for the whole sequence and attends with
-its rows' queries (attention/block_causal.py).
+`_shard_joint_sequence`). Here q, k and v go from sequence to head sharding and back as for the other models
+(usp_attention, with this model's attention in place of fastusp's); under Ring the keys and values of the other ring
+chunks are all-gathered (one collective, not the pipelined ring: Qwen-Image 2.1's block-causal mask differs row by
+row). Each rank then holds its heads' keys for the whole sequence and attends with its rows' queries
+(attention/block_causal.py).
 
 The prefix KV cache (Qwen-Image 2.1's pipeline fills it on the first step, "extract", and reads it on the later
 ones, "cached") holds this rank's heads of the prefix keys and values, [B, heads / ulysses, prefix, D]: a cache
@@ -17,40 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.block_causal import block_causal_attention
-from ..distributed import ulysses as a2a
+from ..attention.usp import ring_chunk_lens, usp_attention
 from ..distributed.gather import gather_seq
 from .context import USPProcessor, cached_call_signature
 from .qwen_image import _rope
-
-
-def _to_heads(q, k, v, layout, config):
-    """This rank's rows [B, S_local, H, D] -> (queries [B, h, R, D] of the rows of its ring chunk, keys and values
-    [B, h, S, D] of the whole sequence, the chunk's first row), h = H / ulysses."""
-    u = config.ulysses
-    tokens = layout.tokens
-    group_lens = list(tokens[config.ring_rank * u:(config.ring_rank + 1) * u])
-    send = a2a.pack_head_chunks([q, k, v], u, 1)[0]  # [U, S_local, 3, B, h, D]
-    if u > 1:
-        received = a2a.wait(a2a.start_seq_to_head(send, group_lens, config.ulysses_group, config.fp8_qkv))
-        qkv = a2a.finish_seq_to_head(received, send, q.dtype, config.fp8_qkv)  # [S_chunk, 3, B, h, D]
-    else:
-        qkv = send[0]
-    chunk_lens = [sum(tokens[i * u:(i + 1) * u]) for i in range(config.ring)]
-    kv = qkv[:, 1:]
-    if config.ring > 1:  # the other chunks' keys and values, in sequence order
-        kv = gather_seq(kv.contiguous(), chunk_lens, config.ring_group, dim=0)
-    keys, values = kv.permute(1, 2, 3, 0, 4).unbind(0)
-    return qkv[:, 0].permute(1, 2, 0, 3), keys, values, sum(chunk_lens[:config.ring_rank])
-
-
-def _to_rows(out: torch.Tensor, batch: int, rows: int, layout, config) -> torch.Tensor:
-    """Attention output [B, h, S_chunk, D] -> this rank's rows [B, S_local, H, D]."""
-    u = config.ulysses
-    if u == 1:
-        return out.transpose(1, 2)
-    group_lens = list(layout.tokens[config.ring_rank * u:(config.ring_rank + 1) * u])
-    returning = a2a.start_head_to_seq(out, group_lens, config.ulysses_rank, config.ulysses_group, config.fp8_out)
-    return a2a.join_head_chunks([a2a.wait(returning)], batch, rows, u, out.shape[-1], out.dtype, config.fp8_out)
 
 
 @cached_call_signature
@@ -80,15 +51,21 @@ class FastUSPQwenImage21AttnProcessor(USPProcessor):
             query, key = _rope(query, rotary_emb), _rope(key, rotary_emb)
 
         layout, config = self.context.current_layout(), self.context.config
-        q, k, v, rows_start = _to_heads(query, key, value, layout, config)
-        if kv_cache_mode == "cached":  # the target image's rows: every key, the cached prefix's first
-            cached_k, cached_v = layer_cache.get()
-            k, v = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
-        else:
+        chunk_lens = ring_chunk_lens(layout.tokens, config)
+
+        def attend(q, kv):
+            """This ring chunk's rows' queries [B, h, R, D] against every key of the sequence."""
+            if config.ring > 1:  # the other chunks' keys and values, in sequence order
+                kv = gather_seq(kv.contiguous(), chunk_lens, config.ring_group, dim=0)
+            k, v = kv.permute(1, 2, 3, 0, 4).unbind(0)
+            if kv_cache_mode == "cached":  # the target image's rows: every key, the cached prefix's first
+                cached_k, cached_v = layer_cache.get()
+                k, v = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
             if kv_cache_mode == "extract" and layer_cache is not None and cache_write_slice is not None:
                 layer_cache.store(k[:, :, cache_write_slice].clone(), v[:, :, cache_write_slice].clone())
-            out = block_causal_attention(q, k, v, rows_start, segments, key_valid)
+            return block_causal_attention(q, k, v, sum(chunk_lens[:config.ring_rank]), segments, key_valid)
 
-        out = _to_rows(out, query.shape[0], query.shape[1], layout, config).flatten(2, 3).type_as(query)
+        # one head chunk: the cache holds a layer's heads in one tensor
+        out = usp_attention(query, key, value, layout, config, attend).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
