@@ -67,8 +67,11 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seq
         return maybe_traceable_ring_attention(q_h, kv.contiguous(), chunk_lens, config.ring_group, layout.text_bias,
                                               text_lens, config.fp8_qkv, config.ring_overlap)
 
-    chunks = config.head_chunks(q.shape[2], _traced(q)) if attend_group is None else 1
-    attend = attend_group or attend
+    chunks = 1
+    if attend_group is None:
+        chunks = config.head_chunks(q.shape[2], _traced(q))
+    else:  # not `attend_group or attend`: Dynamo in torch 2.11 cannot take a function's truth value (graph break)
+        attend = attend_group
     if u == 1:  # no all-to-all: q is used in place, only k|v are packed (the ring sends them)
         kv = a2a.pack_head_chunks([k, v], 1, 1)[0][0]  # [S_local, 2, B, H, D]
         return attend(q.transpose(1, 2), kv).transpose(1, 2)
