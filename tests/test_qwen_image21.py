@@ -1,13 +1,12 @@
 """Qwen-Image 2.1 (one joint [text | images] sequence, block-causal attention, a prefix KV cache) under fastusp
 equals the single-process model (float32, CPU, gloo)."""
-import types
 
 import pytest
 import torch
 
 import fastusp
 from _dist import run_distributed
-from tiny_models import qwen21_inputs, random_lora_state_dict, tiny_qwen21
+from tiny_models import StubQwen3VLProcessor, qwen21_inputs, random_lora_state_dict, tiny_qwen21
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2), (4, 1), (1, 4)]  # (ulysses, ring)
 # 4 text tokens, a 2x2 condition image (one slot), 5 text tokens, then a 4x6 target image: 37 tokens, uneven over
@@ -90,16 +89,6 @@ def test_compiled_matches_one_process():
         assert "compiled QwenImage21TransformerBlock" in summary and "fell back" not in summary, summary
 
 
-class _NoProcessor:
-    """Stands in for the Qwen3-VL processor, which QwenImage21Pipeline's __init__ asks for the chat template's
-    length and the image token's id; with prompt embeddings given, nothing else reads it."""
-
-    tokenizer = types.SimpleNamespace(encode=lambda text: [0])
-
-    def apply_chat_template(self, *args, **kwargs):
-        return [[0] * 5]
-
-
 def _pipeline_latents(degrees, lora: bool = False, offload: bool = False):
     """Latents of three steps with true CFG and the KV cache; degrees: parallelize(pipe, **degrees), None: one
     process. lora: a random LoRA on every linear layer of the blocks, loaded after parallelize. offload: diffusers'
@@ -107,7 +96,7 @@ def _pipeline_latents(degrees, lora: bool = False, offload: bool = False):
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline
 
     pipe = QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
-                               processor=_NoProcessor(), transformer=tiny_qwen21())
+                               processor=StubQwen3VLProcessor(), transformer=tiny_qwen21())
     pipe.set_progress_bar_config(disable=True)
     if degrees:
         fastusp.parallelize(pipe, **degrees)

@@ -1,6 +1,8 @@
 """Tiny random FLUX / FLUX.2 / Qwen-Image transformers and their inputs, identical in every process that builds them."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 HEADS = 4  # divisible by every Ulysses degree the tests use (1, 2, 4)
@@ -110,6 +112,16 @@ def tiny_qwen21():
         num_layers=2, attention_head_dim=16, num_attention_heads=HEADS, context_in_dim=32, in_channels=16,
         out_channels=16, axes_dims_rope=(4, 6, 6),
     ).eval()
+
+
+class StubQwen3VLProcessor:
+    """Stands in for the Qwen3-VL processor, which QwenImage21Pipeline's __init__ asks for the chat template's
+    length and the image token's id; with prompt embeddings given, nothing else reads it."""
+
+    tokenizer = SimpleNamespace(encode=lambda text: [0])
+
+    def apply_chat_template(self, *args, **kwargs):
+        return [[0] * 5]
 
 
 def qwen21_inputs(batch=2, target_hw=(4, 6), condition_hw=(2, 4), text_lens=(3, 2), valid_lens=(5, 4), seed=1,
