@@ -136,8 +136,11 @@ def main(world: int, rank: int, device) -> int:
             checks = [c for c in checks if c[:3] == (world, 1, False)]
         for u, r, fp8, compiled in checks:
             model = fastusp.parallelize(build(name, device), ulysses=u, ring=r, fp8_comm=fp8)
+            # compiled: no block may fall back to eager (torch 2.11 on the GPUs graph-breaks on code that the CPU
+            # suite's torch traces, and the output stays right, so only the report tells)
             failures += not parity(model, x, ref, compiled, FP8_TOL if fp8 else BF16_TOL, rank, device,
-                                   model=name, world=world, ulysses=u, ring=r, fp8=fp8)
+                                   no_fallback=compiled is not None, model=name, world=world, ulysses=u, ring=r,
+                                   fp8=fp8)
             del model
             torch._dynamo.reset()
     return failures
