@@ -603,6 +603,16 @@ def set_inductor_config(setting: str) -> None:
     setattr(target, name, value)
 
 
+def compile_fallbacks(model, a) -> dict | None:
+    """What compile_pipeline ran eagerly instead ({} if nothing), for a run that fastusp compiled; else None. The
+    output stays right when a block falls back, so without this a timing of eager blocks reads like a compiled one
+    (Qwen-Image 2.1 from ed561a5 to fee60a0: 92.3 ms for 66 ms compiled)."""
+    import fastusp
+
+    report = fastusp.compile_report(model) if a.compile else None
+    return dict(report.fell_back) if report is not None else None
+
+
 def base_record(a, world, device) -> dict:
     return dict(model=a.model, world=world, impl=a.impl, config="-" if a.impl == "single" else a.config,
                 compiled=bool(a.compile), compile_mode=resolved_compile_mode(a),
@@ -696,6 +706,9 @@ def run(a, world, rank, device, record):
                   finite=bool(torch.isfinite(out.float()).all()))
     if device.type == "cuda":
         record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    fell_back = compile_fallbacks(model, a)
+    if fell_back is not None:
+        record["fell_back"] = fell_back
     if a.profile:
         profile_steps(fwd, kw, a, rank)
     if a.host_profile:

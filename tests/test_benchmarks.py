@@ -261,3 +261,21 @@ def test_controlnet_of_a_full_size_transformer_has_the_blocks_asked_for(monkeypa
     net = step_latency.build_controlnet(model, "5+10", torch.device("meta"), torch.bfloat16)
     assert (len(net.transformer_blocks), len(net.single_transformer_blocks)) == (5, 10)
     assert net.config.num_attention_heads == 24 and net.config.attention_head_dim == 128
+
+
+def test_a_compiled_run_records_what_fell_back_to_eager():
+    # a timing of blocks that fell back to eager must not read like a compiled one: the record carries the report's
+    # fallbacks ({} when none), and only for runs that fastusp compiled
+    import fastusp
+    import step_latency
+    from tiny_models import tiny_flux
+
+    compiled = step_latency.parse_args(["--tiny", "--impl", "fastusp", "--config", "u1r1", "--compile", "1"])
+    eager = step_latency.parse_args(["--tiny", "--impl", "fastusp", "--config", "u1r1", "--compile", "0"])
+    model = tiny_flux()
+    assert step_latency.compile_fallbacks(model, compiled) is None  # compile_pipeline not applied
+    fastusp.compile_pipeline(model, cuda_graphs=False)
+    assert step_latency.compile_fallbacks(model, compiled) == {}
+    fastusp.compile_report(model).fell_back["all blocks"] = "transformer_blocks.0 failed to compile"
+    assert step_latency.compile_fallbacks(model, compiled) == {"all blocks": "transformer_blocks.0 failed to compile"}
+    assert step_latency.compile_fallbacks(model, eager) is None
