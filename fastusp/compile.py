@@ -32,7 +32,7 @@ from .cuda_graphs import GraphedForward
 logger = logging.getLogger("fastusp")
 
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-# what a fullgraph compile raises past Dynamo's recompile_limit (so named in torch 2.11 to 2.13; () catches nothing)
+# what a fullgraph compile raises past Dynamo's recompile_limit (so named in torch 2.11 to 2.15; () catches nothing)
 _RECOMPILE_LIMIT_HIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())
 
 
@@ -71,7 +71,7 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
         A pipeline's ControlNets have their blocks compiled either way (they are the transformer's block kinds), and
         with cuda_graphs each ControlNet's forward is captured as graphs of its own.
     reorder_comm: turn on Inductor's reorder_for_compute_comm_overlap. Its list of passes is empty by default
-        in torch 2.11 to 2.13, so this reorders nothing unless you set
+        in torch 2.11 to 2.15, so this reorders nothing unless you set
         torch._inductor.config.reorder_for_compute_comm_overlap_passes; the overlap fastusp relies on comes from
         the order in which its own code issues collectives and waits for them (attention/usp.py).
     backend: torch.compile's backend; None skips torch.compile and only captures CUDA graphs of the eager

@@ -114,7 +114,7 @@ def release_all_graphs() -> None:
 def _release_graphs_before_process_group_teardown() -> None:
     """Release the graphs before any process group shuts down, and at exit.
 
-    destroy_process_group shuts each group down through ProcessGroup.shutdown (torch 2.11-2.13), so that method is
+    destroy_process_group shuts each group down through ProcessGroup.shutdown (torch 2.11-2.15), so that method is
     wrapped: it covers every way in, a script that imported destroy_process_group by name before fastusp built a
     graph included (`from torch.distributed import destroy_process_group`, as torch's DDP tutorial writes). atexit
     callbacks run before the interpreter's teardown destroys the process groups left alive."""
