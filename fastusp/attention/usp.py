@@ -33,10 +33,11 @@ def _text_keys_first(kv: torch.Tensor, text: tuple[int, ...], image: tuple[int, 
     return torch.cat([kv.narrow(0, start, length) for start, length in spans])
 
 
-def ring_chunk_lens(tokens: tuple[int, ...], config: ParallelConfig) -> list[int]:
-    """Tokens of each ring chunk: those of the ranks of its Ulysses group."""
+def ring_chunk_lens(per_rank: tuple[int, ...], config: ParallelConfig) -> list[int]:
+    """Per-rank counts (a layout's tokens, or its text tokens) -> each ring chunk's: the sum over the ranks of its
+    Ulysses group."""
     u = config.ulysses
-    return [sum(tokens[i * u:(i + 1) * u]) for i in range(config.ring)]
+    return [sum(per_rank[i * u:(i + 1) * u]) for i in range(config.ring)]
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SeqLayout,
@@ -61,7 +62,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seq
                 return attention_text_keys_apart(q_h, k_h, v_h, layout.key_bias, layout.text, layout.image)
             return attention(q_h, k_h, v_h, layout.key_bias)
         chunk_lens = ring_chunk_lens(tokens, config)
-        text_lens = [sum(layout.text[i * u:(i + 1) * u]) for i in range(r)]
+        text_lens = ring_chunk_lens(layout.text, config)
         if layout.text_bias is not None and u > 1:  # the ring wants each chunk's keys as [text | image]
             kv = _text_keys_first(kv, layout.text[rank_span], layout.image[rank_span])
         return maybe_traceable_ring_attention(q_h, kv.contiguous(), chunk_lens, config.ring_group, layout.text_bias,
