@@ -42,6 +42,7 @@ class CompileReport:
 
     mode: str
     cuda_graphs: bool = False
+    graphs_of: str = "whole-forward"  # or "all-blocks" (apply_block_stack_cuda_graphs)
     text_bucket: int | None = None
     compiled: list[str] = field(default_factory=list)
     opaque: list[str] = field(default_factory=list)
@@ -50,7 +51,7 @@ class CompileReport:
     def summary(self) -> str:
         what = f"compiled {', '.join(self.compiled)} (inductor mode={self.mode}, " if self.compiled else \
             "compiled nothing (eager kernels, "
-        parts = [what + f"whole-forward CUDA graphs={'on' if self.cuda_graphs else 'off'})"]
+        parts = [what + f"{self.graphs_of} CUDA graphs={'on' if self.cuda_graphs else 'off'})"]
         if self.text_bucket:
             parts.append(f"prompts padded to multiples of {self.text_bucket} tokens")
         if self.opaque:
@@ -90,13 +91,6 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
     transformer = getattr(obj, "transformer", obj)
     on_cuda = get_module_execution_device(transformer).type == "cuda"  # an offloaded model's GPU, not the CPU
     use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
-    spec = _model_spec(transformer)
-    no_graphs = spec.no_cuda_graphs if spec is not None else None
-    if no_graphs is not None:
-        if cuda_graphs or backend is None:
-            raise ValueError(f"CUDA graphs are not available for {type(transformer).__name__}: {no_graphs}; "
-                             f"compile with cuda_graphs=None or False and a torch.compile backend")
-        use_graphs = False
     if use_graphs and not on_cuda:
         raise ValueError("cuda_graphs=True needs the transformer on a CUDA device")
     if use_graphs:
@@ -110,8 +104,6 @@ def compile_pipeline(obj, *, mode: str = "default", cuda_graphs: bool | None = N
     report = getattr(transformer, "_fastusp_compile_report", None)
     if report is None:
         report = CompileReport(mode=mode, cuda_graphs=use_graphs, text_bucket=text_bucket)
-        if no_graphs is not None and on_cuda:
-            report.fell_back["cuda graphs"] = no_graphs
         compile_transformer(transformer, report, regional, reorder_comm, backend)
         transformer._fastusp_compile_report = report
     elif not new_controlnets:
@@ -139,7 +131,11 @@ def compile_transformer(transformer, report: CompileReport, regional: bool, reor
         apply_compile(regions, report, reorder_comm, backend)
         report.compiled = sorted({type(m).__name__ for _, m in regions})
     slot = getattr(transformer, "_fastusp_forward_slot", transformer)
-    if report.cuda_graphs:
+    spec = _model_spec(transformer)
+    if report.cuda_graphs and spec is not None and spec.joint_sequence:
+        report.graphs_of = "all-blocks"
+        apply_block_stack_cuda_graphs(transformer, report)
+    elif report.cuda_graphs:
         # beneath cfg parallelism's wrapper, if any: which guidance pass a group runs is not captured
         apply_cuda_graphs(slot, transformer, report)
     if report.text_bucket is not None:
@@ -218,6 +214,60 @@ def apply_cuda_graphs(slot, transformer, report: CompileReport) -> None:
         return cache_graphs(inputs, lambda branch_inputs: graphed(branch_inputs, lambda: sample(**branch_inputs)))
 
     wrap_forward(slot, run)
+
+
+def apply_block_stack_cuda_graphs(transformer, report: CompileReport) -> None:
+    """CUDA graphs of all the blocks together, one per input signature, for a transformer whose forward reads tensors
+    on the host before its blocks (Qwen-Image 2.1 lays out RoPE and the block-causal segments with .tolist()), so
+    that the forward cannot be captured whole. The forward's head runs eagerly; the first block's call runs every
+    block (replays the graph) and the other blocks' calls pass its output on.
+
+    A step's KV cache is new with every pipeline call: a cached step gets every layer's cached keys and values as
+    graph inputs, copied in at each replay. The cache's first step ("extract") stores new tensors into it and runs
+    eagerly. The sequence layout is part of the key: a rank's row count alone does not fix the other ranks'."""
+    blocks = list(transformer.transformer_blocks)
+    forwards = [own_forward(block) for block in blocks]
+    context = getattr(transformer, "_fastusp_context", None)
+
+    def run_blocks(hidden_states, layer_caches, layout_tokens, **shared):
+        for forward, layer_cache in zip(forwards, layer_caches):
+            hidden_states = forward(hidden_states=hidden_states, layer_cache=layer_cache, **shared)
+        return hidden_states
+
+    graphed = _graphed_or_eager(GraphedForward(run_blocks, transformer), report, "cuda graphs")
+    step = {"kv_cache": None, "ran": False}
+
+    def first_block(hidden_states, layer_cache=None, **shared):
+        kv_cache = step["kv_cache"]
+        caches = [kv_cache.get_layer(i) for i in range(len(blocks))] if kv_cache is not None else [None] * len(blocks)
+        layout = context.current_layout().tokens if context is not None else None
+        inputs = dict(hidden_states=hidden_states, layout_tokens=layout, **shared)
+        step["ran"] = True
+        if shared.get("kv_cache_mode") == "extract":  # stores new tensors into the cache
+            return run_blocks(layer_caches=caches, **inputs)
+        if kv_cache is not None:
+            caches = [dict(zip(("k", "v"), cache.get())) for cache in caches]
+        inputs["layer_caches"] = caches
+        return graphed(inputs, lambda: run_blocks(**inputs))
+
+    def later_block(forward):
+        @functools.wraps(forward)
+        def call(hidden_states, **kwargs):
+            return hidden_states if step["ran"] else forward(hidden_states=hidden_states, **kwargs)
+        return call
+
+    set_own_forward(blocks[0], functools.wraps(forwards[0])(first_block))
+    for block, forward in zip(blocks[1:], forwards[1:]):
+        set_own_forward(block, later_block(forward))
+
+    def run(original, inputs):
+        step.update(kv_cache=inputs.get("kv_cache"), ran=False)
+        try:
+            return original(**inputs, return_dict=False)[0]
+        finally:
+            step.update(kv_cache=None, ran=False)
+
+    wrap_forward(transformer, run)
 
 
 def _sequence_group(transformer):

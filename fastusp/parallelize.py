@@ -60,8 +60,6 @@ class ModelSpec:
     # the forward interleaves text and image tokens into one sequence itself (Qwen-Image 2.1): the blocks get this
     # rank's rows of it, and its inputs stay whole
     joint_sequence: bool = False
-    # why compile_pipeline cannot capture the forward as CUDA graphs, if it cannot
-    no_cuda_graphs: str | None = None
     # how many tokens the forward returns for these inputs (the image tokens unless set): cfg=2 makes a skipped
     # pass's placeholder from it
     output_tokens: Callable[[dict], int] | None = None
@@ -104,8 +102,6 @@ def _model_specs() -> dict[type, ModelSpec]:
             {"QwenImage21AttnProcessor": FastUSPQwenImage21AttnProcessor,
              "QwenImage21FlexAttnProcessor": FastUSPQwenImage21AttnProcessor},
             text_inputs={}, image_inputs={}, residual_inputs={}, joint_sequence=True,
-            no_cuda_graphs="Qwen-Image 2.1's forward reads tensors on the host (.tolist(), to lay out RoPE and the "
-                           "block-causal segments), which CUDA graph capture forbids",
             output_tokens=_qwen21_output_tokens,
         ),
     }
@@ -159,6 +155,7 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     if config.cfg > 1:
         apply_cfg_parallel(obj, transformer, config, spec.output_tokens_of)
     transformer._fastusp_config = config
+    transformer._fastusp_context = context  # compile_pipeline's graphs of all blocks key on its layout
     if dist.get_rank() == 0:
         logger.info("fastusp: %s parallelized with cfg=%d ulysses=%d ring=%d fp8_comm=%s",
                     type(transformer).__name__, config.cfg, config.ulysses, config.ring, config.fp8_comm)

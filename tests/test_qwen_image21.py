@@ -89,10 +89,11 @@ def test_compiled_matches_one_process():
         assert "compiled QwenImage21TransformerBlock" in summary and "fell back" not in summary, summary
 
 
-def _pipeline_latents(degrees, lora: bool = False, offload: bool = False):
+def _pipeline_latents(degrees, lora: bool = False, offload: bool = False, graphs: bool = False):
     """Latents of three steps with true CFG and the KV cache; degrees: parallelize(pipe, **degrees), None: one
     process. lora: a random LoRA on every linear layer of the blocks, loaded after parallelize. offload: diffusers'
-    model CPU offload (device="cpu": the hooks are the same on a GPU), after parallelize."""
+    model CPU offload (device="cpu": the hooks are the same on a GPU), after parallelize. graphs: compile_pipeline's
+    CUDA graphs of all blocks (faked on the CPU), and the latents of two pipeline calls (each with new caches)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline
 
     pipe = QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
@@ -100,6 +101,13 @@ def _pipeline_latents(degrees, lora: bool = False, offload: bool = False):
     pipe.set_progress_bar_config(disable=True)
     if degrees:
         fastusp.parallelize(pipe, **degrees)
+    if graphs:
+        from _fake_graphs import fake_cuda_graphs
+        from fastusp import compile as fastusp_compile
+
+        fake_cuda_graphs({})
+        report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
+        fastusp_compile.compile_transformer(pipe.transformer, report, regional=True, reorder_comm=True, backend=None)
     if offload:
         pipe.enable_model_cpu_offload(device="cpu")
     if lora:
@@ -110,10 +118,11 @@ def _pipeline_latents(degrees, lora: bool = False, offload: bool = False):
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 4:] = False  # the second prompt is padded
     with torch.no_grad():
-        return pipe(prompt_embeds=prompt, prompt_embeds_mask=mask, negative_prompt_embeds=negative,
-                    negative_prompt_embeds_mask=torch.ones(2, 4, dtype=torch.bool), true_cfg_scale=4.0, height=64,
-                    width=96, num_inference_steps=3, output_type="latent",
-                    generator=torch.Generator().manual_seed(0)).images
+        calls = [pipe(prompt_embeds=prompt, prompt_embeds_mask=mask, negative_prompt_embeds=negative,
+                      negative_prompt_embeds_mask=torch.ones(2, 4, dtype=torch.bool), true_cfg_scale=4.0, height=64,
+                      width=96, num_inference_steps=3, output_type="latent",
+                      generator=torch.Generator().manual_seed(0)).images for _ in range(2 if graphs else 1)]
+    return torch.stack(calls) if graphs else calls[0]
 
 
 @pytest.mark.parametrize("degrees", [dict(ulysses=2), dict(ring=2), dict(cfg=2), dict(cfg=2, ulysses=2)],
@@ -126,6 +135,15 @@ def test_pipeline_true_cfg_with_kv_cache_matches_one_process(degrees):
     world = degrees.get("cfg", 1) * degrees.get("ulysses", 1) * degrees.get("ring", 1)
     for out in run_distributed(_pipeline_latents, world, degrees):
         assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("degrees", [dict(ulysses=2), dict(cfg=2)], ids=["u2", "cfg2"])
+def test_pipeline_under_cuda_graphs_of_all_blocks_matches_one_process(degrees):
+    # two pipeline calls, each with its own caches: the graphs captured in the first must read the second's
+    ref = _pipeline_latents(None)
+    for outs in run_distributed(_pipeline_latents, 2, degrees, False, False, True):
+        for out in outs:
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-5
 
 
 def test_model_cpu_offload_matches_one_process():
@@ -148,8 +166,37 @@ def test_text_bucket_is_refused_with_the_reason():
         fastusp.compile_pipeline(tiny_qwen21(), text_bucket=64)
 
 
-@pytest.mark.parametrize("kwargs", [dict(cuda_graphs=True), dict(backend=None)])
-def test_compile_pipeline_refuses_cuda_graphs(kwargs):
-    # the forward reads tensors on the host (.tolist()), which capture forbids: say so instead of failing in capture
-    with pytest.raises(ValueError, match="CUDA graphs are not available for QwenImage21Transformer2DModel"):
-        fastusp.compile_pipeline(tiny_qwen21(), **kwargs)
+def _graphed_calls(rounds, ulysses, ring, backend):
+    """The three calls for each inputs of `rounds` (each round with a new cache) under compile_pipeline's CUDA graphs
+    of all blocks (capture faked on the CPU: a replay reruns the blocks on the static inputs, which each call copies
+    in; a replay under another sequence layout than its capture's fails)."""
+    from _fake_graphs import fake_cuda_graphs
+    from fastusp import compile as fastusp_compile
+
+    model = fastusp.parallelize(tiny_qwen21(), ulysses=ulysses, ring=ring)
+    counts = {}
+    fake_cuda_graphs(counts, fingerprint=lambda: model._fastusp_context.current_layout().tokens)
+    # what compile_pipeline does on CUDA (it refuses graphs on a CPU transformer)
+    report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
+    fastusp_compile.compile_transformer(model, report, regional=True, reorder_comm=True, backend=backend)
+    outs = [_three_calls(model, inputs) for inputs in rounds]
+    return outs, counts, report.summary()
+
+
+@pytest.mark.parametrize("layout", [(2, 1), (1, 2)], ids=lambda l: f"u{l[0]}r{l[1]}")
+def test_cuda_graphs_of_all_blocks_match_one_process(layout):
+    # the forward reads tensors on the host (.tolist()) before its blocks, so the blocks are captured together. The
+    # cache's first step runs eagerly (it stores new tensors); a cached step's keys and values are graph inputs: the
+    # second round's new cache must be read, not the first round's. The third round's prompt is one token longer:
+    # rank 0 holds 19 rows of 37 and of 38 tokens, but every rank must capture anew, under the new layout
+    inputs = qwen21_inputs(**INPUTS)
+    longer = qwen21_inputs(**dict(INPUTS, text_lens=(4, 6), valid_lens=(10, 8)), seed=2)
+    rounds = [inputs, dict(inputs, hidden_states=inputs["hidden_states"] * 0.5), longer]
+    refs = [_three_calls(tiny_qwen21(), x) for x in rounds]
+    for outs, counts, summary in run_distributed(_graphed_calls, 2, rounds, *layout, None):
+        for out, ref in zip(outs, refs):
+            _assert_close(out, ref)
+        # per sequence layout: one graph of the uncached forward, one of the cached step; no more
+        assert counts["captures"] == 4, counts
+        assert counts["replays"] > counts["captures"], counts
+        assert "all-blocks CUDA graphs=on" in summary and "fell back" not in summary, summary
