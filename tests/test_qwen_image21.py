@@ -89,11 +89,10 @@ def test_compiled_matches_one_process():
         assert "compiled QwenImage21TransformerBlock" in summary and "fell back" not in summary, summary
 
 
-def _pipeline_latents(degrees, lora: bool = False, offload: bool = False, graphs: bool = False):
-    """Latents of three steps with true CFG and the KV cache; degrees: parallelize(pipe, **degrees), None: one
-    process. lora: a random LoRA on every linear layer of the blocks, loaded after parallelize. offload: diffusers'
-    model CPU offload (device="cpu": the hooks are the same on a GPU), after parallelize. graphs: compile_pipeline's
-    CUDA graphs of all blocks (faked on the CPU), and the latents of two pipeline calls (each with new caches)."""
+def _pipeline(degrees, offload: bool = False, graph_counts: dict | None = None):
+    """QwenImage21Pipeline around the tiny transformer; degrees: parallelize(pipe, **degrees), None: one process.
+    offload: diffusers' model CPU offload (device="cpu": the hooks are the same on a GPU), after parallelize.
+    graph_counts: compile_pipeline's CUDA graphs of all blocks (capture faked on the CPU, counted in it)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline
 
     pipe = QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
@@ -101,28 +100,45 @@ def _pipeline_latents(degrees, lora: bool = False, offload: bool = False, graphs
     pipe.set_progress_bar_config(disable=True)
     if degrees:
         fastusp.parallelize(pipe, **degrees)
-    if graphs:
+    if graph_counts is not None:
         from _fake_graphs import fake_cuda_graphs
         from fastusp import compile as fastusp_compile
 
-        fake_cuda_graphs({})
+        fake_cuda_graphs(graph_counts)
+        # what compile_pipeline does on CUDA (it refuses graphs on a CPU transformer)
         report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
         fastusp_compile.compile_transformer(pipe.transformer, report, regional=True, reorder_comm=True, backend=None)
     if offload:
         pipe.enable_model_cpu_offload(device="cpu")
-    if lora:
-        targets = ("to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer", "img_mlp.out")
-        pipe.load_lora_weights(random_lora_state_dict(pipe.transformer, seed=1, targets=targets), adapter_name="a")
+    return pipe
+
+
+def _load_lora(pipe):
+    """A random LoRA (the same on every rank and in every process) on every linear layer of the blocks."""
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer", "img_mlp.out")
+    pipe.load_lora_weights(random_lora_state_dict(pipe.transformer, seed=1, targets=targets), adapter_name="a")
+
+
+def _latents(pipe):
+    """Latents of one call: three steps with true CFG and the KV cache (a new cache each call)."""
     g = torch.Generator().manual_seed(3)
     prompt, negative = torch.randn(2, 6, 32, generator=g), torch.randn(2, 4, 32, generator=g)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 4:] = False  # the second prompt is padded
     with torch.no_grad():
-        calls = [pipe(prompt_embeds=prompt, prompt_embeds_mask=mask, negative_prompt_embeds=negative,
-                      negative_prompt_embeds_mask=torch.ones(2, 4, dtype=torch.bool), true_cfg_scale=4.0, height=64,
-                      width=96, num_inference_steps=3, output_type="latent",
-                      generator=torch.Generator().manual_seed(0)).images for _ in range(2 if graphs else 1)]
-    return torch.stack(calls) if graphs else calls[0]
+        return pipe(prompt_embeds=prompt, prompt_embeds_mask=mask, negative_prompt_embeds=negative,
+                    negative_prompt_embeds_mask=torch.ones(2, 4, dtype=torch.bool), true_cfg_scale=4.0, height=64,
+                    width=96, num_inference_steps=3, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+
+def _pipeline_latents(degrees, lora: bool = False, offload: bool = False, graphs: bool = False):
+    """_latents of _pipeline(degrees, offload); lora: _load_lora after parallelize. graphs: under the CUDA graphs of
+    all blocks, the latents of two calls, stacked."""
+    pipe = _pipeline(degrees, offload, {} if graphs else None)
+    if lora:
+        _load_lora(pipe)
+    return torch.stack([_latents(pipe), _latents(pipe)]) if graphs else _latents(pipe)
 
 
 @pytest.mark.parametrize("degrees", [dict(ulysses=2), dict(ring=2), dict(cfg=2), dict(cfg=2, ulysses=2)],
@@ -159,6 +175,25 @@ def test_lora_loaded_after_parallelize_matches_one_process():
     assert ((ref - plain).norm() / ref.norm()).item() > 1e-2  # precondition: the LoRA changes the latents
     for out in run_distributed(_pipeline_latents, 2, dict(ulysses=2), True):
         assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def _lora_loaded_between_graphed_calls():
+    counts = {}
+    pipe = _pipeline(dict(ulysses=2), graph_counts=counts)
+    before = _latents(pipe)
+    captures = counts["captures"]
+    _load_lora(pipe)
+    return before, _latents(pipe), captures, counts["captures"]
+
+
+def test_lora_loaded_after_capture_is_captured_anew():
+    # the graphs were captured without the LoRA: replaying them would drop it
+    pytest.importorskip("peft")
+    plain, ref = _pipeline_latents(None), _pipeline_latents(None, lora=True)
+    for before, after, captures_before, captures_after in run_distributed(_lora_loaded_between_graphed_calls, 2):
+        assert ((before - plain).norm() / plain.norm()).item() < 1e-5
+        assert ((after - ref).norm() / ref.norm()).item() < 1e-5
+        assert captures_after > captures_before > 0, (captures_before, captures_after)
 
 
 def test_text_bucket_is_refused_with_the_reason():
