@@ -26,6 +26,7 @@ from .cfg_parallel import apply_cfg_parallel, track_denoising_loop
 from .config import ParallelConfig, check_one_gpu_per_rank, maybe_init_distributed
 from .controlnet import apply_controlnet_sharding, controlnets
 from .distributed.gather import gather_seq
+from .joint_layout import reuse_joint_layout
 from .processors.context import USPContext
 from .processors.flux import FastUSPFluxAttnProcessor, FastUSPFluxIPAdapterAttnProcessor
 from .processors.flux2 import FastUSPFlux2AttnProcessor, FastUSPFlux2ParallelSelfAttnProcessor
@@ -256,6 +257,7 @@ def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -
     ranks, rank = config.sequence_size, config.sequence_rank
     if spec.joint_sequence:
         _shard_joint_sequence(transformer, context, ranks, rank)
+        reuse_joint_layout(transformer)
         return
     if spec.rope_from_shapes:
         _shard_qwen_rope(transformer.pos_embed, context, rank)

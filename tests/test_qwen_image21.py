@@ -89,6 +89,46 @@ def test_compiled_matches_one_process():
         assert "compiled QwenImage21TransformerBlock" in summary and "fell back" not in summary, summary
 
 
+def _layout_calls(model):
+    """model(**inputs) for five inputs: a mask, the same again, an equal mask in another tensor, another mask of the
+    same shape (the condition image one text token later), and that tensor changed in place to the other mask."""
+    first, other = qwen21_inputs(**INPUTS), qwen21_inputs(**dict(INPUTS, text_lens=(5, 4)), seed=2)
+    assert first["img_mask"].shape == other["img_mask"].shape and not first["img_mask"].equal(other["img_mask"])
+    mask = first["img_mask"].clone()
+    outs = []
+    with torch.no_grad():
+        for inputs in (first, first, dict(first, img_mask=mask), other):
+            outs.append(model(**inputs, return_dict=False)[0])
+        mask.copy_(other["img_mask"])
+        outs.append(model(**dict(other, img_mask=mask), return_dict=False)[0])
+    return outs
+
+
+def _layout_calls_counting_builds():
+    """_layout_calls under Ulysses-2, and how often the model built its RoPE table and its token labels."""
+    model, builds = tiny_qwen21(), {"rope": 0, "labels": 0}
+
+    def counted(name, build):
+        def call(*args, **kwargs):
+            builds[name] += 1
+            return build(*args, **kwargs)
+        return call
+
+    model.pos_embed.forward = counted("rope", model.pos_embed.forward)
+    model.build_token_metadata = counted("labels", model.build_token_metadata)
+    return _layout_calls(fastusp.parallelize(model, ulysses=2)), builds
+
+
+def test_joint_layout_is_built_once_per_mask():
+    # the RoPE table and the token labels are host work at every step, and the pipeline passes the same img_mask at
+    # every step: fastusp builds them once per mask value, so an equal mask reuses them and a changed one does not
+    refs = _layout_calls(tiny_qwen21())
+    for outs, builds in run_distributed(_layout_calls_counting_builds, 2):
+        for i, (out, ref) in enumerate(zip(outs, refs)):
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-5, f"call {i}"
+        assert builds == {"rope": 2, "labels": 2}, builds
+
+
 def _pipeline(degrees, offload: bool = False, graph_counts: dict | None = None):
     """QwenImage21Pipeline around the tiny transformer; degrees: parallelize(pipe, **degrees), None: one process.
     offload: diffusers' model CPU offload (device="cpu": the hooks are the same on a GPU), after parallelize.
