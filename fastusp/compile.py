@@ -123,16 +123,16 @@ def compile_report(obj) -> CompileReport | None:
 def compile_transformer(transformer, report: CompileReport, regional: bool, reorder_comm: bool, backend) -> None:
     """Its repeated blocks (or the whole of it) compiled, then its forward graphed, as report.cuda_graphs says, and
     prompts padded to report.text_bucket tokens on their way in."""
-    config = getattr(transformer, "_fastusp_config", None)
-    if config is not None and config.ring > 1 and not _model_spec(transformer).joint_sequence:
+    config, spec = getattr(transformer, "_fastusp_config", None), _model_spec(transformer)
+    joint_sequence = spec is not None and spec.joint_sequence
+    if config is not None and config.ring > 1 and not joint_sequence:
         report.opaque.append("ring attention (fastusp::ring_attention custom op)")
     if backend is not None:
         regions = _repeated_blocks(transformer) if regional else [("transformer", transformer)]
         apply_compile(regions, report, reorder_comm, backend)
         report.compiled = sorted({type(m).__name__ for _, m in regions})
     slot = getattr(transformer, "_fastusp_forward_slot", transformer)
-    spec = _model_spec(transformer)
-    if report.cuda_graphs and spec is not None and spec.joint_sequence:
+    if report.cuda_graphs and joint_sequence:
         report.graphs_of = "all-blocks"
         apply_block_stack_cuda_graphs(transformer, report)
     elif report.cuda_graphs:
