@@ -36,3 +36,13 @@ def fake_cuda_graphs(counts: dict, fingerprint=None) -> None:
 
     cuda_graphs.capture_graph = capture_graph
     cuda_graphs.nccl_memory_pool = lambda: SimpleNamespace(id=0)
+
+
+def compile_as_on_cuda(transformer, backend=None, text_bucket=None):
+    """What compile_pipeline(transformer, backend=...) does on CUDA, with graphs on (it refuses graphs on a CPU
+    transformer): call fake_cuda_graphs first. Returns the compile report."""
+    from fastusp import compile as fastusp_compile
+
+    report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True, text_bucket=text_bucket)
+    fastusp_compile.compile_transformer(transformer, report, regional=True, reorder_comm=True, backend=backend)
+    return report

@@ -69,17 +69,14 @@ def _text_bucket_worker(bucket, parallel=True):
     """Outputs for TEXT_BUCKET_CALLS under Ulysses-2 (parallel) or in one process, compiled (a backend that counts
     the graphs Dynamo hands it) and graphed (capture replaced as in tests/_fake_graphs.py); returns them with the
     counts."""
-    from _fake_graphs import fake_cuda_graphs
-    from fastusp import compile as fastusp_compile
+    from _fake_graphs import compile_as_on_cuda, fake_cuda_graphs
 
     counts = {}
     compiles, counting_backend = _counting_backend()
 
     fake_cuda_graphs(counts)
     model = fastusp.parallelize(tiny_qwen(), ulysses=2) if parallel else tiny_qwen()
-    # what compile_pipeline does on CUDA (it refuses graphs on a CPU transformer)
-    report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True, text_bucket=bucket)
-    fastusp_compile.compile_transformer(model, report, True, True, counting_backend)
+    compile_as_on_cuda(model, counting_backend, text_bucket=bucket)
     with torch.no_grad():
         outs = [model(**qwen_inputs(batch=2, height=3, width=5, **call), return_dict=False)[0]
                 for call in TEXT_BUCKET_CALLS]

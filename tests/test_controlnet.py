@@ -7,7 +7,7 @@ import torch
 
 import fastusp
 from _dist import run_distributed
-from _fake_graphs import fake_cuda_graphs
+from _fake_graphs import compile_as_on_cuda, fake_cuda_graphs
 from fastusp.sharding import split_sizes
 from tiny_models import flux_inputs
 from tiny_pipelines import randomize_controlnet_outputs, tiny_call_kwargs, tiny_flux_pipeline
@@ -161,9 +161,7 @@ def _graphed_multi_controlnet(degrees: dict, one_net_twice: bool):
     fake_cuda_graphs(counts)
     pipe = _multi_controlnet_pipeline(one_net_twice)
     fastusp.parallelize(pipe, **degrees)
-    # what compile_pipeline does on CUDA with backend=None (it refuses graphs on a CPU transformer)
-    report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
-    fastusp_compile.compile_transformer(pipe.transformer, report, regional=True, reorder_comm=True, backend=None)
+    report = compile_as_on_cuda(pipe.transformer)
     fastusp_compile.compile_controlnets(fastusp_compile.controlnets(pipe), pipe.transformer, report,
                                         reorder_comm=True, backend=None)
     with torch.no_grad():

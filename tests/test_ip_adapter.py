@@ -6,7 +6,7 @@ import torch
 
 import fastusp
 from _dist import run_distributed
-from _fake_graphs import fake_cuda_graphs
+from _fake_graphs import compile_as_on_cuda, fake_cuda_graphs
 from tiny_models import flux_inputs, random_ip_adapter_state_dict, tiny_flux
 from tiny_pipelines import prompt_kwargs, tiny_flux_pipeline
 
@@ -115,14 +115,11 @@ def _ip_scales(model) -> tuple:
 def _graphed_then_rescaled(inputs, embeds):
     """Ulysses-2, blocks compiled (Dynamo, backend "eager") inside fake CUDA graphs (tests/_fake_graphs.py, whose
     replays check the IP-Adapter scales they were captured with); outputs at scale 1, then 0.3."""
-    from fastusp import compile as fastusp_compile
-
     pipe = ip_pipeline()
     fastusp.parallelize(pipe, ulysses=2)
     counts = {}
     fake_cuda_graphs(counts, lambda: _ip_scales(pipe.transformer))
-    report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)  # as compile_pipeline on CUDA
-    fastusp_compile.compile_transformer(pipe.transformer, report, regional=True, reorder_comm=True, backend="eager")
+    compile_as_on_cuda(pipe.transformer, backend="eager")
     outs = [_forward(pipe.transformer, inputs, embeds)]
     pipe.set_ip_adapter_scale(0.3)
     outs.append(_forward(pipe.transformer, inputs, embeds))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from _fake_graphs import fake_cuda_graphs
+from _fake_graphs import compile_as_on_cuda, fake_cuda_graphs
 from tiny_models import flux_inputs, qwen_inputs, random_lora_state_dict
 from tiny_pipelines import tiny_call_kwargs, tiny_flux2_pipeline, tiny_flux_pipeline, tiny_qwen_pipeline
 
@@ -106,7 +106,6 @@ def _run_changes(name: str, degrees: dict | None, backend=None, graphs: bool = T
     """Outputs after each change with how many graphs were captured by then, and what the compile report says fell
     back. degrees None and graphs False: the one-process reference, eager."""
     import fastusp
-    from fastusp import compile as fastusp_compile
 
     pipe = tiny_flux_pipeline() if name == "flux" else tiny_qwen_pipeline()
     inputs = flux_inputs(height=3, width=5) if name == "flux" else qwen_inputs(height=4, width=6)
@@ -115,10 +114,7 @@ def _run_changes(name: str, degrees: dict | None, backend=None, graphs: bool = T
         fastusp.parallelize(pipe, **degrees)
     if graphs:
         fake_cuda_graphs(counts, lambda: _model_fingerprint(pipe.transformer))
-        # what compile_pipeline does on CUDA (it refuses graphs on a CPU transformer)
-        report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
-        fastusp_compile.compile_transformer(pipe.transformer, report, regional=True, reorder_comm=True,
-                                            backend=backend)
+        report = compile_as_on_cuda(pipe.transformer, backend)
     outputs = []
     for name, change, kwargs in _changes(pipe):
         change()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from _fake_graphs import fake_cuda_graphs
+from _fake_graphs import compile_as_on_cuda, fake_cuda_graphs
 from tiny_pipelines import (prompt_kwargs, tiny_call_kwargs, tiny_controlnet_pipeline, tiny_flux2_pipeline,
                             tiny_flux_pipeline, tiny_qwen_edit_pipeline, tiny_qwen_layered_pipeline, tiny_qwen_pipeline)
 
@@ -418,7 +418,6 @@ def _offload_worker(name: str, degrees: dict, offload_first: bool, graphs: bool 
     """Two pipeline calls under model CPU offload, or under group offloading of the transformer at the given level
     ("block_level", "leaf_level"), set up before or after parallelize."""
     import fastusp
-    from fastusp import compile as fastusp_compile
 
     pipe = BUILDERS[name]()
     counts = {}
@@ -438,9 +437,7 @@ def _offload_worker(name: str, degrees: dict, offload_first: bool, graphs: bool 
     if graphs:
         _offload_moves_weights()
         fake_cuda_graphs(counts, lambda: [p.data_ptr() for p in pipe.transformer.parameters()])
-        # what compile_pipeline does on CUDA with backend=None (it refuses graphs on a CPU transformer)
-        report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
-        fastusp_compile.compile_transformer(pipe.transformer, report, regional=True, reorder_comm=True, backend=None)
+        compile_as_on_cuda(pipe.transformer)
     seen = _record_tokens(name, pipe)
     calls = [_generate(pipe, 0), _generate(pipe, 0)]  # the second after the pipeline re-added its hooks
     return dict(calls=calls, seen=seen, counts=counts)
@@ -532,14 +529,10 @@ def _cached_run(name: str, cache: str | None, degrees: dict | None = None, graph
         fastusp.parallelize(pipe, **degrees)
     counts = {}
     if graphs:
-        from fastusp import compile as fastusp_compile
-
         fake_cuda_graphs(counts)
         if failing_capture is not None:
             _fail_capture(failing_capture, counts)
-        # what compile_pipeline does on CUDA with backend=None (it refuses graphs on a CPU transformer)
-        report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
-        fastusp_compile.compile_transformer(pipe.transformer, report, regional=True, reorder_comm=True, backend=None)
+        report = compile_as_on_cuda(pipe.transformer)
     configs = {"first-block": lambda: FirstBlockCacheConfig(threshold=0.5 if name == "flux" else 0.6),
                "mag": lambda: MagCacheConfig(threshold=0.5, max_skip_steps=2, num_inference_steps=CACHE_STEPS,
                                              mag_ratios=[1.0 - 0.01 * i for i in range(CACHE_STEPS)]),

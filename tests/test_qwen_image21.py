@@ -141,13 +141,10 @@ def _pipeline(degrees, offload: bool = False, graph_counts: dict | None = None):
     if degrees:
         fastusp.parallelize(pipe, **degrees)
     if graph_counts is not None:
-        from _fake_graphs import fake_cuda_graphs
-        from fastusp import compile as fastusp_compile
+        from _fake_graphs import compile_as_on_cuda, fake_cuda_graphs
 
         fake_cuda_graphs(graph_counts)
-        # what compile_pipeline does on CUDA (it refuses graphs on a CPU transformer)
-        report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
-        fastusp_compile.compile_transformer(pipe.transformer, report, regional=True, reorder_comm=True, backend=None)
+        compile_as_on_cuda(pipe.transformer)
     if offload:
         pipe.enable_model_cpu_offload(device="cpu")
     return pipe
@@ -245,15 +242,12 @@ def _graphed_calls(rounds, ulysses, ring, backend):
     """The three calls for each inputs of `rounds` (each round with a new cache) under compile_pipeline's CUDA graphs
     of all blocks (capture faked on the CPU: a replay reruns the blocks on the static inputs, which each call copies
     in; a replay under another sequence layout than its capture's fails)."""
-    from _fake_graphs import fake_cuda_graphs
-    from fastusp import compile as fastusp_compile
+    from _fake_graphs import compile_as_on_cuda, fake_cuda_graphs
 
     model = fastusp.parallelize(tiny_qwen21(), ulysses=ulysses, ring=ring)
     counts = {}
     fake_cuda_graphs(counts, fingerprint=lambda: model._fastusp_context.current_layout().tokens)
-    # what compile_pipeline does on CUDA (it refuses graphs on a CPU transformer)
-    report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)
-    fastusp_compile.compile_transformer(model, report, regional=True, reorder_comm=True, backend=backend)
+    report = compile_as_on_cuda(model, backend)
     outs = [_three_calls(model, inputs) for inputs in rounds]
     return outs, counts, report.summary()
 

@@ -132,15 +132,13 @@ def test_cuda_graphs_take_a_pipeline_that_has_run_and_first_block_cache_but_no_o
 
 
 def _graphs_then_cache() -> str:
-    from _fake_graphs import fake_cuda_graphs
+    from _fake_graphs import compile_as_on_cuda, fake_cuda_graphs
     from diffusers.hooks import MagCacheConfig
-    from fastusp import compile as fastusp_compile
     from tiny_models import flux_inputs
 
     fake_cuda_graphs({})
     model = tiny_flux()
-    report = fastusp_compile.CompileReport(mode="default", cuda_graphs=True)  # as on CUDA, with graphs only
-    fastusp_compile.compile_transformer(model, report, regional=True, reorder_comm=True, backend=None)
+    compile_as_on_cuda(model)
     with torch.no_grad():
         model(**flux_inputs(), return_dict=False)
         model.enable_cache(MagCacheConfig(num_inference_steps=4, mag_ratios=[1.0] * 4))
