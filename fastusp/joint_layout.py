@@ -24,8 +24,9 @@ def reuse_joint_layout(transformer, max_layouts: int = 4) -> None:
     def find(mask: torch.Tensor, shapes, device) -> dict:
         key = dict(mask=mask.detach().cpu(), shapes=tuple(tuple(s) for s in shapes), device=str(device))
         for layout in layouts:
+            # torch.equal compares the shapes too
             if (layout["shapes"], layout["device"]) == (key["shapes"], key["device"]) and \
-                    layout["mask"].shape == key["mask"].shape and torch.equal(layout["mask"], key["mask"]):
+                    torch.equal(layout["mask"], key["mask"]):
                 return layout
         layouts.append(key)
         del layouts[:-max_layouts]

@@ -60,7 +60,8 @@ class FastUSPQwenImage21AttnProcessor(USPProcessor):
             k, v = kv.permute(1, 2, 3, 0, 4).unbind(0)
             if kv_cache_mode == "cached":  # the target image's rows: every key, the cached prefix's first
                 # a dict under compile_pipeline's CUDA graphs: the cache's tensors copied into the graph's inputs
-                cached_k, cached_v = layer_cache.values() if isinstance(layer_cache, dict) else layer_cache.get()
+                cached_k, cached_v = (layer_cache["k"], layer_cache["v"]) if isinstance(layer_cache, dict) \
+                    else layer_cache.get()
                 k, v = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
             if kv_cache_mode == "extract" and layer_cache is not None and cache_write_slice is not None:
