@@ -18,10 +18,10 @@ from .local import attention, attention_text_keys_apart
 from .ring_op import maybe_traceable_ring_attention
 
 
-def _traced(x: torch.Tensor) -> bool:
+def _traced(device: torch.device) -> bool:
     """Compiled or being captured in a CUDA graph: host launch cost is paid once, not every step.
     Eager, 2xH200, one attention call at 4608 tokens: 2.10 ms with two head chunks, 1.12 ms with one."""
-    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _text_keys_first(kv: torch.Tensor, text: tuple[int, ...], image: tuple[int, ...]) -> torch.Tensor:
@@ -47,10 +47,44 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seq
     attend_group(q_h [B, h, S_chunk, D], kv [S_chunk, 2, B, h, D]) -> [B, h, S_chunk, D]: the attention of the Ulysses
     group's tokens for this rank's h heads, in place of fastusp's own (local, or ring over the ring group); it gets
     all of them at once (one head chunk)."""
+    if config.ulysses == 1:  # no all-to-all: q is used in place, only k|v are packed (the ring sends them)
+        # not `attend_group or ...`: Dynamo in torch 2.11 cannot take a function's truth value (graph break)
+        attend = _attend_fn(layout, config) if attend_group is None else attend_group
+        kv = a2a.pack_head_chunks([k, v], 1, 1)[0][0]  # [S_local, 2, B, H, D]
+        return attend(q.transpose(1, 2), kv).transpose(1, 2)
+    return ulysses_attention(lambda chunks: a2a.pack_head_chunks([q, k, v], config.ulysses, chunks), q.shape,
+                             q.dtype, q.device, layout, config, attend_group)
+
+
+def ulysses_attention(pack, shape: torch.Size, dtype: torch.dtype, device: torch.device, layout: SeqLayout,
+                      config: ParallelConfig, attend_group=None) -> torch.Tensor:
+    """usp_attention with Ulysses > 1, from q/k/v that pack(chunks) packs into `chunks` send buffers
+    [U, S_local, 3, B, hc, D] (a2a.pack_head_chunks' layout; a processor may fuse its last ops into the packing).
+    shape, dtype, device: q's [B, S_local, H, D], dtype and device."""
+    batch, seq, heads, dim = shape
+    u = config.ulysses
+    group_lens = list(layout.tokens[config.ring_rank * u:(config.ring_rank + 1) * u])  # this Ulysses group's ranks
+    chunks = 1
+    if attend_group is None:
+        attend, chunks = _attend_fn(layout, config), config.head_chunks(heads, _traced(device))
+    else:
+        attend = attend_group
+    group, fp8 = config.ulysses_group, config.fp8_qkv
+    sends = pack(chunks)
+    in_flight = [a2a.start_seq_to_head(send, group_lens, group, fp8) for send in sends]
+    returning = []
+    for send, received in zip(sends, in_flight):
+        qkv = a2a.finish_seq_to_head(a2a.wait(received), send, dtype, fp8)  # [S_chunk, 3, B, hc, D]
+        out = attend(qkv[:, 0].permute(1, 2, 0, 3), qkv[:, 1:])
+        returning.append(a2a.start_head_to_seq(out, group_lens, config.ulysses_rank, group, config.fp8_out))
+    return a2a.join_head_chunks([a2a.wait(x) for x in returning], batch, seq, u, dim, dtype, config.fp8_out)
+
+
+def _attend_fn(layout: SeqLayout, config: ParallelConfig):
+    """fastusp's attention of a Ulysses group's tokens for some heads: local, or ring over the ring group."""
     u, r = config.ulysses, config.ring
     tokens = layout.tokens
     rank_span = slice(config.ring_rank * u, (config.ring_rank + 1) * u)  # the world ranks of this Ulysses group
-    group_lens = list(tokens[rank_span])
 
     def attend(q_h: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """q_h [B, h, S_chunk, D], kv [S_chunk, 2, B, h, D] -> [B, h, S_chunk, D]."""
@@ -67,23 +101,4 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seq
             kv = _text_keys_first(kv, layout.text[rank_span], layout.image[rank_span])
         return maybe_traceable_ring_attention(q_h, kv.contiguous(), chunk_lens, config.ring_group, layout.text_bias,
                                               text_lens, config.fp8_qkv, config.ring_overlap)
-
-    chunks = 1
-    if attend_group is None:
-        chunks = config.head_chunks(q.shape[2], _traced(q))
-    else:  # not `attend_group or attend`: Dynamo in torch 2.11 cannot take a function's truth value (graph break)
-        attend = attend_group
-    if u == 1:  # no all-to-all: q is used in place, only k|v are packed (the ring sends them)
-        kv = a2a.pack_head_chunks([k, v], 1, 1)[0][0]  # [S_local, 2, B, H, D]
-        return attend(q.transpose(1, 2), kv).transpose(1, 2)
-
-    group, fp8 = config.ulysses_group, config.fp8_qkv
-    sends = a2a.pack_head_chunks([q, k, v], u, chunks)
-    in_flight = [a2a.start_seq_to_head(send, group_lens, group, fp8) for send in sends]
-    returning = []
-    for send, received in zip(sends, in_flight):
-        qkv = a2a.finish_seq_to_head(a2a.wait(received), send, q.dtype, fp8)  # [S_chunk, 3, B, hc, D]
-        out = attend(qkv[:, 0].permute(1, 2, 0, 3), qkv[:, 1:])
-        returning.append(a2a.start_head_to_seq(out, group_lens, config.ulysses_rank, group, config.fp8_out))
-    return a2a.join_head_chunks([a2a.wait(x) for x in returning], q.shape[0], q.shape[1], u, q.shape[3], q.dtype,
-                                config.fp8_out)
+    return attend
