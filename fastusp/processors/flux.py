@@ -13,8 +13,8 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor, _get_qkv_projections
 
-from ..attention.usp import usp_attention
-from . import rope
+from ..attention.usp import ulysses_attention, usp_attention
+from . import norm_rope_pack, rope
 from .context import USPContext, USPProcessor, cached_call_signature
 
 
@@ -29,15 +29,24 @@ def rotated(query: torch.Tensor, key: torch.Tensor, image_rotary_emb) -> tuple[t
 
 
 def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden_states, attention_mask,
-                        image_rotary_emb, qkv_projections=_get_qkv_projections):
+                        image_rotary_emb, qkv_projections=_get_qkv_projections, fuse_norm_rope_pack: bool = False):
     """FluxAttnProcessor's math with USP attention. Returns (its outputs, the image tokens' query before RoPE, which
-    the IP-Adapter attends with). FLUX.2's double-stream processor has the same math with its own module's
-    qkv_projections."""
+    the IP-Adapter attends with; None where fuse_norm_rope_pack ran the norms in the kernel that packs q/k/v).
+    FLUX.2's double-stream processor has the same math with its own module's qkv_projections."""
     if attention_mask is not None:
         raise NotImplementedError("fastusp's FLUX processors do not take an attention_mask")
     query, key, value, encoder_query, encoder_key, encoder_value = qkv_projections(
         attn, hidden_states, encoder_hidden_states
     )
+    image, image_norms = (query, key, value), (attn.norm_q, attn.norm_k)
+    text = text_norms = None
+    if attn.added_kv_proj_dim is not None:
+        text, text_norms = (encoder_query, encoder_key, encoder_value), (attn.norm_added_q, attn.norm_added_k)
+    fused = fused_usp_attention(context, attn, image, text, image_norms, text_norms,
+                                image_rotary_emb) if fuse_norm_rope_pack else None
+    if fused is not None:
+        return _joint_outputs(attn, fused.flatten(2, 3), encoder_hidden_states), None
+
     query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
     key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
     value = value.unflatten(-1, (-1, attn.head_dim))
@@ -56,20 +65,43 @@ def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden
 
     hidden_states = usp_attention(query, key, value, context.current_layout(), context.config)
     hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+    return _joint_outputs(attn, hidden_states, encoder_hidden_states), image_query
 
+
+def fused_usp_attention(context: USPContext, attn, image: tuple, text: tuple | None, image_norms: tuple,
+                        text_norms: tuple | None, image_rotary_emb) -> torch.Tensor | None:
+    """USP attention [B, S, H, D] from the q/k/v projections (image, and text in front where given) with their norms
+    and RoPE run in the kernel that packs the all-to-all's buffers (see norm_rope_pack); None where it does not
+    apply, and the caller runs the modules and torch's ops."""
+    config = context.config
+    if not norm_rope_pack.applies(config, attn.heads, image, text, image_norms, text_norms, image_rotary_emb):
+        return None
+    query = image[0]
+    seq = query.shape[1] + (0 if text is None else text[0].shape[1])
+    return ulysses_attention(
+        lambda chunks: norm_rope_pack.pack(image, text, image_norms, text_norms, image_rotary_emb, attn.heads,
+                                           config.ulysses, chunks),
+        (query.shape[0], seq, attn.heads, attn.head_dim), query.dtype, query.device, context.current_layout(), config)
+
+
+def _joint_outputs(attn, hidden_states, encoder_hidden_states):
+    """The attention output [B, S, H * D] -> the processor's outputs: as is (single-stream blocks), else the image
+    and text parts through their output projections."""
     if encoder_hidden_states is None:
-        return hidden_states, image_query
+        return hidden_states
     encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
         [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
     )
     hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
     encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-    return (hidden_states, encoder_hidden_states), image_query
+    return hidden_states, encoder_hidden_states
 
 
 @cached_call_signature
 class FastUSPFluxAttnProcessor(USPProcessor):
     qkv_projections = staticmethod(_get_qkv_projections)  # FLUX.1's (to_q/k/v or fused to_qkv)
+    # FLUX.1 only: with it, FLUX.2 compiled with CUDA graphs failed capture on 2xH200 cn (twice; passed on cm)
+    fuse_norm_rope_pack = True
 
     def __call__(
         self,
@@ -80,7 +112,7 @@ class FastUSPFluxAttnProcessor(USPProcessor):
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         outputs, _ = joint_usp_attention(self.context, attn, hidden_states, encoder_hidden_states, attention_mask,
-                                         image_rotary_emb, self.qkv_projections)
+                                         image_rotary_emb, self.qkv_projections, self.fuse_norm_rope_pack)
         return outputs
 
 

@@ -19,6 +19,7 @@ class FastUSPFlux2AttnProcessor(FastUSPFluxAttnProcessor):
     """Double-stream blocks: FLUX.1's joint attention, with FLUX.2's own q/k/v projections."""
 
     qkv_projections = staticmethod(_get_qkv_projections)
+    fuse_norm_rope_pack = False  # see FastUSPFluxAttnProcessor
 
 
 @cached_call_signature

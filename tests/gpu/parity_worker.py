@@ -16,6 +16,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/: tiny_models' random IP-Adapter
 import fastusp  # noqa: E402
+from fastusp.processors import norm_rope_pack  # noqa: E402
 
 BF16_TOL, FP8_TOL = 2e-2, 6e-2  # relative L2 error of the transformer output
 
@@ -112,6 +113,9 @@ def layouts(world: int) -> list[tuple[int, int]]:
 def main(world: int, rank: int, device) -> int:
     """The transformer layouts. Returns the number of failed checks."""
     failures = 0
+    fused_calls = []  # calls of the norm + RoPE + pack kernel's entry (traced ones count once per compile)
+    real_pack = norm_rope_pack.pack
+    norm_rope_pack.pack = lambda *args: fused_calls.append(1) or real_pack(*args)
     # Uneven on purpose: 33x31 image tokens and 77 / 100 text tokens divide by neither 2 nor 4.
     cases = {"flux": dict(batch=1, image_hw=(33, 31), text_len=77),
              "qwen": dict(batch=2, image_hw=(32, 31), text_len=100),
@@ -138,9 +142,16 @@ def main(world: int, rank: int, device) -> int:
             model = fastusp.parallelize(build(name, device), ulysses=u, ring=r, fp8_comm=fp8)
             # compiled: no block may fall back to eager (torch 2.11 on the GPUs graph-breaks on code that the CPU
             # suite's torch traces, and the output stays right, so only the report tells)
+            fused_calls.clear()
             failures += not parity(model, x, ref, compiled, FP8_TOL if fp8 else BF16_TOL, rank, device,
                                    no_fallback=compiled is not None, model=name, world=world, ulysses=u, ring=r,
                                    fp8=fp8)
+            # FLUX.1's norms and RoPE run in the kernel that packs the all-to-all's buffers wherever Ulysses > 1; a
+            # silent fallback to torch's ops would still give the right output, so only this tells
+            expected = name == "flux" and u > 1
+            emit(rank, device, check="norm-rope-pack kernel", model=name, ulysses=u, ring=r, fp8=fp8,
+                 compiled=compiled, used=bool(fused_calls), ok=bool(fused_calls) == expected)
+            failures += bool(fused_calls) != expected
             del model
             torch._dynamo.reset()
     return failures

@@ -1,0 +1,79 @@
+"""fastusp's norm + RoPE + pack kernel (fastusp/processors/norm_rope_pack.py) against the modules and ops it replaces:
+torch.nn.RMSNorm, the text stream joined in front, diffusers' apply_rotary_emb and a2a.pack_head_chunks.
+
+On CUDA the kernel itself runs (skipped without a GPU; the device runs it). On CPU it runs under Triton's interpreter
+where Triton is installed (CI's CPU-only torch has none: skipped there). Equal within rounding, not bitwise: the sum of
+squares is reduced in another order.
+"""
+import pytest
+import torch
+
+from _triton_interpreter import run_under_triton_interpreter, script_main
+
+# batch, text tokens (0: a single-stream block), image tokens, heads, head dim, Ulysses size, head chunks
+CASES = [(1, 5, 37, 4, 16, 2, 2), (2, 0, 9, 6, 8, 3, 1), (1, 3, 7, 6, 32, 2, 3), (1, 1, 2, 2, 4, 2, 1)]
+GPU_CASES = [(1, 256, 2048, 24, 128, 2, 2), (1, 0, 2304, 24, 128, 2, 2), (1, 0, 1152, 24, 128, 4, 2)]
+
+
+def reference(image, text, image_norms, text_norms, cos, sin, heads, group_size, chunks):
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from fastusp.distributed.ulysses import pack_head_chunks
+
+    def normed(qkv, norms):
+        q, k, v = (x.unflatten(-1, (heads, -1)) for x in qkv)
+        return norms[0](q), norms[1](k), v
+    q, k, v = normed(image, image_norms)
+    if text is not None:
+        q, k, v = (torch.cat(pair, dim=1) for pair in zip(normed(text, text_norms), (q, k, v)))
+    q, k = (apply_rotary_emb(x, (cos, sin), sequence_dim=1) for x in (q, k))
+    return pack_head_chunks([q, k, v], group_size, chunks)
+
+
+def mismatches(device: str, dtypes) -> list[str]:
+    """Every case where the kernel's send buffers differ from the reference's by more than rounding."""
+    from fastusp.processors import norm_rope_pack
+
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device)
+    bad = []
+    for dtype in dtypes:
+        for batch, text_len, image_len, heads, dim, group_size, chunks in CASES + (GPU_CASES if device != "cpu"
+                                                                                  else []):
+            name = f"{dtype} {(batch, text_len, image_len, heads, dim, group_size, chunks)}"
+
+            def norms(eps):
+                pair = (torch.nn.RMSNorm(dim, eps=eps), torch.nn.RMSNorm(dim, eps=eps))
+                for n in pair:
+                    n.weight.data = rand(dim).abs() + 0.5
+                return tuple(n.to(device, dtype) for n in pair)
+            wide = rand(batch, image_len, 3 * heads * dim).to(dtype)  # a fused to_qkv's output: strided views
+            image = wide.chunk(3, dim=-1)
+            text = tuple(rand(batch, text_len, heads * dim).to(dtype) for _ in range(3)) if text_len else None
+            image_norms, text_norms = norms(1e-6), norms(1e-5)
+            cos, sin = rand(text_len + image_len, dim), rand(text_len + image_len, dim)
+            args = (image, text, image_norms, text_norms, (cos, sin), heads, group_size, chunks)
+            if not norm_rope_pack.applies_to_tensors(*args[:5], heads, group_size):
+                bad.append(f"{name}: not taken")
+                continue
+            with torch.no_grad():
+                got = norm_rope_pack.pack(*args)
+                want = reference(image, text, image_norms, text_norms, cos, sin, heads, group_size, chunks)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            for j, (a, b) in enumerate(zip(got, want)):
+                if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=tol, atol=tol):
+                    bad.append(f"{name} chunk {j}: max diff {(a.float() - b.float()).abs().max().item():.3g}")
+    return bad
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_norm_rope_pack_kernel_on_cuda():
+    assert mismatches("cuda", (torch.bfloat16, torch.float16, torch.float32)) == []
+
+
+def test_norm_rope_pack_kernel_under_triton_interpreter():
+    run_under_triton_interpreter(__file__)
+
+
+if __name__ == "__main__":  # the interpreter run
+    script_main(mismatches)
