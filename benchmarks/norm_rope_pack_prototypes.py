@@ -148,15 +148,6 @@ def make_v(kernel, warps):
     return run
 
 
-def v2(q, k, v):
-    hc = H // (U * C)
-    out = torch.empty(C, U, S, 3, B, hc, D, device=dev, dtype=bf)
-    _norm_rope_pack[(B * S, 3)](q, k, v, norm_q.weight, norm_k.weight, cos, sin, out, 1e-6, S, H, hc, C,
-                                q.stride(0), q.stride(1), *out.stride()[:5], cos.stride(0),
-                                BLOCK_H=triton.next_power_of_2(H), D=D, num_warps=8)
-    return list(out.unbind(0))
-
-
 @torch.no_grad()
 def main():
     print(torch.__version__, torch.cuda.get_device_name(), "triton", triton.__version__, flush=True)
@@ -165,7 +156,7 @@ def main():
     for name, fn in (("v0 main compiled", torch.compile(v0, fullgraph=True)),
                      ("v1 rope pairs compiled", torch.compile(v1, fullgraph=True)),
                      ("copy only compiled", torch.compile(copy_only, fullgraph=True)),
-                     ("v2 triton", v2), ("v2 w4", make_v(_norm_rope_pack, 4)), ("v2 w16", make_v(_norm_rope_pack, 16)),
+                     ("v2 triton", make_v(_norm_rope_pack, 8)), ("v2 w4", make_v(_norm_rope_pack, 4)), ("v2 w16", make_v(_norm_rope_pack, 16)),
                      ("v4 w2", make_v(_norm_rope_pack4, 2)), ("v4 w4", make_v(_norm_rope_pack4, 4)),
                      ("v4 w8", make_v(_norm_rope_pack4, 8)), ("v0 eager", v0)):
         try:
