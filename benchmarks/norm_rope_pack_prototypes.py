@@ -156,7 +156,8 @@ def main():
     for name, fn in (("v0 main compiled", torch.compile(v0, fullgraph=True)),
                      ("v1 rope pairs compiled", torch.compile(v1, fullgraph=True)),
                      ("copy only compiled", torch.compile(copy_only, fullgraph=True)),
-                     ("v2 triton", make_v(_norm_rope_pack, 8)), ("v2 w4", make_v(_norm_rope_pack, 4)), ("v2 w16", make_v(_norm_rope_pack, 16)),
+                     ("v2 triton", make_v(_norm_rope_pack, 8)), ("v2 w4", make_v(_norm_rope_pack, 4)),
+                     ("v2 w16", make_v(_norm_rope_pack, 16)),
                      ("v4 w2", make_v(_norm_rope_pack4, 2)), ("v4 w4", make_v(_norm_rope_pack4, 4)),
                      ("v4 w8", make_v(_norm_rope_pack4, 8)), ("v0 eager", v0)):
         try:

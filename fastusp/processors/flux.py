@@ -38,14 +38,11 @@ def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden
     query, key, value, encoder_query, encoder_key, encoder_value = qkv_projections(
         attn, hidden_states, encoder_hidden_states
     )
-    image, image_norms = (query, key, value), (attn.norm_q, attn.norm_k)
-    text = text_norms = None
-    if attn.added_kv_proj_dim is not None:
-        text, text_norms = (encoder_query, encoder_key, encoder_value), (attn.norm_added_q, attn.norm_added_k)
-    fused = fused_usp_attention(context, attn, image, text, image_norms, text_norms,
-                                image_rotary_emb) if fuse_norm_rope_pack else None
-    if fused is not None:
-        return _joint_outputs(attn, fused.flatten(2, 3), encoder_hidden_states), None
+    if fuse_norm_rope_pack:
+        text = None if attn.added_kv_proj_dim is None else (encoder_query, encoder_key, encoder_value)
+        fused = fused_usp_attention(context, attn, (query, key, value), text, image_rotary_emb)
+        if fused is not None:
+            return _joint_outputs(attn, fused.flatten(2, 3), encoder_hidden_states), None
 
     query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
     key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
@@ -68,12 +65,14 @@ def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden
     return _joint_outputs(attn, hidden_states, encoder_hidden_states), image_query
 
 
-def fused_usp_attention(context: USPContext, attn, image: tuple, text: tuple | None, image_norms: tuple,
-                        text_norms: tuple | None, image_rotary_emb) -> torch.Tensor | None:
-    """USP attention [B, S, H, D] from the q/k/v projections (image, and text in front where given) with their norms
-    and RoPE run in the kernel that packs the all-to-all's buffers (see norm_rope_pack); None where it does not
-    apply, and the caller runs the modules and torch's ops."""
+def fused_usp_attention(context: USPContext, attn, image: tuple, text: tuple | None,
+                        image_rotary_emb) -> torch.Tensor | None:
+    """USP attention [B, S, H, D] from the q/k/v projections (image, and text in front where given) with attn's
+    norms and RoPE run in the kernel that packs the all-to-all's buffers (see norm_rope_pack); None where it does
+    not apply, and the caller runs the modules and torch's ops."""
     config = context.config
+    image_norms = (attn.norm_q, attn.norm_k)
+    text_norms = None if text is None else (attn.norm_added_q, attn.norm_added_k)
     if not norm_rope_pack.applies(config, attn.heads, image, text, image_norms, text_norms, image_rotary_emb):
         return None
     query = image[0]
