@@ -8,7 +8,7 @@ from _dist import run_distributed
 from fastusp.distributed.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
 from fastusp.distributed.ring_comm import RingComm
 from test_attention import seq_to_head
-from test_models import LAYOUTS, assert_parallel_matches_single
+from test_models import assert_parallel_matches_single
 
 
 def test_round_trip_error_is_bounded_per_row():

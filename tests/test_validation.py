@@ -1,5 +1,4 @@
 """Every configuration error is a clear ValueError (or NotImplementedError) raised before any collective."""
-import os
 from types import SimpleNamespace
 
 import pytest
