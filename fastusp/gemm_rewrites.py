@@ -21,6 +21,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -65,8 +66,7 @@ def _fuse_gelu_into_linear(graph: torch.fx.Graph, gelu: torch.fx.Node) -> None:
         return
     x, weight, bias = _linear_args(linear)
     # _addmm_activation takes a bias and has no derivative
-    if bias is None or _value(weight) is None or _value(weight).dim() != 2 or _value(linear) is None \
-            or _value(linear).requires_grad:
+    if bias is None or not _plain_matrix(weight) or _value(linear) is None or _value(linear).requires_grad:
         return
     _replace(graph, gelu, linear_gelu, (x, weight, bias), erase=[gelu, linear])
 
@@ -78,7 +78,7 @@ def _split_linear_of_cat(graph: torch.fx.Graph, linear: torch.fx.Node) -> None:
     parts = cat.args[0]
     dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
     values = [_value(p) if isinstance(p, torch.fx.Node) else None for p in parts]
-    if len(parts) < 2 or any(v is None for v in values) or _value(weight) is None or _value(weight).dim() != 2:
+    if len(parts) < 2 or any(v is None for v in values) or not _plain_matrix(weight):
         return
     # Only where a part is a GEMM's output, which Inductor copies into the cat (a pointwise part, like FLUX.2's
     # SwiGLU, is written into it directly: splitting would only add a read of the partial product)
@@ -107,6 +107,13 @@ def _linear_args(linear: torch.fx.Node):
     args = list(linear.args) + [None] * (3 - len(linear.args))
     return (linear.kwargs.get("input", args[0]), linear.kwargs.get("weight", args[1]),
             linear.kwargs.get("bias", args[2]))
+
+
+def _plain_matrix(node) -> bool:
+    """A 2-D weight that is a plain tensor: a tensor subclass (a quantized weight, say) may not implement what the
+    rewrites call, and a failed compile would leave every block eager."""
+    value = _value(node)
+    return value is not None and value.dim() == 2 and not is_traceable_wrapper_subclass(value)
 
 
 def _is_call(node, target) -> bool:

@@ -11,12 +11,14 @@ import collections
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.testing._internal.two_tensor import TwoTensor
 
 from _dist import run_distributed
 
 torch.manual_seed(0)
 W_UP, B_UP = torch.randn(24, 8), torch.randn(24)
 W_DOWN, B_DOWN = torch.randn(8, 32), torch.randn(8)
+W_TWO = TwoTensor(W_UP, W_UP.clone())
 
 
 def mlp(x, attn):  # FLUX's single-stream tail: gelu(tanh) of a biased linear, cat, linear
@@ -49,12 +51,17 @@ def cat_of_pointwise(x, attn):  # no GEMM's output in the cat: Inductor writes t
     return F.linear(torch.cat([attn, F.silu(x)], dim=-1), W_UP[:, :8].repeat(1, 2))
 
 
+def subclass_weight(x, attn):  # a tensor subclass's weight (a quantized one, say): kept
+    return F.gelu(F.linear(x, W_TWO, B_UP), approximate="tanh").a
+
+
 def needs_grad(x, attn):  # _addmm_activation has no derivative: the gelu is kept, and so the cat
     return mlp(x, attn)
 
 
 CASES = {mlp: (1, 1), exact_gelu: (0, 0), unbiased: (0, 0), linear_also_read: (0, 0), cat_also_read: (0, 0),
-         cat_of_rows: (0, 0), cat_of_pointwise: (0, 0), needs_grad: (0, 0)}
+         cat_of_rows: (0, 0), cat_of_pointwise: (0, 0), subclass_weight: (0, 0),
+         needs_grad: (0, 0)}
 
 
 def _rewriting_backend(counts):
