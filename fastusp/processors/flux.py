@@ -99,7 +99,8 @@ def _joint_outputs(attn, hidden_states, encoder_hidden_states):
 @cached_call_signature
 class FastUSPFluxAttnProcessor(USPProcessor):
     qkv_projections = staticmethod(_get_qkv_projections)  # FLUX.1's (to_q/k/v or fused to_qkv)
-    # FLUX.1 only: with it, FLUX.2 compiled with CUDA graphs failed capture on 2xH200 cn (twice; passed on cm)
+    # FLUX.1 only: with it, FLUX.2 compiled with CUDA graphs failed capture on 2xH200 cn (twice; passed on cm).
+    # Very likely the GPU parity worker's own kernel check (e3528b3 fixed it); FLUX.2 with it not rerun since.
     fuse_norm_rope_pack = True
 
     def __call__(
