@@ -65,8 +65,11 @@ def _fuse_gelu_into_linear(graph: torch.fx.Graph, gelu: torch.fx.Node) -> None:
     if approximate != "tanh" or not _is_call(linear, torch._C._nn.linear) or len(linear.users) != 1:
         return
     x, weight, bias = _linear_args(linear)
-    # _addmm_activation takes a bias and has no derivative
+    # _addmm_activation takes a bias, has no derivative and is not cast by autocast (under which the linear's output
+    # dtype differs from its inputs')
     if bias is None or not _plain_matrix(weight) or _value(linear) is None or _value(linear).requires_grad:
+        return
+    if len({getattr(_value(n), "dtype", None) for n in (x, weight, bias, linear)}) != 1:
         return
     _replace(graph, gelu, linear_gelu, (x, weight, bias), erase=[gelu, linear])
 

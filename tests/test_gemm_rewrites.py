@@ -55,13 +55,18 @@ def subclass_weight(x, attn):  # a tensor subclass's weight (a quantized one, sa
     return F.gelu(F.linear(x, W_TWO, B_UP), approximate="tanh").a
 
 
+def under_autocast(x, attn):  # autocast casts linear, not _addmm_activation: kept
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return F.gelu(F.linear(x, W_UP, B_UP), approximate="tanh").float()
+
+
 def needs_grad(x, attn):  # _addmm_activation has no derivative: the gelu is kept, and so the cat
     return mlp(x, attn)
 
 
 CASES = {mlp: (1, 1), exact_gelu: (0, 0), unbiased: (0, 0), linear_also_read: (0, 0), cat_also_read: (0, 0),
          cat_of_rows: (0, 0), cat_of_pointwise: (0, 0), subclass_weight: (0, 0),
-         needs_grad: (0, 0)}
+         under_autocast: (0, 0), needs_grad: (0, 0)}
 
 
 def _rewriting_backend(counts):
