@@ -7,22 +7,10 @@ Results: benchmarks/results/2026-11-28-gemm-rewrites.md.
     python3 benchmarks/mlp_tail_variants.py    (torch only)"""
 import torch
 import torch.nn.functional as F
+
+from graph_timing import graph_time_us as timed
 dev = torch.device("cuda"); bf = torch.bfloat16
 torch.manual_seed(0)
-
-def timed(fn, iters=40):
-    for _ in range(3): fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(iters): fn()
-    g.replay(); torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = 1e9
-    for _ in range(7):
-        s.record(); g.replay(); e.record(); e.synchronize()
-        best = min(best, s.elapsed_time(e) * 1000 / iters)
-    return best
 
 Hd, MLP, D = 3072, 12288, 128
 for world in (2, 4):

@@ -14,27 +14,15 @@ import triton.language as tl
 
 from diffusers.models.embeddings import apply_rotary_emb
 from fastusp.distributed.ulysses import pack_head_chunks, join_head_chunks
+from graph_timing import graph_time_us
 
 dev = torch.device("cuda")
 B, S, H, D, U, C = 1, 2304, 24, 128, 2, 2
 bf = torch.bfloat16
 
 
-def timed(fn, iters=50):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
-    g.replay(); torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = 1e9
-    for _ in range(5):
-        s.record(); g.replay(); e.record(); e.synchronize()
-        best = min(best, s.elapsed_time(e) * 1000 / iters)
-    return best
+def timed(fn):
+    return graph_time_us(fn, iters=50, repeats=5)
 
 
 norm_q = torch.nn.RMSNorm(D, eps=1e-6).to(dev, bf); norm_k = torch.nn.RMSNorm(D, eps=1e-6).to(dev, bf)
