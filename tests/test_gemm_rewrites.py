@@ -38,6 +38,10 @@ def linear_also_read(x, attn):  # the linear's output has a second reader: kept
     return F.gelu(up, approximate="tanh") + up
 
 
+def cat_of_linear(x, attn):  # any GEMM's output in the cat: split
+    return F.linear(torch.cat([attn, F.linear(x, W_UP, B_UP)], dim=-1), W_DOWN)
+
+
 def cat_also_read(x, attn):  # the cat is needed anyway: kept
     joined = torch.cat([attn, F.linear(x, W_UP, B_UP)], dim=-1)
     return F.linear(joined, W_DOWN), joined
@@ -64,8 +68,8 @@ def needs_grad(x, attn):  # _addmm_activation has no derivative: the gelu is kep
     return mlp(x, attn)
 
 
-CASES = {mlp: (1, 1), exact_gelu: (0, 0), unbiased: (0, 0), linear_also_read: (0, 0), cat_also_read: (0, 0),
-         cat_of_rows: (0, 0), cat_of_pointwise: (0, 0), subclass_weight: (0, 0),
+CASES = {mlp: (1, 1), cat_of_linear: (0, 1), exact_gelu: (0, 0), unbiased: (0, 0), linear_also_read: (0, 0),
+         cat_also_read: (0, 0), cat_of_rows: (0, 0), cat_of_pointwise: (0, 0), subclass_weight: (0, 0),
          under_autocast: (0, 0), needs_grad: (0, 0)}
 
 
