@@ -68,10 +68,11 @@ for world in (2, 4):
         print(f"world {world} S {S} {name:28s} {us:8.1f} us  rel err {err:.2e}", flush=True)
     # pieces
     x2 = x.view(S, Hd)
+    gelu_mm = torch._addmm_activation
     with torch.no_grad():
         for name, fn in (("mlp addmm", lambda: torch.addmm(bm, x2, Wm.t())),
-                         ("mlp addmm+gelu epilogue", lambda: torch._addmm_activation(bm, x2, Wm.t(), use_gelu=True)),
-                         ("mlp epilogue into slice", lambda: torch._addmm_activation(bm, x2, Wm.t(), use_gelu=True, out=buf[:, Hd:])),
+                         ("mlp addmm+gelu epilogue", lambda: gelu_mm(bm, x2, Wm.t(), use_gelu=True)),
+                         ("mlp epilogue into slice", lambda: gelu_mm(bm, x2, Wm.t(), use_gelu=True, out=buf[:, Hd:])),
                          ("proj_out K=15360", lambda: torch.addmm(bo, buf, Wo.t())),
                          ("proj_out a K=3072", lambda: torch.addmm(bo, buf[:, :Hd], Wo_a.t())),
                          ("proj_out m K=12288", lambda: torch.mm(buf[:, Hd:], Wo_m.t())),
@@ -83,10 +84,13 @@ for world in (2, 4):
         W1 = torch.randn(MLP, Hd, device=dev, dtype=bf) * 0.02; b1 = torch.randn(MLP, device=dev, dtype=bf) * 0.02
         W2 = torch.randn(Hd, MLP, device=dev, dtype=bf) * 0.02; b2 = torch.randn(Hd, device=dev, dtype=bf) * 0.02
         def ff0(xf): return F.linear(F.gelu(F.linear(xf, W1, b1), approximate="tanh"), W2, b2)
-        def ff1(xf): return F.linear(torch._addmm_activation(b1, xf.view(T, Hd), W1.t(), use_gelu=True).view(1, T, MLP), W2, b2)
+        def ff1(xf):
+            up = torch._addmm_activation(b1, xf.view(T, Hd), W1.t(), use_gelu=True)
+            return F.linear(up.view(1, T, MLP), W2, b2)
         with torch.no_grad():
             r = ff0(xf).float()
             for name, fn in (("ff0 diffusers", ff0), ("ff1 epilogue", ff1)):
                 f = torch.compile(fn)
                 out = f(xf).float()
-                print(f"world {world} FF T {T} {name:20s} {timed(lambda: f(xf)):8.1f} us  rel err {((out-r).norm()/r.norm()).item():.2e}", flush=True)
+                err = ((out - r).norm() / r.norm()).item()
+                print(f"world {world} FF T {T} {name:20s} {timed(lambda: f(xf)):8.1f} us  rel err {err:.2e}", flush=True)

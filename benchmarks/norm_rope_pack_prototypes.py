@@ -174,15 +174,6 @@ def main():
     us = timed(lambda: fn(mlp, *received))
     mb = (mlp.numel() * 2 + sum(r.numel() for r in received)) * 2 / 1e6
     print(f"cat+gelu+join compiled      {us:7.1f} us ({mb / us:.2f} TB/s)")
-    import torch._inductor.config as ic
-    for label, patch in ():
-        torch._dynamo.reset()
-        with ic.patch(**patch):
-            f0 = torch.compile(v0, fullgraph=True)
-            us0 = timed(lambda: f0(q_raw, k_raw, v_raw))
-            f1 = torch.compile(cat_gelu, fullgraph=True)
-            us1 = timed(lambda: f1(mlp, *received))
-        print(f"{label:28s} v0 {us0:7.1f} us, cat+gelu+join {us1:7.1f} us", flush=True)
     fn = torch.compile(gelu_only, fullgraph=True)
     us = timed(lambda: fn(mlp))
     print(f"gelu only compiled          {us:7.1f} us ({mlp.numel() * 4 / us / 1e6:.2f} TB/s)")

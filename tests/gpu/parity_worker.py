@@ -550,8 +550,8 @@ def check_mag_cache_calibration(world: int, rank: int, device) -> int:
 def check_qwen21(world: int, rank: int, device) -> int:
     """Qwen-Image 2.1 at real widths (32 heads x 128, two blocks), batch 2 with a padded prompt, a 16x16 condition
     image between two runs of text and a 32x30 target image: every layout, eager and compiled (the blocks compiled and
-    captured as one CUDA graph; no fallback allowed), each through the pipeline's three calls (no cache, the cache's first step, a cached
-    step) twice, the second time with other latents and a new cache. Then QwenImage21Pipeline with true CFG and the
+    captured as one CUDA graph; no fallback allowed), each through the pipeline's three calls (no cache, the cache's
+    first step, a cached step) twice, the second time with other latents and a new cache. Then QwenImage21Pipeline with true CFG and the
     cache under Ulysses over all ranks and under cfg=2, eager and compiled, two calls each. Returns the number of
     failed checks."""
     from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
