@@ -52,7 +52,8 @@ def mismatches(device: str, dtypes) -> list[str]:
             text = tuple(rand(batch, text_len, heads * dim).to(dtype) for _ in range(3)) if text_len else None
             image_norms, text_norms = norms(1e-6), norms(1e-5)
             cos, sin = rand(text_len + image_len, dim), rand(text_len + image_len, dim)
-            args = (image, text, image_norms, text_norms, (cos, sin), heads, group_size, chunks)
+            args = (image, text, image_norms, text_norms, norm_rope_pack.flux_rotation((cos, sin), text_len), heads,
+                    group_size, chunks)
             if not norm_rope_pack.applies_to_tensors(*args[:5], heads, group_size):
                 bad.append(f"{name}: not taken")
                 continue
@@ -66,9 +67,65 @@ def mismatches(device: str, dtypes) -> list[str]:
     return bad
 
 
+def qwen_reference(image, text, image_norms, text_norms, image_freqs, text_freqs, heads, group_size, chunks):
+    """Qwen-Image's processor: diffusers' RMSNorm per stream, RoPE on each stream's complex frequencies, joined."""
+    from fastusp.distributed.ulysses import pack_head_chunks
+    from fastusp.processors.qwen_image import _rope
+
+    streams = []
+    for qkv, norms, freqs in ((text, text_norms, text_freqs), (image, image_norms, image_freqs)):
+        q, k, v = (x.unflatten(-1, (heads, -1)) for x in qkv)
+        streams.append((_rope(norms[0](q), freqs), _rope(norms[1](k), freqs), v))
+    return pack_head_chunks([torch.cat(pair, dim=1) for pair in zip(*streams)], group_size, chunks)
+
+
+def qwen_mismatches(device: str, dtypes) -> list[str]:
+    """As mismatches, for Qwen-Image's norms (diffusers' RMSNorm) and frequencies (complex, per stream)."""
+    from diffusers.models.normalization import RMSNorm
+
+    from fastusp.processors import norm_rope_pack
+
+    g = torch.Generator().manual_seed(1)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device)
+    bad = []
+    for dtype in dtypes:
+        for batch, text_len, image_len, heads, dim, group_size, chunks in CASES + (GPU_CASES if device != "cpu"
+                                                                                  else []):
+            name = f"qwen {dtype} {(batch, text_len, image_len, heads, dim, group_size, chunks)}"
+
+            def norms():
+                pair = (RMSNorm(dim, eps=1e-6), RMSNorm(dim, eps=1e-6))
+                for n in pair:
+                    n.weight.data = rand(dim).abs() + 0.5
+                return tuple(n.to(device, dtype) for n in pair)
+            image = tuple(rand(batch, image_len, heads * dim).to(dtype) for _ in range(3))
+            text = tuple(rand(batch, text_len, heads * dim).to(dtype) for _ in range(3))
+            image_norms, text_norms = norms(), norms()
+            image_freqs, text_freqs = (torch.polar(torch.ones(n, dim // 2), rand(n, dim // 2).cpu()).to(device)
+                                       for n in (image_len, text_len))
+            rotation = norm_rope_pack.qwen_rotation((image_freqs, text_freqs))
+            args = (image, text, image_norms, text_norms, rotation, heads, group_size, chunks)
+            if not norm_rope_pack.applies_to_tensors(*args[:5], heads, group_size):
+                bad.append(f"{name}: not taken")
+                continue
+            with torch.no_grad():
+                got = norm_rope_pack.pack(*args)
+                want = qwen_reference(image, text, image_norms, text_norms, image_freqs, text_freqs, heads,
+                                      group_size, chunks)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            for j, (a, b) in enumerate(zip(got, want)):
+                if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=tol, atol=tol):
+                    bad.append(f"{name} chunk {j}: max diff {(a.float() - b.float()).abs().max().item():.3g}")
+    return bad
+
+
+def all_mismatches(device: str, dtypes) -> list[str]:
+    return mismatches(device, dtypes) + qwen_mismatches(device, dtypes)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_norm_rope_pack_kernel_on_cuda():
-    assert mismatches("cuda", (torch.bfloat16, torch.float16, torch.float32)) == []
+    assert all_mismatches("cuda", (torch.bfloat16, torch.float16, torch.float32)) == []
 
 
 def test_norm_rope_pack_kernel_under_triton_interpreter():
@@ -76,4 +133,4 @@ def test_norm_rope_pack_kernel_under_triton_interpreter():
 
 
 if __name__ == "__main__":  # the interpreter run
-    script_main(mismatches)
+    script_main(all_mismatches)

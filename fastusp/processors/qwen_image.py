@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..attention.usp import usp_attention
-from . import rope
+from . import norm_rope_pack, rope
+from .flux import fused_usp_attention
 from .context import USPProcessor, cached_call_signature
 
 
@@ -61,6 +62,9 @@ def _joint_rotated(txt_query, img_query, txt_key, img_key, image_rotary_emb):
 
 @cached_call_signature
 class FastUSPQwenImageAttnProcessor(USPProcessor):
+    # q/k norms, RoPE and the all-to-all's pack in one kernel where norm_rope_pack applies (Ulysses > 1, CUDA)
+    fuse_norm_rope_pack = True
+
     def __call__(
         self,
         attn,
@@ -76,14 +80,26 @@ class FastUSPQwenImageAttnProcessor(USPProcessor):
             raise ValueError("Pass encoder_hidden_states_mask, not attention_mask, to the Qwen-Image transformer")
         seq_txt = encoder_hidden_states.shape[1]
         head_dim = attn.inner_dim // attn.heads
+        image = (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
+        text = (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                attn.add_v_proj(encoder_hidden_states))
+        rotation = None if image_rotary_emb is None else norm_rope_pack.qwen_rotation(image_rotary_emb)
+        joint = fused_usp_attention(self.context, attn, image, text, rotation) if self.fuse_norm_rope_pack else None
+        if joint is None:
+            joint = self._attention(attn, image, text, image_rotary_emb, head_dim)
+        joint = joint.flatten(2, 3).to(image[0].dtype)
+        txt_attn_output, img_attn_output = joint[:, :seq_txt], joint[:, seq_txt:]
 
-        img_query = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))
-        img_key = attn.to_k(hidden_states).unflatten(-1, (-1, head_dim))
-        img_value = attn.to_v(hidden_states).unflatten(-1, (-1, head_dim))
-        txt_query = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-        txt_key = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-        txt_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+        img_attn_output = attn.to_out[0](img_attn_output.contiguous())
+        if len(attn.to_out) > 1:
+            img_attn_output = attn.to_out[1](img_attn_output)
+        txt_attn_output = attn.to_add_out(txt_attn_output.contiguous())
+        return img_attn_output, txt_attn_output
 
+    def _attention(self, attn, image: tuple, text: tuple, image_rotary_emb, head_dim: int) -> torch.Tensor:
+        """diffusers' norms and RoPE as modules and torch's ops, then USP attention -> [B, S, H, D]."""
+        img_query, img_key, img_value = (x.unflatten(-1, (-1, head_dim)) for x in image)
+        txt_query, txt_key, txt_value = (x.unflatten(-1, (-1, head_dim)) for x in text)
         if attn.norm_q is not None:
             img_query = attn.norm_q(img_query)
         if attn.norm_k is not None:
@@ -95,13 +111,5 @@ class FastUSPQwenImageAttnProcessor(USPProcessor):
 
         query, key = _joint_rotated(txt_query, img_query, txt_key, img_key, image_rotary_emb)
         # The sharded forward passes encoder_hidden_states_mask=None: the layout carries the full mask as a key bias.
-        joint = usp_attention(query, key, torch.cat([txt_value, img_value], dim=1), self.context.current_layout(),
-                              self.context.config)
-        joint = joint.flatten(2, 3).to(img_query.dtype)
-        txt_attn_output, img_attn_output = joint[:, :seq_txt], joint[:, seq_txt:]
-
-        img_attn_output = attn.to_out[0](img_attn_output.contiguous())
-        if len(attn.to_out) > 1:
-            img_attn_output = attn.to_out[1](img_attn_output)
-        txt_attn_output = attn.to_add_out(txt_attn_output.contiguous())
-        return img_attn_output, txt_attn_output
+        return usp_attention(query, key, torch.cat([txt_value, img_value], dim=1), self.context.current_layout(),
+                             self.context.config)

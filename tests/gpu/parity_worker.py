@@ -158,9 +158,9 @@ def main(world: int, rank: int, device) -> int:
             failures += not parity(model, x, ref, compiled, FP8_TOL if fp8 else BF16_TOL, rank, device,
                                    no_fallback=compiled is not None, model=name, world=world, ulysses=u, ring=r,
                                    fp8=fp8)
-            # FLUX.1's norms and RoPE run in the kernel that packs the all-to-all's buffers wherever Ulysses > 1; a
-            # silent fallback to torch's ops would still give the right output, so only this tells
-            expected = name == "flux" and u > 1
+            # FLUX.1's and Qwen-Image's norms and RoPE run in the kernel that packs the all-to-all's buffers wherever
+            # Ulysses > 1; a silent fallback to torch's ops would still give the right output, so only this tells
+            expected = name in ("flux", "qwen") and u > 1
             emit(rank, device, check="norm-rope-pack kernel", model=name, ulysses=u, ring=r, fp8=fp8,
                  compiled=compiled, used=kernel_ran.flag, ok=kernel_ran.flag == expected)
             failures += kernel_ran.flag != expected
