@@ -102,8 +102,9 @@ def _joint_outputs(attn, hidden_states, encoder_hidden_states):
 @cached_call_signature
 class FastUSPFluxAttnProcessor(USPProcessor):
     qkv_projections = staticmethod(_get_qkv_projections)  # FLUX.1's (to_q/k/v or fused to_qkv)
-    # FLUX.1 only: with it, FLUX.2 compiled with CUDA graphs failed capture on 2xH200 cn (twice; passed on cm).
-    # Very likely the GPU parity worker's own kernel check (e3528b3 fixed it); FLUX.2 with it not rerun since.
+    # Not FLUX.2 (its subclass turns it off): there only the double-stream blocks would take it, and with it FLUX.2
+    # u2r1 compiled was no faster (247.3 against 246.7 ms on 2xH200 cw; parity passed). Its capture failure on cn
+    # was the GPU parity worker's own kernel check, fixed in e3528b3.
     fuse_norm_rope_pack = True
 
     def __call__(
