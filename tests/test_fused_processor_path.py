@@ -1,4 +1,4 @@
-"""The processors' path into the norm + RoPE + pack kernel (FLUX.1, Qwen-Image), on CPU with gloo.
+"""The processors' path into the norm + RoPE + pack kernel (FLUX.1; Qwen-Image, its Edit-2511 and Layered), on CPU with gloo.
 
 The kernel needs CUDA, so here a torch stand-in takes its place: it does what the kernel's contract says (each
 stream's q/k through its own norm modules, rotated with the `Rotation` rows the processor built, the text stream in
@@ -69,13 +69,15 @@ def _forward_through_stand_in(build, inputs, ulysses, ring, chunks):
 
 
 @pytest.mark.parametrize("layout", [(2, 1, 1), (2, 1, 2), (2, 2, 1)], ids=lambda l: f"u{l[0]}r{l[1]}c{l[2]}")
-@pytest.mark.parametrize("name", ["flux", "qwen"])
+@pytest.mark.parametrize("name", ["flux", "qwen", "qwen-edit-2511", "qwen-layered"])
 def test_processors_fused_path_matches_single_process(name, layout):
     build, make_inputs = MODELS[name]
     build = functools.partial(_with_random_norm_weights, build)
-    # uneven tokens per rank; Qwen-Image with a padded text mask on one sample
-    mask = dict(valid_lens=[3, 5]) if name == "qwen" else {}
-    inputs = make_inputs(batch=2, height=3, width=5, text_len=5, **mask)
+    # uneven tokens per rank; Qwen-Image's variants with a padded text mask on one sample, Edit-2511 with a reference
+    # image's tokens after the edited image's (in the image stream's RoPE rows too), Layered with four images
+    extra = {"qwen": dict(valid_lens=[3, 5]), "qwen-edit-2511": dict(valid_lens=[3, 5], reference_hw=(2, 4)),
+             "qwen-layered": dict(valid_lens=[3, 5])}.get(name, {})
+    inputs = make_inputs(batch=2, height=3, width=5, text_len=5, **extra)
     model = build()
     with torch.no_grad():
         ref = model(**inputs, return_dict=False)[0]
