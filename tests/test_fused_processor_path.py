@@ -1,4 +1,5 @@
-"""The processors' path into the norm + RoPE + pack kernel (FLUX.1; Qwen-Image, its Edit-2511 and Layered), on CPU with gloo.
+"""The processors' path into the norm + RoPE + pack kernel (FLUX.1; Qwen-Image, its Edit-2511 and Layered), on CPU
+with gloo.
 
 The kernel needs CUDA, so here a torch stand-in takes its place: it does what the kernel's contract says (each
 stream's q/k through its own norm modules, rotated with the `Rotation` rows the processor built, the text stream in
