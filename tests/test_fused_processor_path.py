@@ -89,3 +89,16 @@ def test_processors_fused_path_matches_single_process(name, layout):
         err = ((out - ref).norm() / ref.norm()).item()
         assert err < 1e-4, f"rank {rank}: relative error {err:.2e}"
         assert calls == want, calls
+
+
+@pytest.mark.parametrize("name", ["flux", "qwen"])
+def test_fused_path_with_a_rank_that_holds_no_text(name):
+    # 3 text tokens over 4 ranks: one rank's text stream is empty, and its q/k/v and RoPE rows have no text rows
+    build, make_inputs = MODELS[name]
+    build = functools.partial(_with_random_norm_weights, build)
+    inputs = make_inputs(text_len=3, height=2, width=3)
+    with torch.no_grad():
+        ref = build()(**inputs, return_dict=False)[0]
+    for out, calls in run_distributed(_forward_through_stand_in, 4, build, inputs, 2, 2, 1):
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+        assert calls
