@@ -1,17 +1,18 @@
 """FLUX's and Qwen-Image's q/k RMSNorm, RoPE and the pack into Ulysses' send buffers, in one Triton kernel (CUDA,
 Ulysses > 1).
 
-Before each block's first all-to-all, q and k are normalized per head (torch.nn.RMSNorm), the text stream's joined in
-front of the image stream's (double-stream blocks), rotated (diffusers' apply_rotary_emb) and packed with v into the
-send buffers. Inductor fuses that into kernels that store a rotated copy of q and read it back: 53 us per single block
-at 2304 tokens x 24 heads on H200 (1.6 TB/s), and in double-stream blocks about 100 us over five kernels. Eager, it is
-about ten kernels. This kernel reads each element once and writes it once, into its place in the send buffer: 31 us.
+Before each block's first all-to-all, q and k are normalized per head, the text stream's joined in front of the image
+stream's (double-stream blocks), rotated and packed with v into the send buffers. Inductor fuses that into kernels
+that store a rotated copy of q and read it back: for FLUX 53 us per single block at 2304 tokens x 24 heads on H200
+(1.6 TB/s), and in double-stream blocks about 100 us over five kernels; for Qwen-Image about 5.2 ms a step at 2 GPUs.
+Eager, it is about ten kernels. This kernel reads each element once and writes it once, into its place in the send
+buffer: 30-31 us per block.
 
-The math is the modules': RMSNorm in float32 (x * rsqrt(mean(x^2) + eps) * weight) rounded to the input dtype, as
-torch.nn.RMSNorm returns it (diffusers' RMSNorm, Qwen-Image's: x * rsqrt rounded before the weight, as it does); then
-RoPE in float32 (x * cos + rotated * sin; for Qwen-Image the same products on each complex frequency's real and
-imaginary parts) rounded once. The sum of squares is reduced in
-another order than torch's, so results match the torch ops within rounding, not bitwise.
+The math is the modules'. RMSNorm in float32, x * rsqrt(mean(x^2) + eps) * weight, rounded to the input dtype as
+torch.nn.RMSNorm (FLUX) returns it; diffusers' RMSNorm (Qwen-Image) rounds x * rsqrt(...) before the weight, and so
+does the kernel for it. Then RoPE in float32, rounded once: x * cos + rotated * sin as diffusers' apply_rotary_emb
+(FLUX), or the same products with one complex frequency per (even, odd) pair (Qwen-Image). The sum of squares is
+reduced in another order than torch's, so results match the torch ops within rounding, not bitwise.
 """
 from __future__ import annotations
 
