@@ -13,7 +13,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor, _get_qkv_projections
 
-from ..attention.usp import ulysses_attention, usp_attention
+from ..attention.usp import usp_attention
 from . import norm_rope_pack, rope
 from .context import USPContext, USPProcessor, cached_call_signature
 
@@ -42,7 +42,7 @@ def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden
         text = None if attn.added_kv_proj_dim is None else (encoder_query, encoder_key, encoder_value)
         rotation = None if image_rotary_emb is None else norm_rope_pack.flux_rotation(
             image_rotary_emb, 0 if text is None else encoder_query.shape[1])
-        fused = fused_usp_attention(context, attn, (query, key, value), text, rotation)
+        fused = norm_rope_pack.fused_usp_attention(context, attn, (query, key, value), text, rotation)
         if fused is not None:
             return _joint_outputs(attn, fused.flatten(2, 3), encoder_hidden_states), None
 
@@ -65,25 +65,6 @@ def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden
     hidden_states = usp_attention(query, key, value, context.current_layout(), context.config)
     hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
     return _joint_outputs(attn, hidden_states, encoder_hidden_states), image_query
-
-
-def fused_usp_attention(context: USPContext, attn, image: tuple, text: tuple | None,
-                        rotation: norm_rope_pack.Rotation | None) -> torch.Tensor | None:
-    """USP attention [B, S, H, D] from the q/k/v projections (image, and text in front where given) with attn's
-    norms and RoPE run in the kernel that packs the all-to-all's buffers (see norm_rope_pack); None where it does
-    not apply, and the caller runs the modules and torch's ops. FLUX's and Qwen-Image's processors."""
-    config = context.config
-    image_norms = (attn.norm_q, attn.norm_k)
-    text_norms = None if text is None else (attn.norm_added_q, attn.norm_added_k)
-    if not norm_rope_pack.applies(config, attn.heads, image, text, image_norms, text_norms, rotation):
-        return None
-    query = image[0]
-    seq = query.shape[1] + (0 if text is None else text[0].shape[1])
-    return ulysses_attention(
-        lambda chunks: norm_rope_pack.pack(image, text, image_norms, text_norms, rotation, attn.heads,
-                                           config.ulysses, chunks),
-        (query.shape[0], seq, attn.heads, query.shape[-1] // attn.heads), query.dtype, query.device,
-        context.current_layout(), config)
 
 
 def _joint_outputs(attn, hidden_states, encoder_hidden_states):

@@ -23,7 +23,9 @@ import torch
 from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 
 from .._triton import addressable, tl, triton
+from ..attention.usp import ulysses_attention
 from ..config import on_device
+from .context import USPContext
 
 if triton is not None:
     @triton.jit
@@ -202,3 +204,21 @@ def pack(image: tuple, text: tuple | None, image_norms: tuple, text_norms: tuple
                                                float(text_eps), float(eps), text_len, heads, group_size, chunks,
                                                rotation.pairs, round_before_weight)
     return list(out.unbind(0))
+
+
+def fused_usp_attention(context: USPContext, attn, image: tuple, text: tuple | None,
+                        rotation: Rotation | None) -> torch.Tensor | None:
+    """USP attention [B, S, H, D] from the q/k/v projections (image, and text in front where given), attn's norms
+    and RoPE run by this module's kernel as it packs the all-to-all's buffers; None where `applies` says no, and the
+    caller runs the modules and torch's ops. For FLUX's and Qwen-Image's processors."""
+    config = context.config
+    image_norms = (attn.norm_q, attn.norm_k)
+    text_norms = None if text is None else (attn.norm_added_q, attn.norm_added_k)
+    if not applies(config, attn.heads, image, text, image_norms, text_norms, rotation):
+        return None
+    query = image[0]
+    seq = query.shape[1] + (0 if text is None else text[0].shape[1])
+    return ulysses_attention(
+        lambda chunks: pack(image, text, image_norms, text_norms, rotation, attn.heads, config.ulysses, chunks),
+        (query.shape[0], seq, attn.heads, query.shape[-1] // attn.heads), query.dtype, query.device,
+        context.current_layout(), config)

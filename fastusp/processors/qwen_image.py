@@ -10,7 +10,6 @@ import torch
 
 from ..attention.usp import usp_attention
 from . import norm_rope_pack, rope
-from .flux import fused_usp_attention
 from .context import USPProcessor, cached_call_signature
 
 
@@ -84,7 +83,8 @@ class FastUSPQwenImageAttnProcessor(USPProcessor):
         text = (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
                 attn.add_v_proj(encoder_hidden_states))
         rotation = None if image_rotary_emb is None else norm_rope_pack.qwen_rotation(image_rotary_emb)
-        joint = fused_usp_attention(self.context, attn, image, text, rotation) if self.fuse_norm_rope_pack else None
+        joint = (norm_rope_pack.fused_usp_attention(self.context, attn, image, text, rotation)
+                 if self.fuse_norm_rope_pack else None)
         if joint is None:
             joint = self._attention(attn, image, text, image_rotary_emb, head_dim)
         joint = joint.flatten(2, 3).to(image[0].dtype)
