@@ -4,6 +4,7 @@ After it the transformer takes the same full inputs on every rank and returns th
   apply_usp_processors      swap each attention processor for the fastusp one (diffusers' math, USP attention)
   apply_sequence_sharding   wrap forward: cut inputs along the sequence, run diffusers' forward, gather the output
                             (Qwen-Image 2.1: cut the joint sequence the forward builds, at its first block)
+  apply_shared_modulation   each rank computes the AdaLN modulation of some blocks, one all-gather shares it
   apply_controlnet_sharding pipelines with a ControlNet: it is sharded too, its residuals stay sharded
   apply_rank_consistency    pipelines only: same initial noise on every rank, progress bar on rank 0
   apply_cfg_parallel        pipelines with cfg=2 only: each half of the ranks runs one guidance pass of a step
@@ -27,6 +28,7 @@ from .config import ParallelConfig, check_one_gpu_per_rank, maybe_init_distribut
 from .controlnet import apply_controlnet_sharding, controlnets
 from .distributed.gather import gather_seq
 from .joint_layout import reuse_joint_layout
+from .modulation import apply_shared_modulation
 from .processors.context import USPContext
 from .processors.flux import FastUSPFluxAttnProcessor, FastUSPFluxIPAdapterAttnProcessor
 from .processors.flux2 import FastUSPFlux2AttnProcessor, FastUSPFlux2ParallelSelfAttnProcessor
@@ -64,6 +66,8 @@ class ModelSpec:
     # how many tokens the forward returns for these inputs (the image tokens unless set): cfg=2 makes a skipped
     # pass's placeholder from it
     output_tokens: Callable[[dict], int] | None = None
+    # block class name -> its AdaLN modulation modules, one per stream, each taking `temb` (modulation.py)
+    modulated_streams: dict[str, tuple[str, ...]] | None = None
 
     def output_tokens_of(self, inputs: dict) -> int:
         return self.output_tokens(inputs) if self.output_tokens else inputs["hidden_states"].shape[1]
@@ -80,6 +84,8 @@ def _model_specs() -> dict[type, ModelSpec]:
             image_inputs={"hidden_states": -2, "img_ids": -2},
             residual_inputs={"controlnet_block_samples": -2, "controlnet_single_block_samples": -2},
             adapter_processors={"FluxIPAdapterAttnProcessor": FastUSPFluxIPAdapterAttnProcessor.from_diffusers},
+            modulated_streams={"FluxTransformerBlock": ("norm1", "norm1_context"),
+                               "FluxSingleTransformerBlock": ("norm",)},
         ),
         Flux2Transformer2DModel: ModelSpec(
             {"Flux2AttnProcessor": FastUSPFlux2AttnProcessor,
@@ -98,6 +104,7 @@ def _model_specs() -> dict[type, ModelSpec]:
             # zero_cond_t (Qwen-Image-Edit-2511): which image tokens are the edited image (0) and which the
             # reference images (1, modulated as at t = 0)
             block_image_inputs={"zero_cond_t": {"modulate_index": -1}},
+            modulated_streams={"QwenImageTransformerBlock": ("img_mod", "txt_mod")},
         ),
         QwenImage21Transformer2DModel: ModelSpec(
             {"QwenImage21AttnProcessor": FastUSPQwenImage21AttnProcessor,
@@ -149,6 +156,7 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     apply_usp_processors(transformer, spec, context)
     _refuse_processor_changes(transformer)
     apply_sequence_sharding(transformer, spec, context)
+    apply_shared_modulation(transformer, spec.modulated_streams, context)
     if obj is not transformer:
         apply_controlnet_sharding(obj, config, spec)
         apply_rank_consistency(obj)

@@ -182,8 +182,13 @@ def random_ip_adapter_state_dict(transformer, clip_dim: int, seed: int = 3) -> d
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
 
-def random_lora_state_dict(transformer, seed: int, rank: int = 2, targets=("to_q", "to_k", "to_v", "to_out.0",
-                                                                            "proj_mlp", "proj_out")) -> dict:
+# the attention and MLP projections, and the AdaLN modulation layers that fastusp computes once over the ranks
+# (FLUX's norm1 / norm1_context / norm, Qwen-Image's img_mod / txt_mod; modulation.py)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "norm1.linear", "norm1_context.linear",
+                "norm.linear", "img_mod.1", "txt_mod.1")
+
+
+def random_lora_state_dict(transformer, seed: int, rank: int = 2, targets=LORA_TARGETS) -> dict:
     """A random LoRA for the transformer's linear layers named by `targets`, in the layout pipelines' load_lora_weights
     reads (diffusers / PEFT keys: transformer.<module>.lora_A.weight [rank, in], lora_B.weight [out, rank])."""
     g = torch.Generator().manual_seed(seed)

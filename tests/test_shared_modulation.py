@@ -1,0 +1,89 @@
+"""Shared modulation (fastusp/modulation.py): each rank computes the AdaLN modulation of its share of the blocks,
+one all-gather gives every rank all of it, and the output is the single-process one.
+
+The parallel-equals-single tests elsewhere (test_models, test_lora, test_compile, ...) run with it on; here: that
+each block's modulation is computed once over all ranks, and still on every rank under a cache that skips blocks.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _dist import run_distributed
+from tiny_models import flux_inputs, qwen_inputs, tiny_flux, tiny_qwen
+
+
+def _tiny_flux_more_blocks():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=3, num_single_layers=4, attention_head_dim=16, num_attention_heads=4,
+        joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+
+
+MODELS = {
+    "flux": (_tiny_flux_more_blocks, flux_inputs),
+    "qwen": (tiny_qwen, qwen_inputs),
+    "qwen-edit-2511": (lambda: tiny_qwen(zero_cond_t=True), qwen_inputs),
+}
+
+
+def _modulation_linears(model) -> list[torch.nn.Linear]:
+    """Every block's modulation layers, in block order."""
+    linears = []
+    for blocks in (model.transformer_blocks, getattr(model, "single_transformer_blocks", [])):
+        for block in blocks:
+            for name in ("norm1", "norm1_context", "norm", "img_mod", "txt_mod"):
+                module = getattr(block, name, None)
+                if module is not None and hasattr(module, "linear"):
+                    linears.append(module.linear)
+                elif isinstance(module, torch.nn.Sequential):
+                    linears.append(module[-1])
+    return linears
+
+
+def _counted_forward(name: str, ulysses: int, ring: int, cache: bool, batch: int):
+    """The parallel output, and how many times this rank ran each modulation layer in one forward."""
+    import fastusp
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    build, make_inputs = MODELS[name]
+    model = fastusp.parallelize(build(), ulysses=ulysses, ring=ring)
+    calls = [0] * len(_modulation_linears(model))
+    for index, linear in enumerate(_modulation_linears(model)):
+        linear.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+    extra = {"reference_hw": (2, 3)} if name == "qwen-edit-2511" else {}
+    if cache:
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.0))  # never skips, but turns sharing off
+    with torch.no_grad():
+        if cache:
+            with model.cache_context("cond"):
+                out = model(**make_inputs(batch=batch, **extra), return_dict=False)[0]
+        else:
+            out = model(**make_inputs(batch=batch, **extra), return_dict=False)[0]
+    return out, calls
+
+
+@pytest.mark.parametrize("name, layout, batch", [
+    ("flux", (2, 1), 1), ("flux", (1, 2), 2), ("flux", (2, 2), 1), ("qwen", (2, 1), 2), ("qwen", (2, 2), 1),
+    ("qwen-edit-2511", (2, 1), 1)])
+def test_each_block_modulation_computed_once_over_the_ranks(name, layout, batch):
+    build, make_inputs = MODELS[name]
+    extra = {"reference_hw": (2, 3)} if name == "qwen-edit-2511" else {}
+    with torch.no_grad():
+        expected = build()(**make_inputs(batch=batch, **extra), return_dict=False)[0]
+    results = run_distributed(_counted_forward, layout[0] * layout[1], name, *layout, False, batch)
+    for out, _ in results:
+        assert ((out - expected).norm() / expected.norm()).item() < 1e-5
+    per_rank = [calls for _, calls in results]
+    assert [sum(c) for c in zip(*per_rank)] == [1] * len(per_rank[0])  # every layer once, on one rank
+    assert all(sum(calls) > 0 for calls in per_rank[:2])  # dealt out: no single rank does it all
+
+
+def test_a_cache_that_skips_blocks_keeps_each_rank_computing_its_own():
+    with torch.no_grad():
+        expected = _tiny_flux_more_blocks()(**flux_inputs(), return_dict=False)[0]
+    for out, calls in run_distributed(_counted_forward, 2, "flux", 2, 1, True, 1):
+        assert ((out - expected).norm() / expected.norm()).item() < 1e-5
+        assert calls == [1] * len(calls)
