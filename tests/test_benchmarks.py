@@ -279,3 +279,27 @@ def test_a_compiled_run_records_what_fell_back_to_eager():
     fastusp.compile_report(model).fell_back["all blocks"] = "transformer_blocks.0 failed to compile"
     assert step_latency.compile_fallbacks(model, compiled) == {"all blocks": "transformer_blocks.0 failed to compile"}
     assert step_latency.compile_fallbacks(model, eager) is None
+
+
+def test_modulation_cost_shares_are_every_blocks_modulation_once():
+    # modulation_cost.py times "share W rank r" as what rank r computes under shared modulation: over the ranks of a
+    # world, those shares must be every block's modulation, each once, in the order the all-gather lays them out
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+    from modulation_cost import fake_context, streams_of
+
+    from fastusp.modulation import _STREAM_KINDS, SharedModulation
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(num_layers=5, attention_head_dim=16, num_attention_heads=4,
+                                        joint_attention_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+    temb = torch.randn(2, 64)
+    with torch.no_grad():
+        every = {id(m): _STREAM_KINDS[type(m)][1](m, temb) for block in model.transformer_blocks
+                 for m in (block.img_mod, block.txt_mod)}
+        for world in (1, 2, 4):
+            shared = SharedModulation(model, streams_of(model), fake_context(world))
+            order = [m for indices in shared.owned for i in indices for m in shared.blocks[i][1]]
+            assert sorted(map(id, order)) == sorted(every)
+            gathered = torch.cat([shared.local(temb, rank) for rank in range(world)])
+            torch.testing.assert_close(gathered, torch.cat([every[id(m)].reshape(-1) for m in order]))
