@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from tiny_models import flux_inputs, qwen_inputs, tiny_flux, tiny_qwen
+from tiny_models import flux_inputs, qwen_inputs, tiny_qwen
 
 
 def _tiny_flux_more_blocks():
