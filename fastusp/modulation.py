@@ -12,8 +12,9 @@ rank all of it. Each block's `temb` argument then becomes its own modulation, [B
 block's norm (FLUX) or mod (Qwen-Image) modules take their row of it instead of computing it. The arithmetic is the
 model's: the same layers on the same input, some of them on another rank.
 
-Off when the transformer carries a cache that skips blocks (First Block Cache, MagCache): a step that runs one block
-would then compute every block's modulation.
+Off, per forward, when a cache that skips blocks sits on the first block (First Block Cache, MagCache: a step that
+runs one block would compute every block's modulation), and under diffusers' group offloading (a block's weights
+reach the GPU only when that block runs).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import types
 
 import torch
 from diffusers.hooks.first_block_cache import FBCHeadBlockHook
+from diffusers.hooks.group_offloading import GroupOffloadingHook
 from diffusers.hooks.mag_cache import MagCacheHeadHook
 from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
 
@@ -105,8 +107,8 @@ class SharedModulation:
 
     def _enter_hook(self, index: int):
         def enter(block, args, kwargs):
-            if index == 0:  # else the blocks compute it: under a cache that skips blocks, or given temb by position
-                share = "temb" in kwargs and not _skips_blocks(self.transformer)
+            if index == 0:  # else each block computes its own, as diffusers does
+                share = "temb" in kwargs and not _blocks_compute_their_own(*self.blocks[0])
                 self.modulations = self.compute(kwargs["temb"]) if share else None
             if self.modulations is not None:
                 kwargs["temb"] = self.modulations[index]
@@ -144,12 +146,12 @@ def _width(modules) -> int:
     return widths.pop()
 
 
-def _skips_blocks(transformer) -> bool:
-    """Whether a diffusers cache that skips blocks sits on the transformer's first block."""
-    first = next(blocks[0] for blocks in transformer.children()
-                 if isinstance(blocks, torch.nn.ModuleList) and len(blocks))
-    hooks = getattr(getattr(first, "_diffusers_hook", None), "hooks", {}).values()
-    return any(isinstance(hook, (FBCHeadBlockHook, MagCacheHeadHook)) for hook in hooks)
+def _blocks_compute_their_own(first_block, first_modules) -> bool:
+    """Whether diffusers' hooks on the first block (a cache that skips blocks) or on it or its modulation modules
+    (group offloading, block or leaf level) need each block to compute its own modulation when it runs."""
+    hooked = [first_block, *(m for module in first_modules for m in module.modules())]
+    hooks = [hook for m in hooked for hook in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}).values()]
+    return any(isinstance(hook, (FBCHeadBlockHook, MagCacheHeadHook, GroupOffloadingHook)) for hook in hooks)
 
 
 def apply_shared_modulation(transformer, streams: dict[str, tuple[str, ...]] | None, context: USPContext) -> None:

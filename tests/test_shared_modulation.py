@@ -6,6 +6,8 @@ each block's modulation is computed once over all ranks, and still on every rank
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -43,8 +45,10 @@ def _modulation_linears(model) -> list[torch.nn.Linear]:
     return linears
 
 
-def _counted_forward(name: str, ulysses: int, ring: int, cache: bool, batch: int):
-    """The parallel output, and how many times this rank ran each modulation layer in one forward."""
+def _counted_forward(name: str, ulysses: int, ring: int, hooks: str | None, batch: int):
+    """The parallel output, and how many times this rank ran each modulation layer in one forward. hooks: diffusers'
+    First Block Cache ("cache") or group offloading ("block_level", "leaf_level"; CPU to CPU, so it moves nothing)
+    on the transformer after parallelize."""
     import fastusp
     from diffusers.hooks import FirstBlockCacheConfig
 
@@ -54,14 +58,12 @@ def _counted_forward(name: str, ulysses: int, ring: int, cache: bool, batch: int
     for index, linear in enumerate(_modulation_linears(model)):
         linear.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
     extra = {"reference_hw": (2, 3)} if name == "qwen-edit-2511" else {}
-    if cache:
+    if hooks == "cache":
         model.enable_cache(FirstBlockCacheConfig(threshold=0.0))  # never skips, but turns sharing off
-    with torch.no_grad():
-        if cache:
-            with model.cache_context("cond"):
-                out = model(**make_inputs(batch=batch, **extra), return_dict=False)[0]
-        else:
-            out = model(**make_inputs(batch=batch, **extra), return_dict=False)[0]
+    elif hooks:
+        model.enable_group_offload(torch.device("cpu"), torch.device("cpu"), offload_type=hooks, num_blocks_per_group=1)
+    with torch.no_grad(), model.cache_context("cond") if hooks == "cache" else contextlib.nullcontext():
+        out = model(**make_inputs(batch=batch, **extra), return_dict=False)[0]
     return out, calls
 
 
@@ -73,7 +75,7 @@ def test_each_block_modulation_computed_once_over_the_ranks(name, layout, batch)
     extra = {"reference_hw": (2, 3)} if name == "qwen-edit-2511" else {}
     with torch.no_grad():
         expected = build()(**make_inputs(batch=batch, **extra), return_dict=False)[0]
-    results = run_distributed(_counted_forward, layout[0] * layout[1], name, *layout, False, batch)
+    results = run_distributed(_counted_forward, layout[0] * layout[1], name, *layout, None, batch)
     for out, _ in results:
         assert ((out - expected).norm() / expected.norm()).item() < 1e-5
     per_rank = [calls for _, calls in results]
@@ -81,9 +83,12 @@ def test_each_block_modulation_computed_once_over_the_ranks(name, layout, batch)
     assert all(sum(calls) > 0 for calls in per_rank[:2])  # dealt out: no single rank does it all
 
 
-def test_a_cache_that_skips_blocks_keeps_each_rank_computing_its_own():
+@pytest.mark.parametrize("hooks", ["cache", "block_level", "leaf_level"])
+def test_each_rank_computes_its_own_under_a_cache_or_group_offloading(hooks):
+    # a First Block Cache step may run only the first block; group offloading brings a block's weights to the GPU
+    # only when that block runs
     with torch.no_grad():
         expected = _tiny_flux_more_blocks()(**flux_inputs(), return_dict=False)[0]
-    for out, calls in run_distributed(_counted_forward, 2, "flux", 2, 1, True, 1):
+    for out, calls in run_distributed(_counted_forward, 2, "flux", 2, 1, hooks, 1):
         assert ((out - expected).norm() / expected.norm()).item() < 1e-5
         assert calls == [1] * len(calls)
