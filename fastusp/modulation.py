@@ -18,6 +18,7 @@ reach the GPU only when that block runs).
 """
 from __future__ import annotations
 
+import logging
 import types
 
 import torch
@@ -28,6 +29,8 @@ from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSin
 
 from .distributed.gather import gather_seq
 from .processors.context import USPContext
+
+logger = logging.getLogger("fastusp")
 
 
 def _ada_norm_zero(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
@@ -156,6 +159,13 @@ def _blocks_compute_their_own(first_block, first_modules) -> bool:
 
 def apply_shared_modulation(transformer, streams: dict[str, tuple[str, ...]] | None, context: USPContext) -> None:
     """streams: block class name -> the names of its modulated modules, one per stream, in the order the block uses
-    them (None: the model has none to share)."""
-    if streams and context.config.sequence_size > 1:
-        SharedModulation(transformer, streams, context).install()
+    them (None: the model has none to share). Modules of a kind fastusp does not know keep computing their own."""
+    if not streams or context.config.sequence_size == 1:
+        return
+    blocks = [block for block in transformer.modules() if type(block).__name__ in streams]
+    unknown = {type(getattr(block, name)).__name__ for block in blocks for name in streams[type(block).__name__]
+               if type(getattr(block, name)) not in _STREAM_KINDS}
+    if unknown:
+        logger.info("fastusp: each rank computes every block's modulation (modules %s are not shared)", unknown)
+        return
+    SharedModulation(transformer, streams, context).install()
