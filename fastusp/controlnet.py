@@ -21,6 +21,7 @@ import torch
 
 from ._forward import replace_forward
 from .config import ParallelConfig
+from .modulation import apply_shared_modulation
 from .processors.context import USPContext
 from .sharding import SeqLayout
 
@@ -43,7 +44,7 @@ def apply_controlnet_sharding(pipe, config: ParallelConfig, spec) -> None:
 
 def shard_controlnet(net, config: ParallelConfig, spec) -> None:
     """The transformer's sharding, minus the gather: its processors, its ModelSpec's inputs (plus the control
-    tokens, without the residuals it takes), its RoPE rows."""
+    tokens, without the residuals it takes), its RoPE rows, its blocks' modulation shared over the ranks."""
     from diffusers import FluxControlNetModel, QwenImageControlNetModel
 
     from .parallelize import (_refuse_processor_changes, _shard, _shard_qwen_rope, check_processors, shard_inputs,
@@ -77,6 +78,7 @@ def shard_controlnet(net, config: ParallelConfig, spec) -> None:
         return layout
 
     _wrap(net, context, prepare)
+    apply_shared_modulation(net, spec.modulated_streams, context)
     net._fastusp_config = config
 
 

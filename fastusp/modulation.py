@@ -6,9 +6,9 @@ is one row per sample, so the layer is a matrix-vector product bound by reading 
 57 blocks, 13.6 GB for Qwen-Image's 60: 2.6 and 5.4 ms a step on an H100, 2.3 and 3.9 ms in H200 kernel traces
 (benchmarks/results/2026-12-07-shared-modulation.md). Every rank computed all of them, the same vectors.
 
-Here the blocks are dealt out to the ranks of the sequence group by weight size. Before the first block each rank
-computes its blocks' modulation with diffusers' own modules (a LoRA on them applies) and one all-gather gives every
-rank all of it. Each block's `temb` argument then becomes its own modulation, [B, k, n] for its k streams, and the
+Here the blocks (a transformer's, and a sharded ControlNet's apart) are dealt out to the ranks of the sequence group
+by weight size. Before the first block each rank computes its blocks' modulation with diffusers' own modules (a LoRA
+on them applies) and one all-gather gives every rank all of it. Each block's `temb` argument then becomes its own modulation, [B, k, n] for its k streams, and the
 block's norm (FLUX) or mod (Qwen-Image) modules take their row of it instead of computing it. The arithmetic is the
 model's: the same layers on the same input, some of them on another rank.
 

@@ -96,3 +96,31 @@ def test_each_rank_computes_its_own_under_a_cache_or_group_offloading(hooks):
     for out, calls in run_distributed(_counted_forward, 2, "flux", 2, 1, hooks, 1):
         assert ((out - expected).norm() / expected.norm()).item() < 1e-5
         assert calls == [1] * len(calls)
+
+
+def _controlnet_counts(ulysses: int):
+    """A sharded FLUX ControlNet's residuals, and how many times this rank ran each of its modulation layers."""
+    from diffusers import FluxControlNetPipeline
+    from test_controlnet import controlnet_inputs, tiny_flux_controlnet
+    from tiny_pipelines import tiny_flux_pipeline
+
+    import fastusp
+
+    pipe = FluxControlNetPipeline.from_pipe(tiny_flux_pipeline(), controlnet=tiny_flux_controlnet("plain"))
+    fastusp.parallelize(pipe, ulysses=ulysses)
+    linears = _modulation_linears(pipe.controlnet)
+    calls = [0] * len(linears)
+    for index, linear in enumerate(linears):
+        linear.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+    with torch.no_grad():
+        double, single = pipe.controlnet(**controlnet_inputs("plain"))
+    return list(double) + list(single), calls
+
+
+def test_a_sharded_controlnet_shares_its_blocks_modulation_too():
+    [(expected, _)] = run_distributed(_controlnet_counts, 1, 1)
+    results = run_distributed(_controlnet_counts, 2, 2)
+    assert len(results[0][1]) == 3  # one double-stream block (two streams) and one single-stream block
+    assert [sum(c) for c in zip(*(calls for _, calls in results))] == [1] * len(results[0][1])
+    rows = torch.cat([residuals[0] for residuals, _ in results], dim=1)  # the ranks' rows, in rank order
+    assert ((rows - expected[0]).norm() / expected[0].norm()).item() < 1e-5
