@@ -8,9 +8,9 @@ is one row per sample, so the layer is a matrix-vector product bound by reading 
 
 Here the blocks (a transformer's, and a sharded ControlNet's apart) are dealt out to the ranks of the sequence group
 by weight size. Before the first block each rank computes its blocks' modulation with diffusers' own modules (a LoRA
-on them applies) and one all-gather gives every rank all of it. Each block's `temb` argument then becomes its own modulation, [B, k, n] for its k streams, and the
-block's norm (FLUX) or mod (Qwen-Image) modules take their row of it instead of computing it. The arithmetic is the
-model's: the same layers on the same input, some of them on another rank.
+on them applies) and one all-gather gives every rank all of it. Each block's `temb` argument then becomes its own
+modulation, [B, k, n] for its k streams, and the block's norm (FLUX) or mod (Qwen-Image) modules take their row of it
+instead of computing it. The arithmetic is the model's: the same layers on the same input, some on another rank.
 
 Off, per forward, when a cache that skips blocks sits on the first block (First Block Cache, MagCache: a step that
 runs one block would compute every block's modulation), and under diffusers' group offloading (a block's weights
