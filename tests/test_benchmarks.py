@@ -303,3 +303,18 @@ def test_modulation_cost_shares_are_every_blocks_modulation_once():
             assert sorted(map(id, order)) == sorted(every)
             gathered = torch.cat([shared.local(temb, rank) for rank in range(world)])
             torch.testing.assert_close(gathered, torch.cat([every[id(m)].reshape(-1) for m in order]))
+
+
+def test_text_stream_estimate_moves_image_tokens_only_when_text_rows_cost_a_floor():
+    # text_stream_cost.py's estimate: all text on rank 0 pays off when a stream's layers cost a floor however few
+    # rows they get (reading the weights), and not when their time is proportional to the rows
+    from text_stream_cost import estimate
+
+    rows = [0, 32, 64, 128, 1024, 2048, 3072]
+    linear = {m: float(m) for m in rows}
+    floor = {m: (100.0 + m if m else 0.0) for m in rows}
+    proportional = estimate(linear, blocks=60, text=128, image=4096, world=2)
+    assert proportional["text_on_rank0_ms"] == proportional["even_ms"] == 60 * (64 + 2048) / 1000
+    with_floor = estimate(floor, blocks=60, text=128, image=4096, world=2)
+    assert with_floor["even_ms"] == 60 * (164 + 2148) / 1000
+    assert with_floor["image_moved"] == 112 and with_floor["text_on_rank0_ms"] == 60 * (228 + 2148 - 112) / 1000
