@@ -2,7 +2,8 @@
 one all-gather gives every rank all of it, and the output is the single-process one.
 
 The parallel-equals-single tests elsewhere (test_models, test_lora, test_compile, ...) run with it on; here: that
-each block's modulation is computed once over all ranks, and still on every rank under a cache that skips blocks.
+each block's modulation is computed once over all ranks (a sharded ControlNet's too), and still on every rank under a
+cache that skips blocks, under group offloading, and for a norm class fastusp does not know.
 """
 from __future__ import annotations
 
