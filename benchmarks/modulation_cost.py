@@ -62,12 +62,12 @@ def streams_of(model) -> dict:
 
 @torch.no_grad()
 def time_shares(model, worlds: list[int], reps: int) -> list[dict]:
-    from fastusp.modulation import _STREAM_KINDS, SharedModulation
+    from fastusp.modulation import _STREAM_KINDS, SharedModulation, modulated_blocks
 
     weight = next(model.parameters())
     temb = torch.randn(1, model.config.num_attention_heads * model.config.attention_head_dim, device=weight.device,
                        dtype=weight.dtype)
-    blocks = SharedModulation(model, streams_of(model), fake_context(1)).blocks
+    blocks = modulated_blocks(model, streams_of(model))
     every = [m for _, modules in blocks for m in modules]
     records = [dict(variant="every block", ms=replay_ms(lambda: [_STREAM_KINDS[type(m)][1](m, temb) for m in every],
                                                          reps), blocks=len(blocks))]

@@ -92,12 +92,11 @@ class SharedModulation:
         config = context.config
         self.transformer, self.group = transformer, config.sequence_group
         self.rank = config.sequence_rank
-        self.blocks = [(block, tuple(getattr(block, name) for name in streams[type(block).__name__]))
-                       for blocks in transformer.children() if isinstance(blocks, torch.nn.ModuleList)
-                       for block in blocks if type(block).__name__ in streams]
-        self.widths = [_width(modules) for _, modules in self.blocks]
-        self.owned = deal_blocks([len(modules) * width for (_, modules), width in zip(self.blocks, self.widths)],
-                                 config.sequence_size)
+        self.blocks = modulated_blocks(transformer, streams)
+        self.shapes = [(len(modules), _width(modules)) for _, modules in self.blocks]  # (streams, width) per block
+        self.owned = deal_blocks([k * width for k, width in self.shapes], config.sequence_size)
+        # per sample, how many values each rank's share holds
+        self.share_sizes = [sum(self.shapes[i][0] * self.shapes[i][1] for i in indices) for indices in self.owned]
         self.modulations: list[torch.Tensor] | None = None
 
     def install(self) -> None:
@@ -125,12 +124,11 @@ class SharedModulation:
     def compute(self, temb: torch.Tensor) -> list[torch.Tensor]:
         """Every block's modulation [B, k, n], this rank's blocks computed here, the others gathered."""
         batch = temb.shape[0]
-        lengths = [batch * sum(len(self.blocks[i][1]) * self.widths[i] for i in indices) for indices in self.owned]
-        flat = gather_seq(self.local(temb, self.rank), lengths, self.group, dim=0)
+        flat = gather_seq(self.local(temb, self.rank), [batch * n for n in self.share_sizes], self.group, dim=0)
         modulations, start = [None] * len(self.blocks), 0
         for indices in self.owned:
             for index in indices:
-                k, width = len(self.blocks[index][1]), self.widths[index]
+                k, width = self.shapes[index]
                 modulations[index] = flat[start:start + k * batch * width].view(k, batch, width).transpose(0, 1)
                 start += k * batch * width
         return modulations
@@ -140,6 +138,14 @@ class SharedModulation:
         mine = [_STREAM_KINDS[type(m)][1](m, temb).reshape(-1)
                 for index in self.owned[rank] for m in self.blocks[index][1]]
         return torch.cat(mine) if mine else temb.new_empty(0)
+
+
+def modulated_blocks(transformer, streams: dict[str, tuple[str, ...]]) -> list[tuple[torch.nn.Module, tuple]]:
+    """(block, its modulation modules in stream order) for every block of the transformer's block lists, in call
+    order."""
+    return [(block, tuple(getattr(block, name) for name in streams[type(block).__name__]))
+            for blocks in transformer.children() if isinstance(blocks, torch.nn.ModuleList)
+            for block in blocks if type(block).__name__ in streams]
 
 
 def _width(modules) -> int:
@@ -162,9 +168,8 @@ def apply_shared_modulation(transformer, streams: dict[str, tuple[str, ...]] | N
     them (None: the model has none to share). Modules of a kind fastusp does not know keep computing their own."""
     if not streams or context.config.sequence_size == 1:
         return
-    blocks = [block for block in transformer.modules() if type(block).__name__ in streams]
-    unknown = {type(getattr(block, name)).__name__ for block in blocks for name in streams[type(block).__name__]
-               if type(getattr(block, name)) not in _STREAM_KINDS}
+    unknown = {type(m).__name__ for _, modules in modulated_blocks(transformer, streams) for m in modules
+               if type(m) not in _STREAM_KINDS}
     if unknown:
         logger.info("fastusp: each rank computes every block's modulation (modules %s are not shared)", unknown)
         return

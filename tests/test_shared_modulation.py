@@ -46,6 +46,15 @@ def _modulation_linears(model) -> list[torch.nn.Linear]:
     return linears
 
 
+def _counted_calls(model) -> list[int]:
+    """How many times each of the model's modulation layers has run, updated as they run."""
+    linears = _modulation_linears(model)
+    calls = [0] * len(linears)
+    for index, linear in enumerate(linears):
+        linear.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+    return calls
+
+
 def _counted_forward(name: str, ulysses: int, ring: int, hooks: str | None, batch: int):
     """The parallel output, and how many times this rank ran each modulation layer in one forward. hooks: diffusers'
     First Block Cache ("cache") or group offloading ("block_level", "leaf_level"; CPU to CPU, so it moves nothing)
@@ -59,9 +68,7 @@ def _counted_forward(name: str, ulysses: int, ring: int, hooks: str | None, batc
         norm = model.transformer_blocks[0].norm1
         norm.__class__ = type("OwnAdaLayerNormZero", (type(norm),), {})
     model = fastusp.parallelize(model, ulysses=ulysses, ring=ring)
-    calls = [0] * len(_modulation_linears(model))
-    for index, linear in enumerate(_modulation_linears(model)):
-        linear.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+    calls = _counted_calls(model)
     extra = {"reference_hw": (2, 3)} if name == "qwen-edit-2511" else {}
     if hooks == "cache":
         model.enable_cache(FirstBlockCacheConfig(threshold=0.0))  # never skips, but turns sharing off
@@ -109,10 +116,7 @@ def _controlnet_counts(ulysses: int):
 
     pipe = FluxControlNetPipeline.from_pipe(tiny_flux_pipeline(), controlnet=tiny_flux_controlnet("plain"))
     fastusp.parallelize(pipe, ulysses=ulysses)
-    linears = _modulation_linears(pipe.controlnet)
-    calls = [0] * len(linears)
-    for index, linear in enumerate(linears):
-        linear.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+    calls = _counted_calls(pipe.controlnet)
     with torch.no_grad():
         double, single = pipe.controlnet(**controlnet_inputs("plain"))
     return list(double) + list(single), calls
