@@ -5,8 +5,9 @@ from .parallelize import parallelize
 from .processors.flux import FastUSPFluxAttnProcessor
 from .processors.flux2 import FastUSPFlux2AttnProcessor, FastUSPFlux2ParallelSelfAttnProcessor
 from .processors.qwen_image import FastUSPQwenImageAttnProcessor
+from .quantization import quantize
 
-__all__ = ["ParallelConfig", "parallelize", "compile_pipeline", "compile_report", "CompileReport",
+__all__ = ["ParallelConfig", "parallelize", "compile_pipeline", "quantize", "compile_report", "CompileReport",
            "FastUSPFluxAttnProcessor", "FastUSPFlux2AttnProcessor", "FastUSPFlux2ParallelSelfAttnProcessor",
            "FastUSPQwenImageAttnProcessor"]
 __version__ = "0.1.0"
