@@ -258,9 +258,13 @@ class ModelState:
     def _snapshot(self) -> None:
         modules = list(self.module.modules())
         self.members = {id(m): weakref.ref(m) for m in modules}
-        self.tensors = [inner for m in modules for t in (*m._parameters.values(), *m._buffers.values())
-                        if t is not None for inner in _storage_tensors(t)]
+        weights = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        self.tensors = [t for t in weights if not is_traceable_wrapper_subclass(t)]
         self.data_ptrs = [t.data_ptr() for t in self.tensors]
+        # a quantized weight (torchao's Float8Tensor) is a wrapper whose own data_ptr is 0: its inner tensors, looked
+        # up again at every check (moving it replaces them), hold the memory a graph reads
+        self.wrappers = [t for t in weights if is_traceable_wrapper_subclass(t)]
+        self.wrapper_ptrs = _inner_data_ptrs(self.wrappers)
         self.device = _device_of(self.module)
         self.weights_were_away = False
         self.indices = list(range(len(self.tensors)))
@@ -274,17 +278,21 @@ class ModelState:
     def _same_data_ptrs(self) -> bool:
         check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)  # CUDA builds; as Inductor's graphs
         if check is not None:
-            return check(self.tensors, self.data_ptrs, self.indices)
-        return all(t.data_ptr() == p for t, p in zip(self.tensors, self.data_ptrs))
+            same = check(self.tensors, self.data_ptrs, self.indices)
+        else:
+            same = all(t.data_ptr() == p for t, p in zip(self.tensors, self.data_ptrs))
+        return same and (not self.wrappers or _inner_data_ptrs(self.wrappers) == self.wrapper_ptrs)
 
 
-def _storage_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors that hold a weight's memory: itself, or a tensor subclass's inner tensors (a quantized weight,
-    torchao's Float8Tensor: its own data_ptr is 0, its float8 data and scales are where a graph reads)."""
-    if not is_traceable_wrapper_subclass(tensor):
-        return [tensor]
-    names, _ = tensor.__tensor_flatten__()
-    return [inner for name in names for inner in _storage_tensors(getattr(tensor, name))]
+def _inner_data_ptrs(wrappers: list[torch.Tensor]) -> list[int]:
+    """The data pointers of tensor subclasses' inner tensors (recursively), in order."""
+    ptrs = []
+    for tensor in wrappers:
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            inner = getattr(tensor, name)
+            ptrs.extend(_inner_data_ptrs([inner]) if is_traceable_wrapper_subclass(inner) else [inner.data_ptr()])
+    return ptrs
 
 
 def _device_of(module: torch.nn.Module) -> torch.device | None:

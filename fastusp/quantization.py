@@ -75,6 +75,10 @@ def quantize(obj, mode: str = "fp8", *, granularity: str = "row", keep_bf16=DEFA
     if not names:
         raise ValueError(f"fastusp.quantize: no linear layer of {type(transformer).__name__} is left to quantize "
                          f"(keep_bf16={keep_bf16!r})")
+    dtypes = {getattr_path(transformer, n).weight.dtype for n in names}
+    if granularity == "row" and dtypes != {torch.bfloat16}:
+        raise ValueError(f"fastusp.quantize: per-row float8 scales need bf16 weights, got {sorted(map(str, dtypes))}; "
+                         f"load the pipeline with torch_dtype=torch.bfloat16 (or pipe.to(torch.bfloat16)) first")
     from torchao.quantization import quantize_
 
     selected = set(names)
