@@ -7,18 +7,22 @@ arithmetic; fastusp chooses the layers and checks the order of the calls.
 
 Which layers: only the linear layers inside the repeated transformer blocks (the ones compile_pipeline compiles).
 Everything outside them stays bf16: the input embedders (x_embedder / img_in, context_embedder / txt_in), the
-timestep / guidance / pooled-text embedders and the output's norm_out and proj_out. They are a fraction of a percent
-of a step's arithmetic, they read the model's inputs and write its output directly, and the embedders' widths (64
-input channels) are no use to a float8 GEMM. Inside the blocks, `keep_bf16` lists more layers to keep (fnmatch
-patterns of module names, as transformer.named_modules() gives them); DEFAULT_KEEP_BF16 is what measuring the error
-layer group by layer group chose (docs/fp8.md). A layer whose widths are not multiples of 16 (what the float8 GEMM
-needs) stays bf16 too.
+timestep / guidance / pooled-text embedders and the output's norm_out and proj_out. They are well under a percent of
+a step's arithmetic (FLUX at 1024²: context_embedder's 13 GFLOP of ~60 TFLOP in the blocks' linears), and they
+read the model's inputs and write its output directly, where float8's rounding is not averaged by later layers. Inside the blocks, `keep_bf16` lists more layers to keep (fnmatch
+patterns of module names, as transformer.named_modules() gives them; LAYER_GROUPS names the blocks' groups). A layer
+whose widths are not multiples of 16 (what the float8 GEMM needs) stays bf16 too.
+
+Granularity and parallelism: with per-row scales every token's activation row is quantized on its own, so a
+parallelized model (tokens split over ranks) quantizes exactly as one GPU does. With granularity="tensor" each rank
+scales its own shard of the activations, so the parallel output is not the one-GPU float8 output (both are within
+float8's error of bf16).
 
 Order: quantize before compile_pipeline (compiled code and CUDA graphs are built for the weights they saw), before
 or after parallelize (parallelize replaces attention processors, not linear weights). LoRA: load adapters after
 quantizing; the base layer then runs in float8 and the adapter in bf16 beside it (PEFT's LoRA layer around a
-torchao-quantized linear). Fusing an adapter into float8 weights is not supported (torchao's Float8Tensor cannot be
-added to in place); quantizing a model that holds LoRA layers raises.
+torchao-quantized linear, TorchaoLoraLinear). fuse_lora then raises PEFT's error (it cannot re-quantize a merged
+float8 weight); quantizing a model that already holds LoRA layers raises ours.
 
 Memory: torchao's quantize_ walks the layers one at a time and each bf16 weight is released when its float8 copy
 replaces it, so quantizing holds at most the bf16 model plus one layer's float8 copy (and that layer's temporaries).
@@ -36,8 +40,9 @@ logger = logging.getLogger("fastusp")
 
 MODES = ("fp8",)
 GRANULARITIES = ("row", "tensor")
-# Layers inside the blocks kept in bf16 by default: none. On full-size random weights no one group of layers carried
-# the error (docs/fp8.md, "Which layers carry the error"); keeping any group costs speed for little gain.
+# Layers inside the blocks kept in bf16 by default: none yet. Which group carries the float8 error is what
+# benchmarks/fp8_quality.py measures (one record per group kept in bf16); it has not run on a GPU yet (docs/fp8.md),
+# so every block linear computes in float8, as torchao's own recipe for FLUX does.
 DEFAULT_KEEP_BF16: tuple[str, ...] = ()
 # The layer groups of the blocks of FLUX, FLUX.2 and Qwen-Image, as fnmatch patterns of module names: for keep_bf16,
 # and for benchmarks/fp8_quality.py's per-group error.
@@ -58,7 +63,7 @@ def quantize(obj, mode: str = "fp8", *, granularity: str = "row", keep_bf16=DEFA
     mode: "fp8" (float8_e4m3fn weights and activations, dynamic activation scales).
     granularity: "row" (a scale per weight row and per token, default) or "tensor" (one scale each).
     keep_bf16: fnmatch patterns of module names inside the blocks to keep in bf16, besides everything outside the
-        blocks (see the module docstring). DEFAULT_KEEP_BF16 is the measured default; LAYER_GROUPS names groups.
+        blocks (see the module docstring); e.g. fastusp.quantization.LAYER_GROUPS["modulation"].
     Needs torchao (pip install fastusp[fp8]) and a CUDA GPU of compute capability 8.9 or newer. Call it before
     fastusp.compile_pipeline; before or after fastusp.parallelize.
     """

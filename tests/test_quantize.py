@@ -5,6 +5,7 @@ weights' device); with that check and fastusp's own device check lifted (`cpu_fl
 computes on CPU too, so the selection, the parallel output and LoRA on a quantized base are tested here on real
 float8 weights. The CUDA kernels and compile are tests/gpu/fp8_worker.py's.
 """
+import os
 import sys
 
 import pytest
@@ -196,6 +197,8 @@ def test_lora_loads_and_applies_on_a_float8_base(cpu_float8):
     assert ((with_lora - base).norm() / base.norm()).item() > 1e-2
     assert torch.allclose(scaled_off, base, atol=1e-6)
     assert is_quantized_weight(pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight)
+    with pytest.raises(ValueError, match="re-quantize the base layer"):  # PEFT's own error: no merge into float8
+        pipe.fuse_lora(adapter_names=["a"])
 
 
 def test_default_keep_list_is_documented_patterns():
@@ -224,3 +227,31 @@ def test_capture_stages_torch_as_tensor_too_and_restores_it():
         assert torch.as_tensor(x) is x and torch.equal(torch.as_tensor(7), real_as_tensor(7))
         assert buffers == []  # nothing bound for a GPU: nothing staged
     assert torch.as_tensor is real_as_tensor and torch.tensor is real_tensor
+
+
+def test_gemm_rewrites_leave_quantized_weights_and_say_so(caplog):
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    from fastusp import gemm_rewrites
+
+    graph = torch.fx.Graph()
+    node = graph.placeholder("weight")
+    node.meta["example_value"] = TwoTensor(torch.randn(4, 4), torch.randn(4, 4))
+    gemm_rewrites._NOTED.discard("TwoTensor")
+    with caplog.at_level("INFO", logger="fastusp"):
+        assert not gemm_rewrites._plain_matrix(node)
+    assert "leave the linear layers with TwoTensor weights" in caplog.text
+
+
+def test_step_latency_records_the_quantization_only_when_asked():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import step_latency
+
+    device = torch.device("cpu")
+    fp8 = step_latency.parse_args(["--quant", "fp8", "--quant-keep", "*.norm1.linear"])
+    plain = step_latency.parse_args([])
+    assert step_latency.base_record(fp8, 1, device)["quant"] == "fp8"
+    assert step_latency.base_record(fp8, 1, device)["quant_keep"] == ["*.norm1.linear"]
+    assert "quant" not in step_latency.base_record(plain, 1, device)
+    with pytest.raises(SystemExit):
+        step_latency.parse_args(["--quant-keep", "*.norm1.linear"])
