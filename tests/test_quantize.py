@@ -255,3 +255,36 @@ def test_step_latency_records_the_quantization_only_when_asked():
     assert "quant" not in step_latency.base_record(plain, 1, device)
     with pytest.raises(SystemExit):
         step_latency.parse_args(["--quant-keep", "*.norm1.linear"])
+
+
+def load_with_torchao_config(folder, name):
+    """A model loaded as a user loads a checkpoint with diffusers' TorchAoConfig (float8, per-row scales)."""
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, TorchAoConfig
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    lift_device_checks()
+    cls = FluxTransformer2DModel if name == "flux" else QwenImageTransformer2DModel
+    config = TorchAoConfig(Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    return cls.from_pretrained(folder, quantization_config=config, torch_dtype=torch.bfloat16).eval()
+
+
+def _torchao_config_forward(folder, name, inputs):
+    model = fastusp.parallelize(load_with_torchao_config(folder, name), ulysses=2)
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("name", ["flux", "qwen"])
+def test_a_model_loaded_with_diffusers_torchao_config_parallelizes(cpu_float8, tmp_path, name):
+    build, inputs = (tiny_flux, flux_inputs(batch=1, height=4, width=5, text_len=7)) if name == "flux" else \
+        (tiny_qwen, qwen_inputs(batch=2, height=4, width=5, text_len=7, valid_lens=[3, 7]))
+    inputs = bf16(inputs)
+    build().save_pretrained(tmp_path)
+    model = load_with_torchao_config(tmp_path, name)
+    assert is_quantized_weight(model.transformer_blocks[0].attn.to_q.weight)
+    with pytest.raises(ValueError, match="already holds quantized weights"):
+        fastusp.quantize(model, "fp8")
+    with torch.no_grad():
+        ref = model(**inputs, return_dict=False)[0]
+    for out in run_distributed(_torchao_config_forward, 2, str(tmp_path), name, inputs):
+        assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
