@@ -8,6 +8,8 @@ After it the transformer takes the same full inputs on every rank and returns th
   apply_controlnet_sharding pipelines with a ControlNet: it is sharded too, its residuals stay sharded
   apply_rank_consistency    pipelines only: same initial noise on every rank, progress bar on rank 0
   apply_cfg_parallel        pipelines with cfg=2 only: each half of the ranks runs one guidance pass of a step
+  apply_pipeline_parts      pipelines only: the VAE decodes / encodes in row bands over all ranks; optionally the
+                            text encoders run on one rank, which broadcasts the embeddings
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .controlnet import apply_controlnet_sharding, controlnets
 from .distributed.gather import gather_seq
 from .joint_layout import reuse_joint_layout
 from .modulation import apply_shared_modulation
+from .pipeline_parts import apply_pipeline_parts
 from .processors.context import USPContext
 from .processors.flux import FastUSPFluxAttnProcessor, FastUSPFluxIPAdapterAttnProcessor
 from .processors.flux2 import FastUSPFlux2AttnProcessor, FastUSPFlux2ParallelSelfAttnProcessor
@@ -125,7 +128,8 @@ def _qwen21_output_tokens(inputs: dict) -> int:
     return img_mask.shape[1] + 3 * int(img_mask[0].sum())
 
 
-def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm: bool | str = False, **options):
+def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm: bool | str = False,
+                parallel_vae: bool = True, text_encoder_rank: int | None = None, **options):
     """Shard a FLUX / FLUX.2 / Qwen-Image transformer's token sequence across all ranks, in place; returns `obj`.
 
     obj: a diffusers pipeline with a `transformer`, or a FluxTransformer2DModel / Flux2Transformer2DModel /
@@ -133,6 +137,8 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     cfg * ulysses * ring must equal the number of processes (torchrun --nproc-per-node), and ulysses must divide
     the number of attention heads. cfg=2 runs the two guidance passes of true CFG on two halves of the ranks at
     once (a pipeline only). fp8_comm and the tuning options (ulysses_chunks, ring_overlap): see ParallelConfig.
+    Pipelines only: parallel_vae splits the VAE's decode and encode over all ranks (False: each rank runs it whole);
+    text_encoder_rank runs the text encoders on that rank alone and broadcasts the embeddings (docs/vae.md).
     A pipeline whose transformer is parallelized already (made with from_pipe) takes the same settings again and
     gets only the per-pipeline parts.
     """
@@ -141,7 +147,7 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     if config.cfg > 1 and (obj is transformer or not hasattr(obj, "scheduler")):
         raise ValueError("cfg parallelism splits a pipeline's guidance passes: pass the pipeline, not the transformer")
     if obj is not transformer and getattr(transformer, "_fastusp_config", None) is not None:
-        return _add_pipeline(obj, transformer, config)
+        return _add_pipeline(obj, transformer, config, parallel_vae, text_encoder_rank)
     spec = _spec_for(transformer)
     for model in [transformer, *controlnets(obj)]:
         config.validate_heads(model.config.num_attention_heads)
@@ -160,6 +166,7 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     if obj is not transformer:
         apply_controlnet_sharding(obj, config, spec)
         apply_rank_consistency(obj)
+        apply_pipeline_parts(obj, parallel_vae=parallel_vae, text_encoder_rank=text_encoder_rank)
         obj._fastusp_parallelized = True
     if config.cfg > 1:
         apply_cfg_parallel(obj, transformer, config, spec.output_tokens_of)
@@ -171,7 +178,7 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     return obj
 
 
-def _add_pipeline(pipe, transformer, config: ParallelConfig):
+def _add_pipeline(pipe, transformer, config: ParallelConfig, parallel_vae: bool, text_encoder_rank: int | None):
     """A pipeline made from a parallelized one (`FluxImg2ImgPipeline.from_pipe(pipe)`) shares its transformer, which
     is parallelized already: give the new pipeline only what is per pipeline (the same noise on every rank, and for
     cfg=2 its denoising loop)."""
@@ -183,6 +190,7 @@ def _add_pipeline(pipe, transformer, config: ParallelConfig):
                          f"that shares it (from_pipe) must use the same settings, got {config.settings()}")
     apply_controlnet_sharding(pipe, shared, _model_specs()[type(transformer)])  # shared: the built groups
     apply_rank_consistency(pipe)
+    apply_pipeline_parts(pipe, parallel_vae=parallel_vae, text_encoder_rank=text_encoder_rank)
     if config.cfg > 1:
         track_denoising_loop(pipe, transformer)
     pipe._fastusp_parallelized = True
