@@ -7,6 +7,7 @@ Latents of 5 x 7 rows and columns split over 4 ranks as 2, 1, 1, 1 rows: every h
 """
 from __future__ import annotations
 
+import sys
 import types
 
 import pytest
@@ -234,3 +235,23 @@ def test_text_encoder_on_one_rank():
     assert results[0]["encoder_params"] > 0 and results[1]["encoder_params"] == 0  # rank 1 holds no text encoder
     assert "ValueError: this prompt cannot be encoded" in results[0]["failure"]
     assert "failed on rank 0" in results[1]["failure"] and "cannot be encoded" in results[1]["failure"]
+
+
+def _vae_only_benchmark(out_dir: str) -> list:
+    import json
+    import os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import time_per_image
+
+    os.environ["OUT"] = out_dir
+    time_per_image.main(["--tiny", "--vae-only", "--model", "qwen", "--sizes", "32", "--shares", "2,3",
+                         "--repeats", "1"])
+    with open(os.path.join(out_dir, "vae_decode.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_time_per_image_vae_only_times_the_whole_decode_and_one_share(tmp_path):
+    records = run_distributed(_vae_only_benchmark, 1, str(tmp_path))[0]
+    assert [r["decode"] for r in records] == ["whole", "share-of-2", "share-of-3"]
+    assert all(r["ms"] > 0 and "err" not in r for r in records)

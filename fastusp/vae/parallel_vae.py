@@ -48,28 +48,6 @@ _PER_POSITION = {
 _PATCHED = {"Conv2d", "QwenImageCausalConv3d", "GroupNorm", "Attention", "QwenImageAttentionBlock"}
 
 
-class _Patches:
-    """What apply_parallel_vae changed, to undo it."""
-
-    def __init__(self):
-        self._undo = []
-
-    def forward(self, module, make):
-        """Replace the module's forward (beneath any accelerate hook) by make(original)."""
-        original = forward_of(module)
-        set_forward(module, functools.wraps(original)(make(original)))
-        self._undo.append(lambda: set_forward(module, original))
-
-    def attribute(self, obj, name, value):
-        had, old = name in vars(obj), vars(obj).get(name)
-        setattr(obj, name, value)
-        self._undo.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
-
-    def undo(self):
-        while self._undo:
-            self._undo.pop()()
-
-
 class _BandState:
     """The bands of the decode or encode in progress; None outside one."""
 
@@ -91,6 +69,30 @@ class _BandState:
         self.said.add(key)
 
 
+class _Patches:
+    """What apply_parallel_vae changed, to undo it, and the state its forwards read (benchmarks set it to time one
+    rank's share alone)."""
+
+    def __init__(self, state: _BandState):
+        self.state = state
+        self._undo = []
+
+    def forward(self, module, make):
+        """Replace the module's forward (beneath any accelerate hook) by make(original)."""
+        original = forward_of(module)
+        set_forward(module, functools.wraps(original)(make(original)))
+        self._undo.append(lambda: set_forward(module, original))
+
+    def attribute(self, obj, name, value):
+        had, old = name in vars(obj), vars(obj).get(name)
+        setattr(obj, name, value)
+        self._undo.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
+
+    def undo(self):
+        while self._undo:
+            self._undo.pop()()
+
+
 def apply_parallel_vae(vae, group=None) -> bool:
     """Make vae's decode and encode split the rows over `group`'s ranks (default: the whole world); returns whether
     it did (a VAE of another kind, or holding modules not known to work on a band, stays whole, with a log line)."""
@@ -102,7 +104,8 @@ def apply_parallel_vae(vae, group=None) -> bool:
         if dist.get_rank() == 0:
             logger.info("fastusp: %s decodes whole on every rank: %s", type(vae).__name__, unknown)
         return False
-    state, patches = _BandState(), _Patches()
+    state = _BandState()
+    patches = _Patches(state)
     _patch_modules(vae, state, patches)
     factor = 2 ** sum(_is_downsampler(m) for m in vae.encoder.modules())
     patches.attribute(vae, "_decode", _decode_on_bands(vae, vae._decode, state, group))
@@ -218,7 +221,9 @@ def _bands_for(vae, state: _BandState, latent_rows: int, group, what: str) -> Ro
                                  f"{what} of the whole image; vae.disable_tiling() splits it over the ranks instead")
         return None
     ranks = dist.get_world_size(group)
-    if ranks == 1 or latent_rows < ranks:
+    if ranks == 1:
+        return None
+    if latent_rows < ranks:
         state.say_once(f"small-{what}", f"fastusp: a {what} of {latent_rows} latent rows runs whole on each of the "
                                         f"{ranks} ranks (a band needs at least one row)")
         return None
