@@ -56,7 +56,7 @@ def _uses_text_encoder_in_call(cls) -> bool:
     return re.search(r"self\.text_encoder\w*\s*[.(\[]", code) is not None
 
 
-def _transport_device(pipe) -> torch.device:
+def _transport_device() -> torch.device:
     """Where broadcast buffers live: the rank's GPU under NCCL, else the CPU."""
     if "nccl" in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
@@ -66,7 +66,7 @@ def _transport_device(pipe) -> torch.device:
 def _broadcast_from(src: int, method, pipe):
     @functools.wraps(method)
     def run_on_one_rank(*args, **kwargs):
-        transport = _transport_device(pipe)
+        transport = _transport_device()
         if dist.get_rank() == src:
             return _send(method, args, kwargs, src, transport)
         return _receive(src, transport, pipe, method.__name__)

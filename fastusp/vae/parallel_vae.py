@@ -158,36 +158,41 @@ def _patch_modules(vae, state: _BandState, patches: _Patches) -> None:
         if type(m).__name__ == "Downsample2D" and m.padding == 0:
             padded[m.conv] = (0, 1)
             patches.forward(m, lambda original, m=m: _downsample2d(m, original, state))
-        elif _is_downsampler(m):  # QwenImageResample: nn.Sequential(ZeroPad2d((0, 1, 0, 1)), Conv2d(stride 2))
+        elif type(m).__name__ == "QwenImageResample" and _is_downsampler(m):
+            # nn.Sequential(ZeroPad2d((0, 1, 0, 1)), Conv2d(stride 2))
             pad, conv = m.resample
             padded[conv] = (pad.padding[2], pad.padding[3])
             patches.forward(pad, lambda original, pad=pad: _pad_width_only(pad, original, state))
     for m in vae.modules():
-        kind = type(m).__name__
-        if kind == "Conv2d" and (m.kernel_size[0], m.stride[0]) != (1, 1):
-            rows = padded.get(m, (m.padding[0], m.padding[0]))
-            patches.forward(m, lambda original, m=m, rows=rows: _on_band(
-                state, original, lambda bands, x: conv2d_on_band(m, x, bands, rows)))
-        elif kind == "QwenImageCausalConv3d" and (m.kernel_size[1], m.stride[1]) != (1, 1):
-            patches.forward(m, lambda original, m=m: _on_band(
-                state, original, lambda bands, x, cache_x=None: causal_conv3d_on_band(m, original, x, cache_x, bands)))
-        elif kind == "GroupNorm":
-            patches.forward(m, lambda original, m=m: _on_band(
-                state, original, lambda bands, x: group_norm_on_band(m, x, bands)))
-        elif kind == "Attention":
-            patches.forward(m, lambda original, m=m: _on_band(
-                state, original, lambda bands, x, *args, **kwargs: attention_on_band(m, x, bands)))
-        elif kind == "QwenImageAttentionBlock":
-            patches.forward(m, lambda original, m=m: _on_band(
-                state, original, lambda bands, x: qwen_attention_on_band(m, x, bands)))
+        on_band = _band_version(m, padded.get(m))
+        if on_band is not None:
+            patches.forward(m, lambda original, on_band=on_band: _on_band(state, original, on_band))
+
+
+def _band_version(m, pad_rows: tuple[int, int] | None):
+    """on_band(bands, original, *forward args) for the modules that need the other ranks' rows; None for the rest.
+    pad_rows: a convolution's row padding where its downsampler pads, not the convolution."""
+    kind = type(m).__name__
+    if kind == "Conv2d" and (m.kernel_size[0], m.stride[0]) != (1, 1):
+        rows = pad_rows or (m.padding[0], m.padding[0])
+        return lambda bands, original, x: conv2d_on_band(m, x, bands, rows)
+    if kind == "QwenImageCausalConv3d" and (m.kernel_size[1], m.stride[1]) != (1, 1):
+        return lambda bands, original, x, cache_x=None: causal_conv3d_on_band(m, original, x, cache_x, bands)
+    if kind == "GroupNorm":
+        return lambda bands, original, x: group_norm_on_band(m, x, bands)
+    if kind == "Attention":  # UNetMidBlock2D passes temb=None
+        return lambda bands, original, x, *args, **kwargs: attention_on_band(m, x, bands)
+    if kind == "QwenImageAttentionBlock":
+        return lambda bands, original, x: qwen_attention_on_band(m, x, bands)
+    return None
 
 
 def _on_band(state: _BandState, original, on_band):
-    """A forward that runs on_band(bands, ...) during a banded decode or encode, and `original` otherwise."""
+    """A forward that runs on_band(bands, original, ...) during a banded decode or encode, `original` otherwise."""
     def forward(*args, **kwargs):
         if state.bands is None:
             return original(*args, **kwargs)
-        return on_band(state.bands, *args, **kwargs)
+        return on_band(state.bands, original, *args, **kwargs)
     return forward
 
 
