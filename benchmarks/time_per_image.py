@@ -377,8 +377,7 @@ def run_images(a):
         except Exception as ex:  # one size failing (out of memory) leaves the others
             out["err"] = sl.error_text(ex)
             traceback.print_exc()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            empty_cache(device)
         if rank == 0:
             emit(out)
     if world > 1:
@@ -456,6 +455,11 @@ def share_of_decode(vae, z: torch.Tensor, ranks: int):
     return decode
 
 
+def empty_cache(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run_vae_only(a):
     """One process: the whole decode (tiled where it runs out of memory), then one rank's share, per size."""
     _, _, device = sl.process_layout(a.tiny)
@@ -473,19 +477,19 @@ def run_vae_only(a):
             out = dict(record, size=size, decode=what)
             try:
                 out.update(timed_call(fn, device, a.repeats))
-            except torch.OutOfMemoryError as ex:
-                out["err"] = f"out of memory: {str(ex).splitlines()[0]}"
+            except (torch.OutOfMemoryError, RuntimeError) as ex:  # RuntimeError: kernels refusing huge inputs
+                out["err"] = sl.error_text(ex)
                 if what == "whole":  # diffusers' tiling is what a one-GPU user does then
-                    torch.cuda.empty_cache()
+                    empty_cache(device)
                     emit(out, "vae_decode.jsonl")
                     vae.enable_tiling()
                     out = dict(record, size=size, decode="whole-tiled")
                     try:
                         out.update(timed_call(fn, device, a.repeats))
-                    except torch.OutOfMemoryError as ex2:
-                        out["err"] = f"out of memory: {str(ex2).splitlines()[0]}"
+                    except (torch.OutOfMemoryError, RuntimeError) as ex2:
+                        out["err"] = sl.error_text(ex2)
                     vae.disable_tiling()
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+            empty_cache(device)
             emit(out, "vae_decode.jsonl")
 
 

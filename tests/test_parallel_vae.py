@@ -24,6 +24,7 @@ from tiny_pipelines import tiny_call_kwargs, tiny_flux_pipeline, tiny_qwen_layer
 
 TOL = 1e-5
 LATENT_SIZES = [(5, 7), (9, 4)]  # rows, columns: odd, and one that splits unevenly over 2, 3 and 4 ranks
+BATCHES = [1, 2]  # images per latent size
 VAES = ["flux", "flux2", "qwen"]
 
 
@@ -40,8 +41,8 @@ def tiny_vae(name: str):
                latent_channels=4, norm_num_groups=4, sample_size=32).eval()
 
 
-def _latent(vae, rows: int, cols: int) -> torch.Tensor:
-    shape = (1, 4, 1, rows, cols) if type(vae).__name__ == "AutoencoderKLQwenImage" else (1, 4, rows, cols)
+def _latent(vae, rows: int, cols: int, batch: int = 1) -> torch.Tensor:
+    shape = (batch, 4, 1, rows, cols) if type(vae).__name__ == "AutoencoderKLQwenImage" else (batch, 4, rows, cols)
     return torch.randn(shape, generator=torch.Generator().manual_seed(rows * 100 + cols))
 
 
@@ -86,7 +87,7 @@ def _vae_worker(check_fallbacks: bool) -> dict:
 
     for name in VAES:
         vae = tiny_vae(name)
-        latents = [_latent(vae, rows, cols) for rows, cols in LATENT_SIZES]
+        latents = [_latent(vae, rows, cols, batch) for (rows, cols), batch in zip(LATENT_SIZES, BATCHES)]
         expected = [vae.decode(z).sample for z in latents]
         images = [image.clamp(-1, 1) for image in expected]
         expected_latents = [vae.encode(image).latent_dist.mean for image in images]
@@ -96,7 +97,11 @@ def _vae_worker(check_fallbacks: bool) -> dict:
             decode=[_rel_err(vae.decode(z).sample, e) for z, e in zip(latents, expected)],
             encode=[_rel_err(vae.encode(i).latent_dist.mean, e) for i, e in zip(images, expected_latents)],
             decoder_rows=decoder_rows, encoder_rows=encoder_rows)
-        if check_fallbacks:  # whole on every rank, and still right: tiling on, fewer latent rows than ranks
+        if check_fallbacks:
+            vae.enable_slicing()  # composes: each image of the batch decodes in bands
+            out[name]["sliced"] = _rel_err(vae.decode(latents[1]).sample, expected[1])
+            vae.disable_slicing()
+            # whole on every rank, and still right: tiling on, fewer latent rows than ranks
             one_row = _latent(vae, 1, 6)
             whole = [vae.decode(one_row).sample]
             vae.enable_tiling()  # FLUX's tiles hold 8 latent rows: 9 rows decode in two overlapping tiles
@@ -214,9 +219,10 @@ def test_decode_and_encode_equal_one_process(world):
             if world == 2:
                 # bit for bit: these ran diffusers' own code, whole
                 assert errors["fallbacks"] == [0.0, 0.0] and errors["after_remove"] == 0.0, f"{name}: {errors}"
+                assert errors["sliced"] < TOL, f"{name}: {errors}"
     for name in VAES:  # each rank ran on its own band: the rows it saw add up to the latent's (the image's)
         for rows_key, factor in [("decoder_rows", 1), ("encoder_rows", 4)]:
-            seen = [out[name][rows_key][:len(LATENT_SIZES)] for out in results]
+            seen = [out[name][rows_key][:len(LATENT_SIZES)] for out in results]  # the first calls: no fallbacks
             totals = [sum(rank_rows[i] for rank_rows in seen) for i in range(len(LATENT_SIZES))]
             assert totals == [factor * rows for rows, _ in LATENT_SIZES], f"{name} {rows_key}: {seen}"
 
