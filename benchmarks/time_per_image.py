@@ -423,20 +423,30 @@ def local_collectives():
     import fastusp.vae.group_norm as group_norm
     import fastusp.vae.halo_conv as halo_conv
 
-    def halo_of_zeros(x, bands, wanted):
+    def rows_here(x, bands, wanted):  # rows [lo, hi): this rank's where it holds them, zeros elsewhere
         (a, b), (lo, hi) = bands.spans(bands.scale_of(x.shape[-2]))[bands.rank], wanted[bands.rank]
-        return F.pad(x, (0, 0, a - lo, hi - b))
+        start, stop = max(lo, a), min(hi, b)
+        if start >= stop:
+            return x.new_zeros((*x.shape[:-2], hi - lo, x.shape[-1]))
+        return F.pad(x.narrow(-2, start - a, stop - start), (0, 0, start - lo, hi - stop))
+
+    def many_here(x, bands, requests):
+        return [rows_here(x, bands, wanted) for wanted in requests]
 
     def repeated(x, lengths, group, dim=1):
         copies = math.ceil(sum(lengths) / x.shape[dim])
         return torch.cat([x] * copies, dim=dim).narrow(dim, 0, sum(lengths))
 
-    saved = (halo_conv.fetch_rows, attention.gather_seq, group_norm.gather_seq)
-    halo_conv.fetch_rows, attention.gather_seq, group_norm.gather_seq = halo_of_zeros, repeated, repeated
+    names = [(halo_conv, "fetch_rows", rows_here), (halo_conv, "fetch_many", many_here),
+             (attention, "gather_seq", repeated), (group_norm, "gather_seq", repeated)]
+    saved = [getattr(module, name) for module, name, _ in names]
+    for module, name, stand_in in names:
+        setattr(module, name, stand_in)
     try:
         yield
     finally:
-        halo_conv.fetch_rows, attention.gather_seq, group_norm.gather_seq = saved
+        for (module, name, _), original in zip(names, saved):
+            setattr(module, name, original)
 
 
 def share_of_decode(vae, z: torch.Tensor, ranks: int):

@@ -61,13 +61,33 @@ class RowBands:
 def fetch_rows(x: torch.Tensor, bands: RowBands, wanted: list[tuple[int, int]]) -> torch.Tensor:
     """Rows [lo, hi) of the whole tensor, with `x` this rank's band (rows on dim -2) and wanted[r] = (lo, hi) the
     rows rank r asks for (every rank passes the same list). Rows outside the image are zeros: a convolution's zero
-    padding. Each rank sends the parts of its band that others want and receives its own from their holders, point
-    to point in one batch; a neighbour's band may be thinner than the halo (small images), then farther ranks
-    send too."""
+    padding."""
+    return fetch_many(x, bands, [wanted])[0]
+
+
+def fetch_many(x: torch.Tensor, bands: RowBands, requests: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
+    """fetch_rows for several requests at once (one batch of point-to-point transfers): each request is a list of
+    (lo, hi) by rank, and this rank gets one tensor per request. Each rank sends the parts of its band that others
+    want and receives its own from their holders; a neighbour's band may be thinner than the halo (small images),
+    then farther ranks send too."""
     spans = bands.spans(bands.scale_of(x.shape[-2]))
+    ops, results = [], []
+    for wanted in requests:
+        pieces = _receive_rows(x, bands, spans, wanted[bands.rank], ops)
+        results.append(pieces[0] if len(pieces) == 1 else pieces)
+        _send_rows(x, bands, spans, wanted, ops)
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+    return [r if isinstance(r, torch.Tensor) else torch.cat(r, dim=-2) for r in results]
+
+
+def _receive_rows(x, bands: RowBands, spans, wanted: tuple[int, int], ops: list) -> list[torch.Tensor]:
+    """The pieces of rows [lo, hi) in order: zeros outside the image, views of this rank's rows, receive buffers
+    (their irecv ops appended to `ops`)."""
+    lo, hi = wanted
     height = spans[-1][1]
-    mine, (lo, hi) = spans[bands.rank], wanted[bands.rank]
-    ops, pieces = [], []
+    pieces = []
     if lo < 0:
         pieces.append(_zero_rows(x, min(hi, 0) - lo))
     for peer, (a, b) in enumerate(spans):
@@ -79,17 +99,18 @@ def fetch_rows(x: torch.Tensor, bands: RowBands, wanted: list[tuple[int, int]]) 
         else:
             pieces.append(x.new_empty(_with_rows(x, stop - start)))
             ops.append(dist.P2POp(dist.irecv, pieces[-1], dist.get_global_rank(bands.group, peer), bands.group))
+    if hi > height:
+        pieces.append(_zero_rows(x, hi - max(lo, height)))
+    return pieces
+
+
+def _send_rows(x, bands: RowBands, spans, wanted: list[tuple[int, int]], ops: list) -> None:
+    mine = spans[bands.rank]
     for peer, (peer_lo, peer_hi) in enumerate(wanted):
         start, stop = max(peer_lo, mine[0]), min(peer_hi, mine[1])
         if peer != bands.rank and start < stop:
             part = x.narrow(-2, start - mine[0], stop - start).contiguous()
             ops.append(dist.P2POp(dist.isend, part, dist.get_global_rank(bands.group, peer), bands.group))
-    if hi > height:
-        pieces.append(_zero_rows(x, hi - max(lo, height)))
-    if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
 
 
 def _with_rows(x: torch.Tensor, rows: int) -> tuple[int, ...]:

@@ -2,8 +2,13 @@
 
 A convolution of kernel k, stride s and zero padding (top, bottom) over the whole image computes output row o from
 input rows [o*s - top, o*s - top + k). A rank whose output band is [a, b) (its input band [a*s, b*s), see
-bands.py) fetches input rows [a*s - top, (b-1)*s - top + k) -- its band plus the halo rows of its neighbours,
-zeros beyond the image -- and convolves them without padding along the rows. Width padding is the convolution's own.
+bands.py) needs input rows [a*s - top, (b-1)*s - top + k): its band plus halo rows of its neighbours, zeros beyond
+the image. Width padding is the convolution's own.
+
+The common case, stride 1 with "same" padding p, avoids copying the band to join the halos: the convolution runs on
+the band with its own zero padding, which is right everywhere but in the p rows at each inner edge; those are
+computed again from the halo rows and the band's first (last) 2p rows, and replace them. Other convolutions (the
+encoder's stride-2 downsamplers, bands thinner than 2p rows) join band and halos and convolve without row padding.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .bands import RowBands, fetch_rows
+from .bands import RowBands, fetch_many, fetch_rows
 
 
 def halo_rows(bands: RowBands, x: torch.Tensor, kernel: int, stride: int, pad_rows: tuple[int, int]):
@@ -29,22 +34,64 @@ def halo_rows(bands: RowBands, x: torch.Tensor, kernel: int, stride: int, pad_ro
 
 def conv2d_on_band(conv: torch.nn.Conv2d, x: torch.Tensor, bands: RowBands, pad_rows: tuple[int, int]):
     """nn.Conv2d on this rank's rows (x: [B, C, rows, W]) with the whole image's row padding `pad_rows`."""
-    wanted = halo_rows(bands, x, conv.kernel_size[0], conv.stride[0], pad_rows)
-    rows = fetch_rows(x, bands, wanted)
-    return F.conv2d(rows, conv.weight, conv.bias, conv.stride, (0, conv.padding[1]), conv.dilation, conv.groups)
+    def convolve(rows, pad: int):
+        return F.conv2d(rows, conv.weight, conv.bias, conv.stride, (pad, conv.padding[1]), conv.dilation, conv.groups)
+
+    return _on_band(x, bands, conv.kernel_size[0], conv.stride[0], pad_rows, lambda rows, cache, pad:
+                    convolve(rows, pad))
 
 
 def causal_conv3d_on_band(conv, original, x: torch.Tensor, cache_x, bands: RowBands):
     """Qwen-Image's QwenImageCausalConv3d (x: [B, C, T, rows, W]) on this rank's rows. `original` is its forward:
-    it joins the cached frames (this rank's rows of them, fetched with the same halo) and pads time and width;
-    its row padding is switched off while it runs, the halo takes its place."""
-    pad_rows = (conv._padding[2], conv._padding[3])
-    wanted = halo_rows(bands, x, conv.kernel_size[1], conv.stride[1], pad_rows)
-    x = fetch_rows(x, bands, wanted)
+    it joins the cached frames (this rank's rows of them, given the same halos) and pads time and width; where the
+    halos take the place of its row padding, that is switched off while it runs."""
+    def convolve(rows, cache_rows, pad: int):
+        if pad:
+            return original(rows, cache_rows)
+        with _no_row_padding(conv):
+            return original(rows, cache_rows)
+
     if cache_x is not None:
-        cache_x = fetch_rows(cache_x.to(x.device), bands, wanted)
-    with _no_row_padding(conv):
-        return original(x, cache_x)
+        cache_x = cache_x.to(x.device)
+    pad_rows = (conv._padding[2], conv._padding[3])
+    return _on_band(x, bands, conv.kernel_size[1], conv.stride[1], pad_rows, convolve, cache_x)
+
+
+def _on_band(x, bands: RowBands, kernel: int, stride: int, pad_rows: tuple[int, int], convolve, cache=None):
+    """convolve(rows, cache rows, row padding) over this rank's output band; `cache` (Qwen-Image's cached frames,
+    this rank's rows of them) gets the same halos as x."""
+    wanted = halo_rows(bands, x, kernel, stride, pad_rows)
+    pad = pad_rows[0]
+    if not (stride == 1 and pad_rows == (pad, pad) and kernel == 2 * pad + 1 and x.shape[-2] >= 2 * pad):
+        return convolve(*(fetch_rows(t, bands, wanted) if t is not None else None for t in (x, cache)), 0)
+    spans = bands.spans(bands.scale_of(x.shape[-2]))
+    (a, b), height = spans[bands.rank], spans[-1][1]
+    above = [(lo, start) for (lo, _), (start, _) in zip(wanted, spans)]
+    below = [(stop, hi) for (_, hi), (_, stop) in zip(wanted, spans)]
+    halos = [fetch_many(t, bands, [above, below]) if t is not None else (None, None) for t in (x, cache)]
+    out = convolve(x, cache, pad)  # zero row padding at the band's edges: right but for `pad` rows at inner edges
+    if a > 0:
+        out.narrow(-2, 0, pad).copy_(convolve(*_joined(halos, (x, cache), 0, 2 * pad), 0))
+    if b < height:
+        out.narrow(-2, out.shape[-2] - pad, pad).copy_(convolve(*_joined(halos, (x, cache), 1, 2 * pad), 0))
+    return out
+
+
+def _edge(t, rows: int, first: bool):
+    return t.narrow(-2, 0 if first else t.shape[-2] - rows, rows)
+
+
+def _joined(halos, tensors, side: int, rows: int):
+    """(x, cache) strips: the halo above and the first `rows` rows (side 0), or the last rows and the halo below."""
+    strips = []
+    for (above, below), t in zip(halos, tensors):
+        if t is None:
+            strips.append(None)
+        elif side == 0:
+            strips.append(torch.cat([above, _edge(t, rows, True)], dim=-2))
+        else:
+            strips.append(torch.cat([_edge(t, rows, False), below], dim=-2))
+    return strips
 
 
 @contextlib.contextmanager
