@@ -18,6 +18,7 @@ import fastusp
 from _dist import run_distributed
 from fastusp.vae import apply_parallel_vae, remove_parallel_vae
 from fastusp.vae.bands import RowBands
+from fastusp.vae import group_norm
 from fastusp.vae.group_norm import group_norm_on_band
 from fastusp.text_encoder import apply_text_encoder_rank
 from tiny_pipelines import tiny_call_kwargs, tiny_flux_pipeline, tiny_qwen_layered_pipeline
@@ -60,10 +61,11 @@ def _rows_seen(module) -> list:
 
 def _group_norm_errors() -> list:
     """GroupNorm with statistics over the ranks against torch's over the whole tensor: [rel. difference at mean 2,
-    and at mean 300 (where one-pass sums of squares lose digits) the errors of both against float64]."""
+    the same with statistics merged from many chunks, and at mean 300 (where one-pass sums of squares lose digits)
+    the errors of both against float64]."""
     norm = torch.nn.GroupNorm(4, 8, eps=1e-6)
-    torch.nn.init.normal_(norm.weight)
-    torch.nn.init.normal_(norm.bias)
+    torch.nn.init.normal_(norm.weight, generator=torch.Generator().manual_seed(2))
+    torch.nn.init.normal_(norm.bias, generator=torch.Generator().manual_seed(3))
     bands = RowBands.even(11, dist.group.WORLD)
     errors = []
     for mean in (2.0, 300.0):
@@ -71,6 +73,10 @@ def _group_norm_errors() -> list:
         ours = group_norm_on_band(norm, bands.local(x, 1), bands)
         if mean == 2.0:
             errors.append(_rel_err(ours, bands.local(norm(x), 1)))
+            monkeypatch = pytest.MonkeyPatch()
+            monkeypatch.setattr(group_norm, "_CHUNK", 16)  # the statistics of many chunks, merged
+            errors.append(_rel_err(group_norm_on_band(norm, bands.local(x, 1), bands), bands.local(norm(x), 1)))
+            monkeypatch.undo()
         else:
             truth = bands.local(torch.nn.functional.group_norm(x.double(), 4, norm.weight.double(),
                                                                norm.bias.double(), norm.eps), 1)
@@ -211,8 +217,10 @@ def _text_encoder_worker() -> dict:
 def test_decode_and_encode_equal_one_process(world):
     results = run_distributed(_vae_worker, world, world == 2, timeout=90)
     for rank, out in enumerate(results):
-        same, ours, torchs = out["group_norm"]
-        assert same < 1e-6 and ours <= torchs + 1e-6, f"rank {rank}: GroupNorm over ranks {out['group_norm']}"
+        same, chunked, ours, torchs = out["group_norm"]
+        # at mean 300 float32 itself holds inputs to ~2e-5 of their spread: both land there, where one-pass sums of
+        # squares are off by ~6e-3 here
+        assert max(same, chunked) < 1e-6 and ours < 1e-4 and ours <= 2 * torchs, f"rank {rank}: {out['group_norm']}"
         for name in VAES:
             errors = out[name]
             assert max(errors["decode"] + errors["encode"]) < TOL, f"rank {rank} {name}: {errors}"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..distributed.gather import gather_seq
 from .bands import RowBands
 
-# elements of one (sample, group) upcast to float32 at a time: bounds the extra memory for bfloat16 activations
+# elements upcast to float32 at a time (64 MiB): bounds the extra memory for bfloat16 activations
 _CHUNK = 1 << 24
 
 
@@ -29,7 +29,7 @@ def merge_moments(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, dim
 def _local_moments(grouped: torch.Tensor):
     """(count, mean, M2) per row of `grouped` [B, G, N], in float32, computed chunk by chunk."""
     parts = []
-    for chunk in grouped.split(_CHUNK, dim=-1):
+    for chunk in grouped.split(max(1, _CHUNK // (grouped.shape[0] * grouped.shape[1])), dim=-1):
         var, mean = torch.var_mean(chunk.float(), dim=-1, correction=0)
         parts.append((torch.full_like(mean, chunk.shape[-1]), mean, var * chunk.shape[-1]))
     if len(parts) == 1:
