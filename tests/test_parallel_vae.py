@@ -20,7 +20,7 @@ from fastusp.vae import apply_parallel_vae, remove_parallel_vae
 from fastusp.vae.bands import RowBands
 from fastusp.vae import group_norm
 from fastusp.vae.group_norm import group_norm_on_band
-from fastusp.text_encoder import apply_text_encoder_rank
+from fastusp.text_encoder import apply_text_encoder_rank, remove_text_encoder_rank
 from tiny_pipelines import tiny_call_kwargs, tiny_flux_pipeline, tiny_qwen_layered_pipeline
 
 TOL = 1e-5
@@ -202,13 +202,16 @@ def _text_encoder_worker() -> dict:
         failure = f"{type(ex).__name__}: {ex}"
     encoder_params = sum(p.numel() for name, m in pipe.components.items()
                          if name.startswith("text_encoder") and isinstance(m, torch.nn.Module) for p in m.parameters())
+    standin = pipe.encode_prompt.__wrapped__
+    remove_text_encoder_rank(pipe)
+    unwrapped = pipe.encode_prompt == standin  # the stand-in again, which rank 1 cannot run: no text encoder
     refusals = []
     for other, rank in [(tiny_flux_pipeline(), 2), (tiny_qwen_layered_pipeline(), 0)]:
         with pytest.raises(ValueError) as refused:
             apply_text_encoder_rank(other, rank)
         refusals.append(str(refused.value))
     return dict(image=image, rank=dist.get_rank(), calls=pipe.encode_calls, encoder_params=encoder_params,
-                failure=failure, refusals=refusals)
+                failure=failure, refusals=refusals, unwrapped=unwrapped)
 
 
 # --- tests --------------------------------------------------------------------------------------------------------
@@ -255,6 +258,7 @@ def test_text_encoder_on_one_rank():
     assert results[0]["encoder_params"] > 0 and results[1]["encoder_params"] == 0  # rank 1 holds no text encoder
     assert "ValueError: this prompt cannot be encoded" in results[0]["failure"]
     assert "failed on rank 0" in results[1]["failure"] and "cannot be encoded" in results[1]["failure"]
+    assert [out["unwrapped"] for out in results] == [True, True]
     for out in results:  # refused on every rank, naming the argument: no such rank; an encoder used outside
         assert "text_encoder_rank must be a rank from 0 to 1" in out["refusals"][0]
         assert "QwenImageLayeredPipeline uses its text encoder outside encode_prompt" in out["refusals"][1]
