@@ -7,7 +7,7 @@
 Per MODE, a graph of R=20 blocks [layer_norm -> q, k, v GEMMs (one fused GEMM with `fused`; mm + bias add with
 `nobias`) -> stand-in attention -> MLP GEMM + gelu -> cat -> proj_out GEMM] is replayed; prints the replay time per
 block and, from one profiled replay, each kernel's mean idle gap before it and its mean duration. cuBLAS reads its
-workspace size once per process: one process per environment. Results: benchmarks/results/2026-11-27-2xH200-n-*.
+workspace size once per process: one process per environment. Results: benchmarks/results/2026-11-27-2xH200-cublaslt-workspace.md.
 """
 import collections
 import os
