@@ -11,7 +11,7 @@ import time
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from fastusp.processors.flux import rotated
+from fastusp.models.flux import rotated
 
 
 def microseconds_per_call(fn, calls: int = 300) -> tuple[float, float]:

@@ -2,9 +2,9 @@
 from .compile import CompileReport, compile_pipeline, compile_report
 from .config import ParallelConfig
 from .parallelize import parallelize
-from .processors.flux import FastUSPFluxAttnProcessor
-from .processors.flux2 import FastUSPFlux2AttnProcessor, FastUSPFlux2ParallelSelfAttnProcessor
-from .processors.qwen_image import FastUSPQwenImageAttnProcessor
+from .models.flux import FastUSPFluxAttnProcessor
+from .models.flux2 import FastUSPFlux2AttnProcessor, FastUSPFlux2ParallelSelfAttnProcessor
+from .models.qwen_image import FastUSPQwenImageAttnProcessor
 
 __all__ = ["ParallelConfig", "parallelize", "compile_pipeline", "compile_report", "CompileReport",
            "FastUSPFluxAttnProcessor", "FastUSPFlux2AttnProcessor", "FastUSPFlux2ParallelSelfAttnProcessor",

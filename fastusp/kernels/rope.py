@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .._triton import addressable, tl, triton
 from ..config import on_device
+from .triton_support import addressable, tl, triton
 
 if triton is not None:
     @triton.jit
