@@ -24,7 +24,7 @@ import torch
 from diffusers.hooks import FirstBlockCacheConfig
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from ._forward import forward_of, own_forward, replace_forward, set_own_forward, wrap_forward
+from ._forward import forward_of, is_fastusp_hook, own_forward, replace_forward, set_own_forward, wrap_forward
 from .caches import FirstBlockCacheGraphs, is_first_block_cache_hook
 from .controlnet import controlnets
 from .cuda_graphs import GraphedForward, graphed_or_eager
@@ -285,10 +285,11 @@ def _check_weights_stay_put(model) -> None:
     its modules (enable_sequential_cpu_offload, diffusers' group offloading or caches) change weights or decide what
     runs inside the forward, where a replay would not follow; First Block Cache's are the exception (its decision
     is taken between graphs, caches.FirstBlockCacheGraphs)."""
-    # a registry without hooks is harmless: diffusers gives the transformer one in every pipeline call (cache_context)
+    # a registry without hooks is harmless: diffusers gives the transformer one in every pipeline call (cache_context);
+    # fastusp's own hooks only wrap forwards
     hooked = [name or type(model).__name__ for name, m in model.named_modules()
-              if any(not is_first_block_cache_hook(h) for h in getattr(getattr(m, "_diffusers_hook", None), "hooks",
-                                                                       {}).values())
+              if any(not (is_first_block_cache_hook(h) or is_fastusp_hook(h))
+                     for h in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}).values())
               or (m is not model and hasattr(m, "_hf_hook"))]
     if hooked:
         shown = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "")

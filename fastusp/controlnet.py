@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from ._forward import replace_forward
+from ._forward import patch_attribute, replace_forward
 from .config import ParallelConfig
 from .models import registry
 from .models.spec import ControlNetSetup, ModelSpec
@@ -63,7 +63,7 @@ def shard_controlnet(net, config: ParallelConfig, spec: ModelSpec) -> None:
 
     _wrap(net, context, prepare)
     apply_shared_modulation(net, spec.modulated_streams, context)
-    net._fastusp_config = config
+    patch_attribute(net, "_fastusp_config", config)
 
 
 def _wrap(net, context: USPContext, prepare) -> None:

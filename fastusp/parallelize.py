@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from ._forward import wrap_forward
+from ._forward import has_changes, patch_attribute, undo_changes, wrap_forward
 from .caches import share_cache_decisions
 from .cfg_parallel import apply_cfg_parallel, track_denoising_loop
 from .config import ParallelConfig, check_one_gpu_per_rank, maybe_init_distributed
@@ -67,11 +67,11 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     if obj is not transformer:
         apply_controlnet_sharding(obj, config, spec)
         apply_rank_consistency(obj)
-        obj._fastusp_parallelized = True
+        patch_attribute(obj, "_fastusp_parallelized", True)
     if config.cfg > 1:
         apply_cfg_parallel(obj, transformer, config, spec.output_tokens_of)
-    transformer._fastusp_config = config
-    transformer._fastusp_context = context  # compile_pipeline's graphs of all blocks key on its layout
+    patch_attribute(transformer, "_fastusp_config", config)
+    patch_attribute(transformer, "_fastusp_context", context)  # compile_pipeline's graphs of all blocks key on it
     if dist.get_rank() == 0:
         logger.info("fastusp: %s parallelized with cfg=%d ulysses=%d ring=%d fp8_comm=%s",
                     type(transformer).__name__, config.cfg, config.ulysses, config.ring, config.fp8_comm)
@@ -92,7 +92,7 @@ def _add_pipeline(pipe, transformer, config: ParallelConfig):
     apply_rank_consistency(pipe)
     if config.cfg > 1:
         track_denoising_loop(pipe, transformer)
-    pipe._fastusp_parallelized = True
+    patch_attribute(pipe, "_fastusp_parallelized", True)
     return pipe
 
 
@@ -109,6 +109,39 @@ def _spec_for(transformer) -> ModelSpec:
         raise ValueError("this transformer already uses diffusers' context parallelism; use one or the other")
     spec.check_processors(transformer)
     return spec
+
+
+def unparallelize(obj):
+    """Undo fastusp.parallelize, in place; returns `obj`: a pipeline or transformer as it was before it, with
+    diffusers' processors, forwards and attributes, running on one process's whole sequence again (every rank
+    computes the whole output, as without fastusp). torch.distributed and fastusp's process groups stay.
+
+    Pass what was parallelized: the pipeline restores itself and every component it holds (the transformer, its
+    ControlNets, its scheduler); a transformer restores only itself. A pipeline made with from_pipe from a
+    parallelized one shares its transformer: unparallelize each. A pipeline or transformer compiled with
+    compile_pipeline cannot be restored (its compiled code and CUDA graphs hold the parallel forward): make it again.
+    """
+    transformer = getattr(obj, "transformer", obj)
+    if getattr(transformer, "_fastusp_compile_report", None) is not None:
+        raise ValueError("fastusp.unparallelize cannot restore a pipeline or transformer compiled with "
+                         "fastusp.compile_pipeline (its compiled code and CUDA graphs hold the parallel forward); "
+                         "load it again instead")
+    owners = [obj, *_components(obj)]
+    if not any(has_changes(owner) for owner in owners):
+        raise ValueError(f"this {type(obj).__name__} is not parallelized by fastusp")
+    undo_changes(owners)
+    return obj
+
+
+def _components(obj) -> list:
+    """Everything fastusp may have changed for obj: its modules' submodules (obj's own, or those of a pipeline's
+    components) and a pipeline's other components (the scheduler)."""
+    if isinstance(obj, torch.nn.Module):
+        return list(obj.modules())
+    found = []
+    for component in getattr(obj, "components", {}).values():
+        found += list(component.modules()) if isinstance(component, torch.nn.Module) else [component]
+    return [c for c in found if c is not None and hasattr(c, "__dict__")]
 
 
 def apply_sequence_sharding(transformer, spec: ModelSpec, context: USPContext) -> None:
@@ -143,7 +176,7 @@ def apply_rank_consistency(pipe) -> None:
     noise, and the gathered outputs would silently mix into garbage.
     """
     if dist.get_rank() != 0:  # merged, so settings the user gave (desc, ...) survive
-        pipe.set_progress_bar_config(**{**getattr(pipe, "_progress_bar_config", {}), "disable": True})
+        patch_attribute(pipe, "_progress_bar_config", {**getattr(pipe, "_progress_bar_config", {}), "disable": True})
     original = pipe.prepare_latents
 
     @functools.wraps(original)
@@ -152,7 +185,7 @@ def apply_rank_consistency(pipe) -> None:
         synced = tuple(_broadcast_copy(t) for t in (out if isinstance(out, tuple) else (out,)))
         return synced if isinstance(out, tuple) else synced[0]
 
-    pipe.prepare_latents = prepare_latents
+    patch_attribute(pipe, "prepare_latents", prepare_latents)
 
 
 def _broadcast_copy(value):

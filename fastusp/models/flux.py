@@ -13,6 +13,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor, _get_qkv_projections
 
+from .._forward import pre_forward_hook
 from ..attention.usp import usp_attention
 from ..kernels import rope
 from ..kernels.norm_rope_pack import Rotation
@@ -160,8 +161,8 @@ def controlnet_setup(net, context: USPContext) -> ControlNetSetup:
     rank = context.config.sequence_rank
     hint_block = getattr(net, "input_hint_block", None) is not None
     if hint_block:
-        net.controlnet_x_embedder.register_forward_pre_hook(
-            lambda module, args: (narrow_tokens(args[0], context.current_layout().image_slice(rank), -2),))
+        pre_forward_hook(net.controlnet_x_embedder, lambda module, args, kwargs: (
+            (narrow_tokens(args[0], context.current_layout().image_slice(rank), -2), *args[1:]), kwargs))
     union = bool(getattr(net, "union", False))
     return ControlNetSetup(image_inputs={} if hint_block else {"controlnet_cond": -2},
                            adjust_layout=_with_mode_token_copies if union else None)

@@ -8,11 +8,9 @@ forward, and every layer reuses it.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .._forward import forward_of, set_forward
+from .._forward import hook_forward, pre_forward_hook
 from ..attention.usp import usp_attention
 from ..kernels import rope
 from ..kernels.norm_rope_pack import Rotation
@@ -135,15 +133,14 @@ def shard_rope(pos_embed, context: USPContext) -> None:
     """Qwen-Image builds RoPE tables from shapes, not ids: build the full tables, keep this rank's rows. The same for
     Qwen-Image-Layered's tables (QwenEmbedLayer3DRope: one position on a layer axis per image, the input image at -1),
     which come in the same order as the image tokens."""
-    original, rank = forward_of(pos_embed), context.config.sequence_rank
+    rank = context.config.sequence_rank
 
-    @functools.wraps(original)
-    def forward(video_fhw, device=None, max_txt_seq_len=None):
+    def forward(original, video_fhw, device=None, max_txt_seq_len=None):
         layout = context.current_layout()
         image_freqs, text_freqs = original(video_fhw, device=device, max_txt_seq_len=sum(layout.text))
         return image_freqs[layout.image_slice(rank)], text_freqs[layout.text_slice(rank)]
 
-    set_forward(pos_embed, forward)
+    hook_forward(pos_embed, forward)
 
 
 def shard_block_image_inputs(transformer, inputs: dict[str, int], context: USPContext) -> None:
@@ -159,7 +156,7 @@ def shard_block_image_inputs(transformer, inputs: dict[str, int], context: USPCo
         return args, kwargs
 
     for block in transformer.transformer_blocks:
-        block.register_forward_pre_hook(narrow, with_kwargs=True)
+        pre_forward_hook(block, narrow)
 
 
 def shard_internals(transformer, context: USPContext) -> None:

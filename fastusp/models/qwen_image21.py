@@ -20,7 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._forward import own_forward, set_own_forward, wrap_forward
+from .._forward import (hook_forward, own_forward, patch_attribute, pre_forward_hook, set_own_forward,
+                        wrap_forward)
 from ..attention.usp import ring_chunk_lens, usp_attention
 from ..cuda_graphs import GraphedForward, graphed_or_eager
 from ..distributed.gather import gather_seq
@@ -132,12 +133,13 @@ def shard_joint_sequence(transformer, context: USPContext) -> None:
             kwargs[name] = narrow_tokens(kwargs.get(name), rows, 0)
         return args, kwargs
 
-    def leave(block, args, kwargs, output):
+    def leave(forward, *args, **kwargs):
+        output = forward(*args, **kwargs)
         return gather_seq(output, list(context.current_layout().image), config.sequence_group, dim=1)
 
     for block in blocks:
-        block.register_forward_pre_hook(enter, with_kwargs=True)
-    blocks[-1].register_forward_hook(leave, with_kwargs=True)
+        pre_forward_hook(block, enter)
+    hook_forward(blocks[-1], leave)
 
     def run_sharded(original, inputs):
         if getattr(transformer, "_cache_config", None) is not None:
@@ -196,7 +198,7 @@ def reuse_joint_layout(transformer, max_layouts: int = 4) -> None:
         return call
 
     set_own_forward(transformer.pos_embed, memoized("rope", build_rope))
-    transformer.build_token_metadata = memoized("labels", build_labels)
+    patch_attribute(transformer, "build_token_metadata", memoized("labels", build_labels))
     wrap_forward(transformer, run)
 
 

@@ -5,6 +5,7 @@ import contextlib
 import inspect
 from dataclasses import dataclass
 
+from .._forward import patch_attribute, record_change
 from ..config import ParallelConfig
 from ..sharding import SeqLayout
 
@@ -62,7 +63,9 @@ def require_context(context: USPContext | None, processor_cls: type) -> USPConte
 def apply_usp_processors(model, spec, context: USPContext) -> None:
     """Every attention layer of the model (a transformer, a ControlNet) gets fastusp's processor for it
     (spec.usp_processors), and later processor changes are refused."""
+    original = model.attn_processors
     model.set_attn_processor(spec.usp_processors(model, context))
+    record_change(model, lambda: model.set_attn_processor(original))
     _refuse_processor_changes(model)
 
 
@@ -73,4 +76,4 @@ def _refuse_processor_changes(model) -> None:
         raise ValueError("this transformer is parallelized by fastusp: set attention processors, and load or unload "
                          "adapters that change them (IP-Adapter), before fastusp.parallelize")
 
-    model.set_attn_processor = set_attn_processor
+    patch_attribute(model, "set_attn_processor", set_attn_processor)
