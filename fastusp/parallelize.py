@@ -36,8 +36,9 @@ logger = logging.getLogger("fastusp")
 def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm: bool | str = False, **options):
     """Shard a FLUX / FLUX.2 / Qwen-Image transformer's token sequence across all ranks, in place; returns `obj`.
 
-    obj: a diffusers pipeline with a `transformer`, or a FluxTransformer2DModel / Flux2Transformer2DModel /
-    QwenImageTransformer2DModel / QwenImage21Transformer2DModel.
+    obj: a diffusers pipeline with a `transformer`, or a transformer of a class fastusp supports
+    (fastusp/models/registry.py: FluxTransformer2DModel, Flux2Transformer2DModel, QwenImageTransformer2DModel,
+    QwenImage21Transformer2DModel).
     cfg * ulysses * ring must equal the number of processes (torchrun --nproc-per-node), and ulysses must divide
     the number of attention heads. cfg=2 runs the two guidance passes of true CFG on two halves of the ranks at
     once (a pipeline only). fp8_comm and the tuning options (ulysses_chunks, ring_overlap): see ParallelConfig.

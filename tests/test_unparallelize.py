@@ -9,7 +9,7 @@ import torch
 import fastusp
 from _dist import run_distributed
 from test_pipelines import BUILDERS, _assert_close, _generate
-from tiny_models import flux_inputs, qwen_inputs, tiny_flux, tiny_qwen
+from tiny_models import flux_inputs, qwen21_inputs, qwen_inputs, tiny_flux, tiny_qwen, tiny_qwen21
 
 
 def _leftovers(pipe_or_model) -> list[str]:
@@ -30,8 +30,7 @@ def _leftovers(pipe_or_model) -> list[str]:
                   if key in vars(obj) and not (key == "forward" and hasattr(obj, "_hf_hook"))]
         registry = getattr(obj, "_diffusers_hook", None)
         found += [f"{name} hook {hook}" for hook in getattr(registry, "hooks", {})]
-        if isinstance(obj, torch.nn.Module) and hasattr(obj, "attn_processors") and obj is getattr(
-                pipe_or_model, "transformer", pipe_or_model):
+        if isinstance(getattr(type(obj), "attn_processors", None), property):  # a transformer, a ControlNet
             found += [f"{name} processor {type(p).__name__}" for p in obj.attn_processors.values()
                       if type(p).__module__.startswith("fastusp")]
     return found
@@ -88,7 +87,10 @@ def test_unparallelized_pipeline_runs_as_never_parallelized(name, guidance, degr
             _assert_close(out[run]["image"], expected["image"], f"rank {rank} {run} image")
 
 
-MODELS = {"flux": (tiny_flux, flux_inputs), "qwen": (tiny_qwen, lambda: qwen_inputs(valid_lens=[5]))}
+MODELS = {"flux": (tiny_flux, flux_inputs), "qwen": (tiny_qwen, lambda: qwen_inputs(valid_lens=[5])),
+          # Edit-2511: per-token block inputs; 2.1: its joint sequence, sharded at the first block
+          "qwen-edit-2511": (lambda: tiny_qwen(zero_cond_t=True), lambda: qwen_inputs(reference_hw=(2, 4))),
+          "qwen21": (tiny_qwen21, qwen21_inputs)}
 
 
 def _transformer_worker(name: str) -> dict:
@@ -106,7 +108,7 @@ def _transformer_worker(name: str) -> dict:
     return outputs
 
 
-@pytest.mark.parametrize("name", ["flux", "qwen"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_unparallelized_transformer_runs_as_never_parallelized_and_can_be_parallelized_again(name):
     build, make_inputs = MODELS[name]
     with torch.no_grad():
@@ -124,3 +126,28 @@ def test_unparallelize_refuses_what_it_cannot_restore():
     fastusp.compile_pipeline(model, backend="eager")
     with pytest.raises(ValueError, match="compiled with fastusp.compile_pipeline"):
         fastusp.unparallelize(model)
+
+
+def _controlnet_worker(name: str) -> dict:
+    from test_pipelines import _controlnet_kwargs
+    from tiny_pipelines import tiny_controlnet_pipeline
+
+    pipe = tiny_controlnet_pipeline(name)
+    fastusp.parallelize(pipe, ulysses=2)
+    parallel = _generate(pipe, 0, _controlnet_kwargs(pipe))
+    fastusp.unparallelize(pipe)
+    return dict(parallel=parallel, restored=_generate(pipe, 0, _controlnet_kwargs(pipe)), leftovers=_leftovers(pipe))
+
+
+@pytest.mark.parametrize("name", ["flux", "qwen"])
+def test_unparallelized_controlnet_pipeline_runs_as_never_parallelized(name):
+    from test_pipelines import _controlnet_kwargs
+    from tiny_pipelines import tiny_controlnet_pipeline
+
+    pipe = tiny_controlnet_pipeline(name)
+    pipe.set_progress_bar_config(disable=True)
+    expected = _generate(pipe, 0, _controlnet_kwargs(pipe))
+    for rank, out in enumerate(run_distributed(_controlnet_worker, 2, name)):
+        assert out["leftovers"] == [], f"rank {rank}"
+        for run in ("parallel", "restored"):
+            _assert_close(out[run]["image"], expected["image"], f"rank {rank} {run} image")
