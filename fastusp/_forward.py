@@ -115,8 +115,7 @@ def hook_forward(module, run) -> None:
     An object that is not a torch module (cfg parallelism's ForwardSlot) has its forward attribute patched."""
     if not isinstance(module, torch.nn.Module):
         forward = module.forward
-        patch_attribute(module, "forward", functools.wraps(forward)(lambda *args, **kwargs: run(forward, *args,
-                                                                                                 **kwargs)))
+        patch_attribute(module, "forward", functools.wraps(forward)(lambda *args, **kw: run(forward, *args, **kw)))
         return
     name = f"fastusp.{next(_NAMES)}"
     created = not hasattr(module, "_diffusers_hook")
