@@ -25,11 +25,13 @@ def _leftovers(pipe_or_model) -> list[str]:
             continue
         name = type(obj).__name__
         found += [f"{name}.{key}" for key in vars(obj) if key.startswith("_fastusp")]
+        registry = getattr(obj, "_diffusers_hook", None)
+        # a forward on the instance is accelerate's or diffusers' own where their hooks are on it
+        hooked = hasattr(obj, "_hf_hook") or bool(getattr(registry, "hooks", None))
         found += [f"{name}.{key} patched" for key in ("forward", "prepare_latents", "progress_bar", "step",
                                                       "set_attn_processor", "build_token_metadata")
-                  if key in vars(obj) and not (key == "forward" and hasattr(obj, "_hf_hook"))]
-        registry = getattr(obj, "_diffusers_hook", None)
-        found += [f"{name} hook {hook}" for hook in getattr(registry, "hooks", {})]
+                  if key in vars(obj) and not (key == "forward" and hooked)]
+        found += [f"{name} hook {hook}" for hook in getattr(registry, "hooks", {}) if hook.startswith("fastusp")]
         if isinstance(getattr(type(obj), "attn_processors", None), property):  # a transformer, a ControlNet
             found += [f"{name} processor {type(p).__name__}" for p in obj.attn_processors.values()
                       if type(p).__module__.startswith("fastusp")]
@@ -151,3 +153,37 @@ def test_unparallelized_controlnet_pipeline_runs_as_never_parallelized(name):
         assert out["leftovers"] == [], f"rank {rank}"
         for run in ("parallel", "restored"):
             _assert_close(out[run]["image"], expected["image"], f"rank {rank} {run} image")
+
+
+def _first_block_cache_worker(parallel: bool) -> dict:
+    """FLUX with First Block Cache enabled after parallelize: its hooks sit above fastusp's on the same blocks (shared
+    modulation's), and fastusp patched its head hook to decide over the whole sequence."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    from test_pipelines import CACHE_STEPS
+
+    pipe = BUILDERS["flux"]()
+    pipe.set_progress_bar_config(disable=True)
+    out = {}
+    if parallel:
+        fastusp.parallelize(pipe, ulysses=2)
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    out["first"] = _generate(pipe, 0, steps=CACHE_STEPS)["image"]
+    if parallel:
+        fastusp.unparallelize(pipe)
+        hooks = [hook for module in pipe.transformer.modules()
+                 for hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).values()]
+        out["leftovers"] = _leftovers(pipe) + [f"{type(hook).__name__}.{key}" for hook in hooks for key in vars(hook)
+                                               if key.startswith("_fastusp") or key == "_should_compute_remaining_blocks"]
+        out["cache hooks"] = sorted({type(hook).__name__ for hook in hooks})
+        out["restored"] = _generate(pipe, 0, steps=CACHE_STEPS)["image"]
+    return out
+
+
+def test_unparallelize_keeps_a_cache_enabled_after_parallelize():
+    expected = _first_block_cache_worker(parallel=False)["first"]
+    for rank, out in enumerate(run_distributed(_first_block_cache_worker, 2, True)):
+        assert out["leftovers"] == [], f"rank {rank}"
+        assert out["cache hooks"] == ["FBCBlockHook", "FBCHeadBlockHook"], f"rank {rank}"
+        for run in ("first", "restored"):
+            _assert_close(out[run], expected, f"rank {rank} {run} image")
