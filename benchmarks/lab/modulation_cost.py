@@ -55,9 +55,9 @@ def replay_ms(fn, reps: int) -> float:
 
 
 def streams_of(model) -> dict:
-    from fastusp.parallelize import _model_specs
+    from fastusp.models.registry import spec_for
 
-    return _model_specs()[type(model)].modulated_streams
+    return spec_for(model).modulated_streams
 
 
 @torch.no_grad()

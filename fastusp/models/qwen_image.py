@@ -1,4 +1,6 @@
-"""Qwen-Image attention processor: diffusers' QwenDoubleStreamAttnProcessor2_0 math, attention call replaced by USP.
+"""Qwen-Image (QwenImageTransformer2DModel, with Edit and Layered; QwenImageControlNetModel): its spec, its attention
+processor (diffusers' QwenDoubleStreamAttnProcessor2_0 math, attention call replaced by USP), and its RoPE rows and
+per-token block inputs, which the forward builds from full shapes and fastusp cuts to this rank's tokens.
 
 The text padding mask is not rebuilt here from the local `encoder_hidden_states_mask`: keys come from every rank,
 so the sharded forward turns the full mask into a key bias in the global key order (SeqLayout.key_bias) once per
@@ -8,12 +10,17 @@ from __future__ import annotations
 
 import torch
 
+from .._forward import hook_forward, pre_forward_hook
 from ..attention.usp import usp_attention
-from . import norm_rope_pack, rope
-from .context import USPProcessor, cached_call_signature
+from ..kernels import rope
+from ..kernels.norm_rope_pack import Rotation
+from ..processors import norm_rope_pack
+from ..processors.context import USPContext, USPProcessor, cached_call_signature
+from ..sharding import narrow_tokens
+from .spec import ControlNetSetup, ModelSpec
 
 
-def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+def real_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """diffusers' apply_rotary_emb_qwen(x, freqs, use_real=False) written with real tensors: the same float32
     products, (a + ib)(c + id) = (ac - bd) + i(ad + bc), on consecutive (real, imaginary) pairs of x.
 
@@ -41,8 +48,8 @@ def _joint_rotated(txt_query, img_query, txt_key, img_key, image_rotary_emb):
         return torch.cat([txt_query, img_query], dim=1), torch.cat([txt_key, img_key], dim=1)
     img_freqs, txt_freqs = image_rotary_emb
     if torch.compiler.is_compiling():
-        img_query, img_key = _rope(img_query, img_freqs), _rope(img_key, img_freqs)
-        txt_query, txt_key = _rope(txt_query, txt_freqs), _rope(txt_key, txt_freqs)
+        img_query, img_key = real_rope(img_query, img_freqs), real_rope(img_key, img_freqs)
+        txt_query, txt_key = real_rope(txt_query, txt_freqs), real_rope(txt_key, txt_freqs)
         return torch.cat([txt_query, img_query], dim=1), torch.cat([txt_key, img_key], dim=1)
     # each stream's (q, k, cos, sin): a complex frequency's real and imaginary parts are cos and sin
     streams = [(q, k, *torch.view_as_real(freqs).unbind(-1))
@@ -56,7 +63,14 @@ def _joint_rotated(txt_query, img_query, txt_key, img_key, image_rotary_emb):
                 rope.rotate_into(*stream, query[:, tokens], key[:, tokens], pairs=True)
             return query, key
     query_key = torch.cat([torch.cat([txt_query, img_query], dim=1), torch.cat([txt_key, img_key], dim=1)])
-    return _rope(query_key, torch.cat([txt_freqs, img_freqs])).chunk(2)
+    return real_rope(query_key, torch.cat([txt_freqs, img_freqs])).chunk(2)
+
+
+def qwen_rotation(image_rotary_emb) -> Rotation:
+    """Qwen-Image's (image, text) complex frequencies [S, D/2] -> their real and imaginary parts: cos and sin, for
+    the fused kernel."""
+    image_freqs, text_freqs = (torch.view_as_real(f) for f in image_rotary_emb)
+    return Rotation(text_freqs[..., 0], text_freqs[..., 1], image_freqs[..., 0], image_freqs[..., 1], True)
 
 
 @cached_call_signature
@@ -82,7 +96,7 @@ class FastUSPQwenImageAttnProcessor(USPProcessor):
         image = (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
         text = (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
                 attn.add_v_proj(encoder_hidden_states))
-        rotation = None if image_rotary_emb is None else norm_rope_pack.qwen_rotation(image_rotary_emb)
+        rotation = None if image_rotary_emb is None else qwen_rotation(image_rotary_emb)
         joint = (norm_rope_pack.fused_usp_attention(self.context, attn, image, text, rotation)
                  if self.fuse_norm_rope_pack else None)
         if joint is None:
@@ -113,3 +127,58 @@ class FastUSPQwenImageAttnProcessor(USPProcessor):
         # The sharded forward passes encoder_hidden_states_mask=None: the layout carries the full mask as a key bias.
         return usp_attention(query, key, torch.cat([txt_value, img_value], dim=1), self.context.current_layout(),
                              self.context.config)
+
+
+def shard_rope(pos_embed, context: USPContext) -> None:
+    """Qwen-Image builds RoPE tables from shapes, not ids: build the full tables, keep this rank's rows. The same for
+    Qwen-Image-Layered's tables (QwenEmbedLayer3DRope: one position on a layer axis per image, the input image at -1),
+    which come in the same order as the image tokens."""
+    rank = context.config.sequence_rank
+
+    def forward(original, video_fhw, device=None, max_txt_seq_len=None):
+        layout = context.current_layout()
+        image_freqs, text_freqs = original(video_fhw, device=device, max_txt_seq_len=sum(layout.text))
+        return image_freqs[layout.image_slice(rank)], text_freqs[layout.text_slice(rank)]
+
+    hook_forward(pos_embed, forward)
+
+
+def shard_block_image_inputs(transformer, inputs: dict[str, int], context: USPContext) -> None:
+    """Per-image-token inputs (dim from the end) that the forward builds itself from full shapes and hands to every
+    block: every block is handed the full-length tensor and narrows it to this rank's image tokens on the way in."""
+    rank = context.config.sequence_rank
+
+    def narrow(block, args, kwargs):
+        layout = context.current_layout()
+        for name, dim in inputs.items():
+            if kwargs.get(name) is not None:
+                kwargs[name] = narrow_tokens(kwargs[name], layout.image_slice(rank), dim)
+        return args, kwargs
+
+    for block in transformer.transformer_blocks:
+        pre_forward_hook(block, narrow)
+
+
+def shard_internals(transformer, context: USPContext) -> None:
+    """RoPE rows; with zero_cond_t (Qwen-Image-Edit-2511), modulate_index: which image tokens are the edited image
+    (0) and which the reference images (1, modulated as at t = 0)."""
+    shard_rope(transformer.pos_embed, context)
+    if getattr(transformer.config, "zero_cond_t", False):
+        shard_block_image_inputs(transformer, {"modulate_index": -1}, context)
+
+
+def controlnet_setup(net, context: USPContext) -> ControlNetSetup:
+    shard_rope(net.pos_embed, context)
+    return ControlNetSetup(image_inputs={"controlnet_cond": -2})
+
+
+SPEC = ModelSpec(
+    {"QwenDoubleStreamAttnProcessor2_0": FastUSPQwenImageAttnProcessor},
+    text_inputs={"encoder_hidden_states": -2},
+    image_inputs={"hidden_states": -2},
+    residual_inputs={"controlnet_block_samples": -2},
+    text_mask="encoder_hidden_states_mask",
+    modulated_streams={"QwenImageTransformerBlock": ("img_mod", "txt_mod")},
+    shard_internals=shard_internals,
+    controlnet_setup=controlnet_setup,
+)

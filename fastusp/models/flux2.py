@@ -1,5 +1,5 @@
-"""FLUX.2 attention processors: diffusers' Flux2AttnProcessor / Flux2ParallelSelfAttnProcessor math, with the
-attention call replaced by USP.
+"""FLUX.2 (Flux2Transformer2DModel): its spec and attention processors, diffusers' Flux2AttnProcessor /
+Flux2ParallelSelfAttnProcessor math with the attention call replaced by USP.
 
 Double-stream blocks (Flux2Attention) compute what FLUX.1's do: text and image q/k/v, joined [text, image].
 Single-stream blocks (Flux2ParallelSelfAttention) are "parallel" blocks: one GEMM makes q, k, v and the MLP's input
@@ -11,8 +11,9 @@ import torch
 from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
 
 from ..attention.usp import usp_attention
-from .context import USPProcessor, cached_call_signature
+from ..processors.context import USPProcessor, cached_call_signature
 from .flux import FastUSPFluxAttnProcessor, rotated
+from .spec import ModelSpec
 
 
 class FastUSPFlux2AttnProcessor(FastUSPFluxAttnProcessor):
@@ -49,3 +50,13 @@ class FastUSPFlux2ParallelSelfAttnProcessor(USPProcessor):
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
         return attn.to_out(torch.cat([hidden_states, mlp_hidden_states], dim=-1))
+
+
+SPEC = ModelSpec(
+    {"Flux2AttnProcessor": FastUSPFlux2AttnProcessor,
+     "Flux2ParallelSelfAttnProcessor": FastUSPFlux2ParallelSelfAttnProcessor},
+    text_inputs={"encoder_hidden_states": -2, "txt_ids": -2},
+    image_inputs={"hidden_states": -2, "img_ids": -2},
+    no_text_mask="does not take (FLUX pipelines pad prompts to a fixed length themselves)",
+    refused_inputs={"kv_cache_mode": "FLUX.2's reference-image KV cache (Flux2KleinKVPipeline)"},
+)

@@ -1,4 +1,4 @@
-"""What fastusp's Triton kernels (processors/rope.py, attention/merge.py) share: Triton itself, which CUDA builds of
+"""What fastusp's Triton kernels (this package) share: Triton itself, which CUDA builds of
 torch include and CPU-only builds lack (then `triton` is None and callers take torch's ops), and the check that a
 kernel's 32-bit offsets reach every element of its tensors."""
 from __future__ import annotations

@@ -8,15 +8,15 @@ Inductor already fuses the same ops, so this kernel is never used inside torch.c
 The arithmetic is diffusers' own, in its order and precision: each element x[2i], x[2i+1] in float32, the rotated
 value -x[2i+1] / x[2i], out = x * cos + rotated * sin with each product and the sum rounded separately (no fused
 multiply-add), then rounded to the input dtype. Outputs are bitwise equal to diffusers' apply_rotary_emb (FLUX) and
-to fastusp's real-form Qwen-Image RoPE (`qwen_image._rope`): a * c + (-b) * s is a * c - b * s, and a sum does not
-depend on its order.
+to fastusp's real-form Qwen-Image RoPE (`models.qwen_image.real_rope`): a * c + (-b) * s is a * c - b * s, and a
+sum does not depend on its order.
 """
 from __future__ import annotations
 
 import torch
 
-from .._triton import addressable, tl, triton
 from ..config import on_device
+from .triton_support import addressable, tl, triton
 
 if triton is not None:
     @triton.jit

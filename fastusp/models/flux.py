@@ -1,5 +1,5 @@
-"""FLUX attention processors: diffusers' FluxAttnProcessor / FluxIPAdapterAttnProcessor math, with the joint
-attention call replaced by USP.
+"""FLUX.1 (FluxTransformer2DModel, FluxControlNetModel): its spec and attention processors, diffusers'
+FluxAttnProcessor / FluxIPAdapterAttnProcessor math with the joint attention call replaced by USP.
 
 Used by both block kinds: double-stream blocks pass encoder_hidden_states (text) separately; single-stream
 blocks pass the already joined [text, image] sequence as hidden_states. An IP-Adapter (double-stream blocks only)
@@ -13,9 +13,14 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor, _get_qkv_projections
 
+from .._forward import pre_forward_hook
 from ..attention.usp import usp_attention
-from . import norm_rope_pack, rope
-from .context import USPContext, USPProcessor, cached_call_signature
+from ..kernels import rope
+from ..kernels.norm_rope_pack import Rotation
+from ..processors import norm_rope_pack
+from ..processors.context import USPContext, USPProcessor, cached_call_signature
+from ..sharding import SeqLayout, narrow_tokens
+from .spec import ControlNetSetup, ModelSpec
 
 
 def rotated(query: torch.Tensor, key: torch.Tensor, image_rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +45,7 @@ def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden
     )
     if fuse_norm_rope_pack:
         text = None if attn.added_kv_proj_dim is None else (encoder_query, encoder_key, encoder_value)
-        rotation = None if image_rotary_emb is None else norm_rope_pack.flux_rotation(
+        rotation = None if image_rotary_emb is None else flux_rotation(
             image_rotary_emb, 0 if text is None else encoder_query.shape[1])
         fused = norm_rope_pack.fused_usp_attention(context, attn, (query, key, value), text, rotation)
         if fused is not None:
@@ -67,6 +72,12 @@ def joint_usp_attention(context: USPContext, attn, hidden_states, encoder_hidden
     return _joint_outputs(attn, hidden_states, encoder_hidden_states), image_query
 
 
+def flux_rotation(image_rotary_emb, text_len: int) -> Rotation:
+    """FLUX's (cos, sin) [text + image tokens, D] -> the text rows and the image rows, for the fused kernel."""
+    cos, sin = image_rotary_emb
+    return Rotation(cos[:text_len], sin[:text_len], cos[text_len:], sin[text_len:], False)
+
+
 def _joint_outputs(attn, hidden_states, encoder_hidden_states):
     """The attention output [B, S, H * D] -> the processor's outputs: as is (single-stream blocks), else the image
     and text parts through their output projections."""
@@ -84,8 +95,7 @@ def _joint_outputs(attn, hidden_states, encoder_hidden_states):
 class FastUSPFluxAttnProcessor(USPProcessor):
     qkv_projections = staticmethod(_get_qkv_projections)  # FLUX.1's (to_q/k/v or fused to_qkv)
     # Not FLUX.2 (its subclass turns it off): there only the double-stream blocks would take it, and with it FLUX.2
-    # u2r1 compiled was no faster (247.3 against 246.7 ms on 2xH200 cw; parity passed). Its capture failure on cn
-    # was the GPU parity worker's own kernel check, fixed in e3528b3.
+    # on 2 GPUs compiled was no faster.
     fuse_norm_rope_pack = True
 
     def __call__(
@@ -140,3 +150,44 @@ class FastUSPFluxIPAdapterAttnProcessor(FluxIPAdapterAttnProcessor):
             current = current.reshape(batch_size, -1, attn.heads * attn.head_dim).to(ip_query.dtype)
             ip_attn_output += scale * current
         return hidden_states, encoder_hidden_states, ip_attn_output
+
+
+def controlnet_setup(net, context: USPContext) -> ControlNetSetup:
+    """FLUX ControlNets. XLabs-style ones (input_hint_block) embed a full control image inside the forward: its
+    tokens are cut to this rank's rows where they are embedded. ControlNet-Union prepends a mode token to the text
+    inside its forward, on every rank: each rank's text chunk therefore starts with a copy of it, and the copies of
+    ranks other than the first are masked out as keys, so attention sees exactly one mode token, as on one device
+    (a copy's own output is only text, which no residual carries)."""
+    rank = context.config.sequence_rank
+    hint_block = getattr(net, "input_hint_block", None) is not None
+    if hint_block:
+        pre_forward_hook(net.controlnet_x_embedder, lambda module, args, kwargs: (
+            (narrow_tokens(args[0], context.current_layout().image_slice(rank), -2), *args[1:]), kwargs))
+    union = bool(getattr(net, "union", False))
+    return ControlNetSetup(image_inputs={} if hint_block else {"controlnet_cond": -2},
+                           adjust_layout=_with_mode_token_copies if union else None)
+
+
+def _with_mode_token_copies(layout: SeqLayout, inputs: dict) -> SeqLayout:
+    """The layout with each rank's text one token longer (its copy of the mode token), and a key bias masking the
+    copies of every rank but the first. FLUX ControlNets take no text mask, so there is no other bias to merge."""
+    hidden = inputs["hidden_states"]
+    text = tuple(t + 1 for t in layout.text)
+    keep = torch.ones(hidden.shape[0], sum(text), dtype=torch.bool, device=hidden.device)
+    first = 0
+    for t in text[:-1]:
+        first += t
+        keep[:, first] = False  # the next rank's first text token: its mode-token copy
+    return SeqLayout(text, layout.image).with_text_mask(keep, hidden.dtype)
+
+
+SPEC = ModelSpec(
+    {"FluxAttnProcessor": FastUSPFluxAttnProcessor},
+    text_inputs={"encoder_hidden_states": -2, "txt_ids": -2},
+    image_inputs={"hidden_states": -2, "img_ids": -2},
+    residual_inputs={"controlnet_block_samples": -2, "controlnet_single_block_samples": -2},
+    adapter_processors={"FluxIPAdapterAttnProcessor": FastUSPFluxIPAdapterAttnProcessor.from_diffusers},
+    no_text_mask="does not take (FLUX pipelines pad prompts to a fixed length themselves)",
+    modulated_streams={"FluxTransformerBlock": ("norm1", "norm1_context"), "FluxSingleTransformerBlock": ("norm",)},
+    controlnet_setup=controlnet_setup,
+)
