@@ -177,7 +177,7 @@ def _inductor_options(mode: str, reorder_comm: bool) -> dict:
         # reorder_for_compute_comm_overlap is on) gathers a hash on the default group while compiling. Ranks of an
         # uneven token split trace different shapes by design: each block printed a mismatch report, and a FLUX
         # ring compile deadlocked (one rank waiting in the check, the other, fallen back to eager, sending ring
-        # chunks; docs/design.md).
+        # chunks).
         options[_SPMD_CHECK] = False
     if torch._inductor.config.pre_grad_custom_pass is None:  # a user's own pass is left in place, without ours
         options["pre_grad_custom_pass"] = GemmRewrites()

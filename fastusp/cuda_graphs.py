@@ -16,7 +16,7 @@ would silently run the old model.
 Under NCCL the graphs are captured in memory from NCCL's own allocator (ncclMemAlloc). NCCL registers the buffers
 of every collective it captures, and with that memory a captured all-to-all copies straight between the ranks'
 tensors instead of staging through NCCL's buffers: 0.7-1.0 ms off a step (FLUX on 2 and 4 GPUs, Qwen-Image on 2;
-benchmarks/results/2026-11-27-4xH200-x-y.md). Registering only the graphs' memory is the safe way: it belongs to
+benchmarks/results/2026-11-27-4xH200-cfg-parallel-nccl-graph-memory.md). Registering only the graphs' memory is the safe way: it belongs to
 the graphs' private pool, so it is never freed and reused while a graph can still replay. Registering all of
 torch's allocations instead (TORCH_NCCL_USE_TENSOR_REGISTER_ALLOCATOR_HOOK) was as fast but gave a NaN once.
 FASTUSP_NCCL_GRAPH_MEMORY=0 captures in torch's default graph pool instead.

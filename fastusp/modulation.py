@@ -4,7 +4,7 @@ Every FLUX and Qwen-Image block turns the timestep embedding `temb` into its shi
 linear layer per stream (3072 -> 18432 in a double-stream block, 3072 -> 9216 in FLUX's single-stream ones). Its input
 is one row per sample, so the layer is a matrix-vector product bound by reading its weights: 6.4 GB a step for FLUX's
 57 blocks, 13.6 GB for Qwen-Image's 60: 2.6 and 5.4 ms a step on an H100, 2.3 and 3.9 ms in H200 kernel traces
-(benchmarks/results/2026-12-07-shared-modulation.md). Every rank computed all of them, the same vectors.
+(benchmarks/results/2026-12-07-1xH100-shared-modulation.md). Every rank computed all of them, the same vectors.
 
 Here the blocks (a transformer's, and a sharded ControlNet's apart) are dealt out to the ranks of the sequence group
 by weight size. Before the first block each rank computes its blocks' modulation with diffusers' own modules (a LoRA

@@ -43,7 +43,7 @@ def _joint_rotated(txt_query, img_query, txt_key, img_key, image_rotary_emb):
     rotation. Eager on CUDA, one kernel per stream writes its rotated q and k straight into the joined tensors
     (`rope`, bitwise the same). Eager elsewhere, q and k of both streams are joined first and rotated in one call:
     the same elementwise products, 45 fewer aten ops per block, and an eager multi-GPU step is bound by host time
-    per op. Measured: see docs/design.md ("RoPE in one call, eager only")."""
+    per op. Measured: docs/performance.md, "Tried and not kept"."""
     if image_rotary_emb is None:
         return torch.cat([txt_query, img_query], dim=1), torch.cat([txt_key, img_key], dim=1)
     img_freqs, txt_freqs = image_rotary_emb
