@@ -460,7 +460,7 @@ def share_of_decode(vae, z: torch.Tensor, ranks: int):
     band = bands.local(z, 1)
 
     def decode():
-        with vae._fastusp_vae.state.using(bands), local_collectives():
+        with vae._fastusp_vae.using(bands), local_collectives():
             return type(vae)._decode(vae, band)  # the class's: diffusers' own code, on the patched modules
     return decode
 

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
+from ._forward import patch_attribute
+
 logger = logging.getLogger("fastusp")
 
 # pipeline methods that run a text encoder: their outputs are what the other ranks receive
@@ -36,29 +38,16 @@ def apply_text_encoder_rank(pipe, rank: int) -> None:
     if _uses_text_encoder_in_call(type(pipe)):
         raise ValueError(f"text_encoder_rank: {name} uses its text encoder outside encode_prompt, so every rank "
                          f"needs it; pass text_encoder_rank=None")
-    wrapped = {}  # what was replaced, for remove_text_encoder_rank
     for method in TEXT_ENCODER_METHODS:
         original = getattr(pipe, method, None)
         if callable(original):
-            wrapped[method] = vars(pipe).get(method)  # an instance's own method (a stand-in), else None
-            setattr(pipe, method, _broadcast_from(rank, original, pipe))
-    pipe._fastusp_text_encoder_methods = wrapped
+            patch_attribute(pipe, method, _broadcast_from(rank, original, pipe))
     if dist.get_rank() != rank:
+        # not recorded for unparallelize: the record would keep the weights alive, and freeing them is the point
         for component in [n for n, m in pipe.components.items() if n.startswith("text_encoder") and m is not None]:
             setattr(pipe, component, None)
     if dist.get_rank() == 0:
         logger.info("fastusp: %s encodes prompts on rank %d and broadcasts the embeddings", name, rank)
-
-
-def remove_text_encoder_rank(pipe) -> None:
-    """Undo apply_text_encoder_rank's wrapping (text encoders it dropped on other ranks stay dropped: load them
-    again there to encode on every rank)."""
-    for method, own in getattr(pipe, "_fastusp_text_encoder_methods", {}).items():
-        if own is None:
-            delattr(pipe, method)
-        else:
-            setattr(pipe, method, own)
-    pipe.__dict__.pop("_fastusp_text_encoder_methods", None)
 
 
 def _uses_text_encoder_in_call(cls) -> bool:

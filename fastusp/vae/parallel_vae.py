@@ -1,6 +1,7 @@
 """Decode and encode with each rank on a band of rows, exactly as on the whole image.
 
-apply_parallel_vae(vae) patches the VAE in place (remove_parallel_vae undoes it):
+apply_parallel_vae(vae) patches the VAE in place, each change recorded through _forward.py (fastusp.unparallelize
+undoes them with the rest; remove_parallel_vae undoes only these):
   vae._decode / vae._encode   take this rank's rows of the latent (of the image), run diffusers' own code on them,
                               and gather the result's rows from every rank once at the end
   convolutions                fetch the halo rows they need from the neighbouring bands (halo_conv.py); the
@@ -18,7 +19,6 @@ them can share the decode.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 
 import torch
@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DecoderOutput
 
-from .._forward import forward_of, set_forward
+from .._forward import hook_forward, patch_attribute, undo_changes
 from ..distributed.gather import gather_seq
 from .attention import attention_on_band, qwen_attention_on_band
 from .bands import RowBands
@@ -69,30 +69,6 @@ class _BandState:
         self.said.add(key)
 
 
-class _Patches:
-    """What apply_parallel_vae changed, to undo it, and the state its forwards read (benchmarks set it to time one
-    rank's share alone)."""
-
-    def __init__(self, state: _BandState):
-        self.state = state
-        self._undo = []
-
-    def forward(self, module, make):
-        """Replace the module's forward (beneath any accelerate hook) by make(original)."""
-        original = forward_of(module)
-        set_forward(module, functools.wraps(original)(make(original)))
-        self._undo.append(lambda: set_forward(module, original))
-
-    def attribute(self, obj, name, value):
-        had, old = name in vars(obj), vars(obj).get(name)
-        setattr(obj, name, value)
-        self._undo.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
-
-    def undo(self):
-        while self._undo:
-            self._undo.pop()()
-
-
 def apply_parallel_vae(vae, group=None) -> bool:
     """Make vae's decode and encode split the rows over `group`'s ranks (default: the whole world); returns whether
     it did (a VAE of another kind, or holding modules not known to work on a band, stays whole, with a log line)."""
@@ -105,12 +81,11 @@ def apply_parallel_vae(vae, group=None) -> bool:
             logger.info("fastusp: %s decodes whole on every rank: %s", type(vae).__name__, unknown)
         return False
     state = _BandState()
-    patches = _Patches(state)
-    _patch_modules(vae, state, patches)
+    _patch_modules(vae, state)
     factor = 2 ** sum(_is_downsampler(m) for m in vae.encoder.modules())
-    patches.attribute(vae, "_decode", _decode_on_bands(vae, vae._decode, state, group))
-    patches.attribute(vae, "_encode", _encode_on_bands(vae, vae._encode, state, group, factor))
-    vae._fastusp_vae = patches
+    patch_attribute(vae, "_decode", _decode_on_bands(vae, vae._decode, state, group))
+    patch_attribute(vae, "_encode", _encode_on_bands(vae, vae._encode, state, group, factor))
+    patch_attribute(vae, "_fastusp_vae", state)  # the bands in use (benchmarks set them to time one rank's share)
     if dist.get_rank() == 0:
         logger.info("fastusp: %s decodes and encodes in row bands over %d ranks", type(vae).__name__,
                     dist.get_world_size(group))
@@ -118,11 +93,9 @@ def apply_parallel_vae(vae, group=None) -> bool:
 
 
 def remove_parallel_vae(vae) -> None:
-    """Undo apply_parallel_vae."""
-    patches = getattr(vae, "_fastusp_vae", None)
-    if patches is not None:
-        patches.undo()
-        del vae._fastusp_vae
+    """Undo apply_parallel_vae (only it: fastusp changes nothing else in a VAE)."""
+    if getattr(vae, "_fastusp_vae", None) is not None:
+        undo_changes(vae.modules())
 
 
 def _unsupported(vae) -> str:
@@ -150,23 +123,23 @@ def _is_downsampler(module) -> bool:
                                                        and module.mode.startswith("downsample"))
 
 
-def _patch_modules(vae, state: _BandState, patches: _Patches) -> None:
+def _patch_modules(vae, state: _BandState) -> None:
     # The downsamplers pad one row and column at the bottom and right before a stride-2, unpadded convolution: on a
     # band the row goes to the image's bottom only, and their convolution gets that row padding.
     padded = {}
     for m in vae.modules():
         if type(m).__name__ == "Downsample2D" and m.padding == 0:
             padded[m.conv] = (0, 1)
-            patches.forward(m, lambda original, m=m: _downsample2d(m, original, state))
+            hook_forward(m, _on_band(state, lambda bands, forward, x, *args, m=m, **kwargs: _downsample2d(m, x)))
         elif type(m).__name__ == "QwenImageResample" and _is_downsampler(m):
             # nn.Sequential(ZeroPad2d((0, 1, 0, 1)), Conv2d(stride 2))
             pad, conv = m.resample
             padded[conv] = (pad.padding[2], pad.padding[3])
-            patches.forward(pad, lambda original, pad=pad: _pad_width_only(pad, original, state))
+            hook_forward(pad, _on_band(state, lambda bands, forward, x, pad=pad: _pad_width_only(pad, x)))
     for m in vae.modules():
         on_band = _band_version(m, padded.get(m))
         if on_band is not None:
-            patches.forward(m, lambda original, on_band=on_band: _on_band(state, original, on_band))
+            hook_forward(m, _on_band(state, on_band))
 
 
 def _band_version(m, pad_rows: tuple[int, int] | None):
@@ -187,32 +160,26 @@ def _band_version(m, pad_rows: tuple[int, int] | None):
     return None
 
 
-def _on_band(state: _BandState, original, on_band):
-    """A forward that runs on_band(bands, original, ...) during a banded decode or encode, `original` otherwise."""
-    def forward(*args, **kwargs):
+def _on_band(state: _BandState, on_band):
+    """For hook_forward: on_band(bands, forward, ...) during a banded decode or encode, the module's forward
+    otherwise."""
+    def run(forward, *args, **kwargs):
         if state.bands is None:
-            return original(*args, **kwargs)
-        return on_band(state.bands, original, *args, **kwargs)
-    return forward
+            return forward(*args, **kwargs)
+        return on_band(state.bands, forward, *args, **kwargs)
+    return run
 
 
-def _downsample2d(module, original, state: _BandState):
-    """diffusers' Downsample2D (padding 0): pad the right column here, the bottom row in the convolution."""
-    def forward(hidden_states, *args, **kwargs):
-        if state.bands is None:
-            return original(hidden_states, *args, **kwargs)
-        if module.norm is not None:  # over channels, per position
-            hidden_states = module.norm(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return module.conv(F.pad(hidden_states, (0, 1, 0, 0)))
-    return forward
+def _downsample2d(module, hidden_states):
+    """diffusers' Downsample2D (padding 0) on a band: pad the right column here, the bottom row in the convolution."""
+    if module.norm is not None:  # over channels, per position
+        hidden_states = module.norm(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    return module.conv(F.pad(hidden_states, (0, 1, 0, 0)))
 
 
-def _pad_width_only(pad, original, state: _BandState):
-    def forward(x):
-        if state.bands is None:
-            return original(x)
-        return F.pad(x, (pad.padding[0], pad.padding[1], 0, 0), value=pad.value)
-    return forward
+def _pad_width_only(pad, x):
+    """Qwen-Image's downsampler's ZeroPad2d on a band: the columns; the convolution pads the rows."""
+    return F.pad(x, (pad.padding[0], pad.padding[1], 0, 0), value=pad.value)
 
 
 def _gather_rows(x: torch.Tensor, bands: RowBands) -> torch.Tensor:
