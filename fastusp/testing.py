@@ -258,7 +258,8 @@ def byte_tokenizer(max_length: int, bos: str | None, eos: str, pad: str):
     from transformers import PreTrainedTokenizerFast
 
     specials = list(dict.fromkeys(t for t in (pad, bos, eos) if t is not None))  # CLIP pads with its eos
-    vocab = {token: i for i, token in enumerate(specials + pre_tokenizers.ByteLevel.alphabet())}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # sorted: a set, in each process's own hash order
+    vocab = {token: i for i, token in enumerate(specials + alphabet)}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
