@@ -50,12 +50,12 @@ def original_call(pipe):
 
 @functools.cache
 def _calling_wrappers(cls):
+    @functools.wraps(cls.__call__)  # inspect.signature(pipe.__call__) still shows the pipeline's parameters
     def __call__(self, *args, **kwargs):
         call = functools.partial(cls.__call__, self)
         for wrapper in reversed(self._fastusp_call_wrappers):
             call = functools.partial(wrapper, call)
         return call(*args, **kwargs)
 
-    __call__.__doc__ = cls.__call__.__doc__
     return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
                                        "__qualname__": cls.__qualname__, "_fastusp_wraps_calls": True})

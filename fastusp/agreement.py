@@ -25,6 +25,7 @@ import inspect
 import torch
 import torch.distributed as dist
 
+from ._forward import forward_of
 from ._patch import original_call, patch, wrap_call
 
 # pipeline call arguments that change only what a rank does with the result, not the computation
@@ -140,9 +141,32 @@ _SAME_CALL = ("every rank must make the same call (same prompt, sizes, steps, gu
               "alike); to serve requests on one process, let rank 0 drive the others (fastusp.follow)")
 
 
-def apply_call_checks(obj, transformer, device: torch.device) -> None:
-    """A pipeline: every call compares its arguments across the ranks first. A bare transformer: every forward
-    compares its inputs (one all_gather per call)."""
+class CollectiveTimeout(RuntimeError):
+    """A collective of a pipeline call waited past the process group's timeout for a rank that never joined it."""
+
+
+def explain_collective_timeouts(call, *args, **kwargs):
+    """Run a pipeline call; a collective that timed out (gloo raises; NCCL's watchdog ends the process instead)
+    becomes a CollectiveTimeout that says what probably happened."""
+    try:
+        return call(*args, **kwargs)
+    except RuntimeError as e:
+        if not (isinstance(e, dist.DistError) or "timed out" in str(e).lower()) or isinstance(e, CollectiveTimeout):
+            raise
+        raise CollectiveTimeout(
+            f"rank {dist.get_rank()} waited past the process group's timeout (parallelize(timeout=...)) in a "
+            f"collective that another rank did not join: that rank probably raised in this call (see its error) or "
+            f"was not called. The ranks may now be out of step: restart the processes. ({e})") from e
+
+
+def apply_call_checks(obj, transformer, device: torch.device, check_calls: bool) -> None:
+    """A pipeline: a collective that times out in a call says why; with check_calls, every call compares its
+    arguments across the ranks first. A bare transformer with check_calls: every forward compares its inputs (one
+    all_gather per call)."""
+    if obj is not transformer:
+        wrap_call(obj, explain_collective_timeouts)
+    if not check_calls:
+        return
     if obj is not transformer:
         signature = inspect.signature(original_call(obj))
 
@@ -155,8 +179,6 @@ def apply_call_checks(obj, transformer, device: torch.device) -> None:
 
         wrap_call(obj, checked_call)
         return
-    from ._forward import forward_of
-
     signature = inspect.signature(forward_of(transformer))
 
     def check_inputs(module, args, kwargs):

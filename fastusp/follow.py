@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ._patch import patch, wrap_call
+from .agreement import CollectiveTimeout
 
 logger = logging.getLogger("fastusp")
 
@@ -70,11 +71,12 @@ class _Leader:
                 error = e
             outcomes = _exchange_outcomes(error)
             self.broken = _broken(outcomes)
-            if error is not None:
+            # the cause: a rank's own error, rather than the timeouts of the ranks that waited for it
+            failed = [(rank, o.error) for rank, o in enumerate(outcomes) if o.error and not o.collective_failed]
+            if error is not None and (not failed or failed[0][0] == 0):
                 raise error
-            failed = [(rank, o.error) for rank, o in enumerate(outcomes) if o.error]
             if failed:
-                raise RuntimeError("; ".join(f"rank {rank} failed this call: {e}" for rank, e in failed))
+                raise RuntimeError("; ".join(f"rank {rank} failed this call: {e}" for rank, e in failed)) from error
             return result
 
 
@@ -144,8 +146,7 @@ def _receive():
 def _exchange_outcomes(error: Exception | None) -> list[_Outcome]:
     mine = _Outcome()
     if error is not None:
-        mine = _Outcome(f"{type(error).__name__}: {error}", isinstance(error, dist.DistError) or
-                        "collective" in str(error).lower() or "timed out" in str(error).lower())
+        mine = _Outcome(f"{type(error).__name__}: {error}", isinstance(error, (CollectiveTimeout, dist.DistError)))
     if dist.get_world_size() == 1:
         return [mine]
     outcomes = [None] * dist.get_world_size()

@@ -180,8 +180,7 @@ def parallelize(obj, *, ulysses: int | None = None, ring: int | None = None, cfg
         obj._fastusp_parallelized = True
     if config.cfg > 1:
         apply_cfg_parallel(obj, transformer, config, spec.output_tokens_of)
-    if check_calls:
-        apply_call_checks(obj, transformer, device)
+    apply_call_checks(obj, transformer, device, check_calls)
     transformer._fastusp_config = config
     transformer._fastusp_context = context  # compile_pipeline's graphs of all blocks key on its layout
     if dist.get_rank() == 0:
@@ -204,8 +203,7 @@ def _add_pipeline(pipe, transformer, config: ParallelConfig, check_calls: bool):
     apply_rank_consistency(pipe)
     if config.cfg > 1:
         track_denoising_loop(pipe, transformer)
-    if check_calls:
-        apply_call_checks(pipe, transformer, get_module_execution_device(transformer))
+    apply_call_checks(pipe, transformer, get_module_execution_device(transformer), check_calls)
     pipe._fastusp_parallelized = True
     return pipe
 
