@@ -67,27 +67,33 @@ class Fingerprint:
             self.host[name] = type(value).__name__  # its repr may hold a per-process address
 
     def codes(self, device: torch.device) -> torch.Tensor:
-        """int64 [3]: the host digest, and the bits of a weighted sum of the tensors' float64 sums."""
+        """int64 [3]: the host digest, and the bits of a weighted sum of the tensors' checksums."""
         digest = hashlib.blake2b(repr(sorted(self.host.items())).encode(), digest_size=16).digest()
         host = torch.tensor([int.from_bytes(digest[i:i + 8], "little", signed=True) for i in (0, 8)])
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for weight, tensor in enumerate(self.tensors.values(), start=1):  # weights: swapped tensors differ too
-            total = total + weight * _checksum(tensor).to(device)
+        if self.tensors:  # weights 1, 2, ...: tensors that trade places change the total too
+            sums = torch.nan_to_num(torch.stack([s.to(device) for s in self._checksums()]))  # NaN != NaN
+            total = sums @ torch.arange(1, len(sums) + 1, dtype=torch.float64, device=device)
         return torch.cat([host.to(device), total.reshape(1).view(torch.int64)])
+
+    def _checksums(self) -> list[torch.Tensor]:
+        """One float64 per tensor, on its device: the sum of absolute values (of all floating tensors in one
+        foreach kernel where they share a device: each separate op costs the host a launch), else the sum."""
+        tensors = list(self.tensors.values())
+        floats = [t for t in tensors if t.is_floating_point()]
+        norms = iter(torch._foreach_norm(floats, 1, dtype=torch.float64) if floats else ())
+        sums = [next(norms) if t.is_floating_point() else t.sum(dtype=torch.float64) for t in tensors]
+        return sums
 
     def readable(self) -> dict[str, str]:
         values = dict(self.host)
-        for name, tensor in self.tensors.items():
-            values[name] += f", sum {_checksum(tensor).item()!r}"
+        for name, checksum in zip(self.tensors, self._checksums()):
+            values[name] += f", checksum {checksum.item()!r}"
         return values
 
 
 def _structured(value) -> bool:
     return isinstance(value, (torch.Tensor, torch.Generator, dict, list, tuple)) or hasattr(value, "tobytes")
-
-
-def _checksum(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.nan_to_num(tensor.sum(dtype=torch.float64))
 
 
 def check_same_on_every_rank(fingerprint: Fingerprint, what: str, fix: str, device: torch.device,

@@ -54,7 +54,8 @@ def tiny_qwen(zero_cond_t: bool = False, layered: bool = False):
     latent_channels = 8 if layered else 4
     torch.manual_seed(0)
     return QwenImageTransformer2DModel(
-        patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels, num_layers=2, attention_head_dim=16,
+        patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels, num_layers=2,
+        attention_head_dim=16,
         num_attention_heads=HEADS, joint_attention_dim=32, axes_dims_rope=(4, 6, 6), zero_cond_t=zero_cond_t,
         use_layer3d_rope=layered, use_additional_t_cond=layered,
     ).eval()
@@ -210,7 +211,8 @@ def random_lora_state_dict(transformer, seed: int, rank: int = 2, targets=LORA_T
     for name, module in transformer.named_modules():
         if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
             prefix = f"transformer.{name}"
-            state[f"{prefix}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) / module.in_features ** 0.5
+            fan_in = module.in_features
+            state[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in ** 0.5
             state[f"{prefix}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) / rank ** 0.5
     return state
 
@@ -406,7 +408,7 @@ def tiny_qwen_layered_pipeline():
 
 
 def _check_fit(pipe, latent_channels: int) -> None:
-    """Fail loudly if the transformer config of tiny_flux() / tiny_qwen() stops matching the VAE (2x2 packed latents)."""
+    """Fail loudly if the config of tiny_flux() / tiny_qwen() stops matching the VAE (2x2 packed latents)."""
     cfg = pipe.transformer.config
     out_channels = cfg.out_channels or cfg.in_channels
     if cfg.patch_size == 2:  # Qwen-Image: proj_out emits patch_size**2 * out_channels per token
