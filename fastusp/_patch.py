@@ -1,5 +1,6 @@
 """Attributes that fastusp sets on a user's object (a pipeline, a transformer), recorded where they are set, so
 that they can be put back: `patch` records the value it replaces, `undo_patches` restores them in reverse order.
+A hook's handle patched in as an attribute is removed with it (the hook goes too).
 
 `wrap_call` makes `pipe(...)` run through wrappers: Python looks `__call__` up on the class, so the pipeline gets a
 subclass of its own class (same name) whose `__call__` runs the wrappers around the original one; the swapped
@@ -8,6 +9,8 @@ subclass of its own class (same name) whose `__call__` runs the wrappers around 
 from __future__ import annotations
 
 import functools
+
+from torch.utils.hooks import RemovableHandle
 
 _MISSING = object()
 
@@ -24,6 +27,8 @@ def undo_patches(obj) -> None:
     """Put back every attribute `patch` set on obj (attributes it added are removed)."""
     record = obj.__dict__.pop("_fastusp_patches", {})
     for name, before in reversed(record.items()):
+        if isinstance(obj.__dict__.get(name), RemovableHandle):
+            obj.__dict__[name].remove()
         if name == "__class__":
             object.__setattr__(obj, "__class__", before)
         elif before is _MISSING:

@@ -147,6 +147,9 @@ def parallelize(obj, *, ulysses: int | None = None, ring: int | None = None, cfg
     gets only the per-pipeline parts.
     """
     transformer = getattr(obj, "transformer", obj)
+    shared = getattr(transformer, "_fastusp_config", None)
+    if shared is not None and ulysses is None and ring is None:  # from_pipe: the shared transformer's degrees
+        ulysses, ring = shared.ulysses, shared.ring
     heads = math.gcd(*(getattr(getattr(m, "config", None), "num_attention_heads", 1)
                        for m in [transformer, *controlnets(obj)]))
     ulysses, ring = fill_degrees(ulysses, ring, cfg, heads)

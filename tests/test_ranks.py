@@ -6,6 +6,7 @@ collective of the call, so the ranks are in step for the next case (the last cal
 """
 from __future__ import annotations
 
+import inspect
 import time
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch.distributed as dist
 
 import fastusp
 from _dist import run_distributed
+from fastusp._patch import undo_patches, wrap_call
 from fastusp.config import fill_degrees
 from fastusp.testing import HEADS, flux_inputs, prompt_kwargs, tiny_flux, tiny_flux_pipeline
 
@@ -214,3 +216,20 @@ def _default_degrees():
 
 def test_parallelize_without_degrees_uses_every_process():
     assert run_distributed(_default_degrees, 2) == [(2, 1), (2, 1)]
+
+
+def test_call_wrappers_are_recorded_and_undone():
+    pipe = tiny_flux_pipeline()
+    cls, seen = type(pipe), []
+
+    def count_steps(call, *args, **kwargs):
+        seen.append(kwargs["num_inference_steps"])
+        return call(*args, **kwargs)
+
+    wrap_call(pipe, count_steps)
+    assert type(pipe) is not cls and isinstance(pipe, cls) and type(pipe).__name__ == cls.__name__
+    assert "guidance_scale" in inspect.signature(pipe.__call__).parameters  # what servers and checks bind to
+    pipe(**_base_call(pipe, num_inference_steps=1))
+    undo_patches(pipe)
+    pipe(**_base_call(pipe, num_inference_steps=1))
+    assert type(pipe) is cls and seen == [1] and "_fastusp_call_wrappers" not in pipe.__dict__
