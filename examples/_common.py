@@ -4,7 +4,8 @@ Every rank holds the whole pipeline; fastusp.parallelize() splits each transform
 the ranks. The flow on every rank:
   1. check the degrees against the number of processes and the model's heads (before anything runs), build the
      pipeline: real weights (--model PATH, bfloat16, cuda:LOCAL_RANK, NCCL) or the tiny random one from
-     fastusp.testing (CPU, float32, gloo; the tiny FLUX.1 pipeline has tiny random text encoders, so --prompt works)
+     fastusp.testing (CPU, float32, gloo; the tiny FLUX.1 and Qwen-Image pipelines have tiny random text encoders,
+     so --prompt works)
   2. tiny mode or --check: run it once un-parallelized, as the single-process reference
   3. fastusp.parallelize(pipe, ulysses=, ring=, cfg=, fp8_comm=) (+ fastusp.compile_pipeline(pipe) with --compile)
   4. --warmup runs, then one timed run with generator=torch.Generator().manual_seed(--seed)
@@ -32,7 +33,7 @@ class Example:
     default_steps: int         # with real weights
     guidance_kwarg: str        # what --guidance sets
     default_guidance: float
-    real_kwargs: dict = field(default_factory=dict)  # extra pipeline kwargs with real weights
+    real_kwargs: dict = field(default_factory=dict)  # extra pipeline kwargs with real weights (and tiny_text)
     tiny_text: bool = False    # the tiny pipeline has text encoders (text_encoders=True): it takes --prompt
 
 
@@ -133,8 +134,9 @@ def build(example: Example, args):
         args.steps = args.steps or TINY_STEPS
         if args.offload:
             pipe.enable_model_cpu_offload(device="cpu")  # the same hooks as on a GPU
-        return pipe, torch.device("cpu"), _prompt_kwargs(example, args) if example.tiny_text else \
-            testing.tiny_call_kwargs(pipe)
+        if not example.tiny_text:
+            return pipe, torch.device("cpu"), testing.tiny_call_kwargs(pipe)
+        return pipe, torch.device("cpu"), dict(_prompt_kwargs(example, args), **example.real_kwargs)
 
     import diffusers
 

@@ -3,10 +3,11 @@ that builds them: what fastusp's tests, its examples' tiny mode and examples/ser
 anything.
 
 Transformers: `tiny_flux()`, `tiny_flux2()`, `tiny_qwen()`, `tiny_qwen21()` and their forward inputs
-(`flux_inputs()`, ...). Pipelines: `tiny_flux_pipeline()`, ... with their VAEs and schedulers. Only
-`tiny_flux_pipeline(text_encoders=True)` has text encoders and tokenizers (tiny random CLIP and T5, byte-level
-tokenizers built in code), so it takes a text prompt; the others are called with `prompt_kwargs(pipe)`: precomputed
-`prompt_embeds` (+ `pooled_prompt_embeds` for FLUX.1, + `prompt_embeds_mask` for Qwen-Image).
+(`flux_inputs()`, ...). Pipelines: `tiny_flux_pipeline()`, ... with their VAEs and schedulers.
+`tiny_flux_pipeline(text_encoders=True)` and `tiny_qwen_pipeline(text_encoders=True)` have text encoders and
+tokenizers (tiny random CLIP and T5, or Qwen2.5-VL; byte-level tokenizers built in code), so they take a text
+prompt; the others are called with `prompt_kwargs(pipe)`: precomputed `prompt_embeds` (+ `pooled_prompt_embeds`
+for FLUX.1, + `prompt_embeds_mask` for Qwen-Image).
 
 All VAEs downsample by 2 and all pipelines pack 2x2 latent patches, so height and width must be multiples of 4
 and an H x W image has (H/4) * (W/4) image tokens (32 x 48 -> 96).
@@ -274,10 +275,23 @@ def byte_tokenizer(max_length: int, bos: str | None, eos: str, pad: str):
 
 def tiny_text_encoder(kind: str, width: int):
     """(text encoder, tokenizer), random, `width` features: "clip" (CLIPTextModel: its pooled output, 77 tokens, as
-    FLUX.1's first encoder) or "t5" (T5EncoderModel: per-token features, as FLUX.1's second)."""
+    FLUX.1's first encoder), "t5" (T5EncoderModel: per-token features, as FLUX.1's second) or "qwen2.5-vl"
+    (Qwen2_5_VLForConditionalGeneration: its last hidden states, as Qwen-Image's)."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
+    if kind == "qwen2.5-vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        tokenizer = byte_tokenizer(1024 + 34, bos=None, eos="<|endoftext|>", pad="<|endoftext|>")  # + the template
+        text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},  # sums to half the head dim, 16
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        vision = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=width,
+                      fullatt_block_indexes=[0])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision)
+        return Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer
     if kind == "clip":
         tokenizer = byte_tokenizer(77, bos="<|startoftext|>", eos="<|endoftext|>", pad="<|endoftext|>")
         config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
@@ -352,8 +366,10 @@ def randomize_controlnet_outputs(controlnet, std: float = 0.5) -> None:
             torch.nn.init.normal_(param, std=std)
 
 
-def tiny_qwen_pipeline():
-    """QwenImagePipeline around tiny_qwen(): AutoencoderKLQwenImage with z_dim 4 (in_channels 16, out_channels 4)."""
+def tiny_qwen_pipeline(text_encoders: bool = False):
+    """QwenImagePipeline around tiny_qwen(): AutoencoderKLQwenImage with z_dim 4 (in_channels 16, out_channels 4).
+    text_encoders: with a tiny random Qwen2.5-VL text encoder and its tokenizer (tiny_text_encoder), so the
+    pipeline takes `prompt`; without, it needs `prompt_embeds` (prompt_kwargs)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
     transformer = tiny_qwen()
@@ -363,10 +379,12 @@ def tiny_qwen_pipeline():
         base_dim=8, z_dim=z_dim, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
         latents_mean=[0.1 * i for i in range(z_dim)], latents_std=[1.0 + 0.1 * i for i in range(z_dim)],
     ).eval()
-    pipe = QwenImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=vae, text_encoder=None, tokenizer=None,
-        transformer=transformer,
-    )
+    text = dict(text_encoder=None, tokenizer=None)
+    if text_encoders:
+        text = dict(zip(("text_encoder", "tokenizer"),
+                        tiny_text_encoder("qwen2.5-vl", transformer.config.joint_attention_dim)))
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=vae,
+                             transformer=transformer, **text)
     _check_fit(pipe, latent_channels=vae.config.z_dim)
     return pipe
 

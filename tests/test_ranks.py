@@ -18,7 +18,7 @@ import fastusp
 from _dist import run_distributed
 from fastusp._patch import undo_patches, wrap_call
 from fastusp.config import fill_degrees
-from fastusp.testing import HEADS, flux_inputs, prompt_kwargs, tiny_flux, tiny_flux_pipeline
+from fastusp.testing import HEADS, flux_inputs, prompt_kwargs, tiny_flux, tiny_flux_pipeline, tiny_qwen_pipeline
 
 H = W = 32
 PIPELINE_CASES = {  # argument -> (rank 0's call, rank 1's call), as kwargs on top of _base_call
@@ -233,3 +233,19 @@ def test_call_wrappers_are_recorded_and_undone():
     undo_patches(pipe)
     pipe(**_base_call(pipe, num_inference_steps=1))
     assert type(pipe) is cls and seen == [1] and "_fastusp_call_wrappers" not in pipe.__dict__
+
+
+def _qwen_text_call(pipe) -> torch.Tensor:
+    return pipe(prompt="a red cat on a mat", negative_prompt="blurry", true_cfg_scale=2.0, height=H, width=W,
+                num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+
+def _parallel_qwen_text_call():
+    return _qwen_text_call(fastusp.parallelize(tiny_qwen_pipeline(text_encoders=True)))
+
+
+def test_tiny_qwen_pipeline_takes_text_prompts_and_matches_one_process():
+    expected = _qwen_text_call(tiny_qwen_pipeline(text_encoders=True))
+    assert expected.std() > 0.01
+    for image in run_distributed(_parallel_qwen_text_call, 2):
+        torch.testing.assert_close(image, expected, rtol=1e-5, atol=1e-5)
