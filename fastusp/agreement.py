@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from ._forward import forward_of
 from ._patch import original_call, patch, wrap_call
+from .config import on_device
 
 # pipeline call arguments that change only what a rank does with the result, not the computation
 _UNSTEERING = frozenset({"output_type", "return_dict", "callback_on_step_end_tensor_inputs"})
@@ -42,6 +43,9 @@ class Fingerprint:
         self.tensors: dict[str, torch.Tensor] = {}      # name -> tensor (summed on its device)
 
     def add(self, name: str, value, values_count: bool = True) -> None:
+        # None counts as not given, and callables (callbacks) are each rank's own: rank 0 keeps them when it drives
+        if value is None or callable(value):
+            return
         if isinstance(value, torch.Tensor):
             self.host[name] = f"tensor of shape {tuple(value.shape)}, {value.dtype}"
             if values_count and value.numel() and not value.is_complex():
@@ -57,13 +61,13 @@ class Fingerprint:
             self.host[name] = f"dict with keys {sorted(map(str, value))}"
             for key, item in value.items():
                 self.add(f"{name}[{key!r}]", item)
-        elif value is None or isinstance(value, (bool, int, float, str, list, tuple)):
+        elif isinstance(value, (bool, int, float, str, list, tuple)):
             self.host[name] = repr(value)
         elif hasattr(value, "tobytes") and hasattr(value, "size"):  # a PIL image or a numpy array
             digest = hashlib.blake2b(value.tobytes(), digest_size=8).hexdigest()
             size = value.size if not callable(value.size) else None
             self.host[name] = f"{type(value).__name__} {getattr(value, 'shape', size)} (content {digest})"
-        elif not callable(value):
+        else:
             self.host[name] = type(value).__name__  # its repr may hold a per-process address
 
     def codes(self, device: torch.device) -> torch.Tensor:
@@ -110,7 +114,8 @@ def check_same_on_every_rank(fingerprint: Fingerprint, what: str, fix: str, devi
     if all(torch.equal(row, rows[0]) for row in rows[1:]):
         return
     values = [None] * world
-    dist.all_gather_object(values, fingerprint.readable(), group=group)
+    with on_device(device):  # all_gather_object's buffers go to the current CUDA device: make it this rank's
+        dist.all_gather_object(values, fingerprint.readable(), group=group)
     raise ValueError(_difference_message(values, what, fix))
 
 

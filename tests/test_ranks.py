@@ -166,21 +166,22 @@ def _rank_0_drives():
             return original(*args, **kwargs)
         pipe.vae.decode = decode_fails_once
         return fastusp.follow(pipe)
-    outcomes = []
+    outcomes, steps = [], []
+    on_step = lambda pipe, step, timestep, kwargs: steps.append(step) or {}  # stays on rank 0
     with fastusp.lead(pipe):
         for size in (H, H, 4, H):  # a fresh generator each time: its state travels with the call
             try:
-                outcomes.append(pipe(**_base_call(pipe, height=size, width=size)).images)
+                outcomes.append(pipe(**_base_call(pipe, height=size, width=size, callback_on_step_end=on_step)).images)
             except Exception as e:  # noqa: BLE001
                 outcomes.append(f"{type(e).__name__}: {e}")
-    return outcomes
+    return outcomes, steps
 
 
 def test_rank_0_drives_and_every_rank_stays_in_step_after_errors():
     reference = tiny_flux_pipeline()
     expected = reference(**_base_call(reference)).images
-    outcomes, followed = run_distributed(_rank_0_drives, 2)
-    assert followed == 4
+    (outcomes, steps), followed = run_distributed(_rank_0_drives, 2)
+    assert followed == 4 and steps == [0, 1] * 3  # the call refused before its loop made no steps
     first, failed_on_rank_1, refused, last = outcomes
     torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
     assert failed_on_rank_1 == "RuntimeError: rank 1 failed this call: RuntimeError: injected decode failure"
