@@ -46,7 +46,7 @@ class GuidancePasses:
         """This group's pass: forward(); another group's: a [batch, tokens, out_features] placeholder."""
         index = len(self.passes)
         if index % self.cfg == self.cfg_rank:
-            out = forward()
+            out = forward().contiguous()  # the exchange writes and sends storage: a view's order would be lost
         else:
             out = torch.empty(batch, tokens, self.out_features, dtype=self.dtype, device=device)
         self.passes.append(out)
