@@ -109,9 +109,9 @@ def check_same_on_every_rank(fingerprint: Fingerprint, what: str, fix: str, devi
         return
     device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
     mine = fingerprint.codes(device)
-    rows = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(rows, mine, group=group)
-    if all(torch.equal(row, rows[0]) for row in rows[1:]):
+    rows = mine.new_empty(world * mine.numel())  # flat (gloo takes no [world, n] output): NCCL's own all-gather,
+    dist.all_gather_into_tensor(rows, mine, group=group)  # no copies out of a list of outputs
+    if bool((rows.view(world, -1) == mine).all()):
         return
     values = [None] * world
     with on_device(device):  # all_gather_object's buffers go to the current CUDA device: make it this rank's
