@@ -21,8 +21,9 @@ from fastusp.config import fill_degrees
 from fastusp.testing import HEADS, flux_inputs, prompt_kwargs, tiny_flux, tiny_flux_pipeline, tiny_qwen_pipeline
 
 H = W = 32
-PIPELINE_CASES = {  # argument -> (rank 0's call, rank 1's call), as kwargs on top of _base_call
+PIPELINE_CASES = {  # what differs -> (rank 0's call, rank 1's call), as kwargs on top of _base_call
     "prompt_embeds": (dict(seed=0), dict(seed=1)),
+    "prompt_embeds: rank 0: tensor of shape (1, 7, 32)": (dict(text_len=7), dict(text_len=9)),  # text length
     "guidance_scale": (dict(guidance_scale=3.5), dict(guidance_scale=4.0)),
     "num_inference_steps": (dict(num_inference_steps=2), dict(num_inference_steps=3)),
     "height": (dict(height=H), dict(height=H + 16)),
@@ -31,8 +32,8 @@ PIPELINE_CASES = {  # argument -> (rank 0's call, rank 1's call), as kwargs on t
 }
 
 
-def _base_call(pipe, seed=0, generator=0, **kwargs) -> dict:
-    call = dict(prompt_kwargs(pipe, seed=seed), guidance_scale=3.5, height=H, width=W, num_inference_steps=2,
+def _base_call(pipe, seed=0, generator=0, text_len=7, **kwargs) -> dict:
+    call = dict(prompt_kwargs(pipe, text_len=text_len, seed=seed), guidance_scale=3.5, height=H, width=W, num_inference_steps=2,
                 generator=torch.Generator().manual_seed(generator), output_type="pt")
     return dict(call, **kwargs)
 
