@@ -38,9 +38,13 @@ logger = logging.getLogger("fastusp")
 _IDLE_TIMEOUT = datetime.timedelta(days=30)
 
 
-@functools.cache
 def _control_group():
     """A gloo group over every rank, for call arguments and call outcomes (made on first use: collective)."""
+    return _control_group_of(dist.group.WORLD)
+
+
+@functools.cache
+def _control_group_of(world):  # one per default process group: a new one after destroy + init_process_group
     return dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
 
 
@@ -53,8 +57,8 @@ class _Outcome:
 class _Leader:
     """rank 0's side: while leading, each call is sent to the followers first, and their outcomes gathered after."""
 
-    def __init__(self, pipe):
-        self.pipe, self.leading, self.broken = pipe, False, None
+    def __init__(self):
+        self.leading, self.broken = False, None
         self.lock = threading.Lock()  # one call at a time: a server's handlers run in threads
 
     def __call__(self, call, *args, **kwargs):
@@ -95,7 +99,7 @@ def lead(pipe):
         raise ValueError("fastusp.lead is for rank 0; the other ranks call fastusp.follow(pipe)")
     leader = pipe.__dict__.get("_fastusp_leader")
     if leader is None:
-        leader = _Leader(pipe)
+        leader = _Leader()
         patch(pipe, "_fastusp_leader", leader)
         wrap_call(pipe, leader, outermost=True)  # outside the agreement check: followers run that check too
     if leader.leading:
