@@ -5,7 +5,8 @@
         --height 1328 --width 1328 --check --out qwen_image.png                  # real weights, one GPU per rank
 
 It runs true classifier-free guidance (negative prompt " ", --guidance = true_cfg_scale 4.0), as the Qwen-Image
-model card does; the tiny pipeline too, with its tiny random text encoder. See examples/_common.py (or --help) for every option.
+model card does; the tiny pipeline too, with its tiny random text encoder. See examples/_common.py (or --help)
+for every option.
 """
 import _common
 

@@ -33,8 +33,8 @@ PIPELINE_CASES = {  # what differs -> (rank 0's call, rank 1's call), as kwargs 
 
 
 def _base_call(pipe, seed=0, generator=0, text_len=7, **kwargs) -> dict:
-    call = dict(prompt_kwargs(pipe, text_len=text_len, seed=seed), guidance_scale=3.5, height=H, width=W, num_inference_steps=2,
-                generator=torch.Generator().manual_seed(generator), output_type="pt")
+    call = dict(prompt_kwargs(pipe, text_len=text_len, seed=seed), guidance_scale=3.5, height=H, width=W,
+                num_inference_steps=2, generator=torch.Generator().manual_seed(generator), output_type="pt")
     return dict(call, **kwargs)
 
 
