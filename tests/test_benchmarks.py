@@ -146,7 +146,7 @@ def test_wait_by_position():
 def _yunchang_worker(a):
     import torch
     from step_latency import apply_yunchang
-    from tiny_models import flux_inputs, tiny_flux
+    from fastusp.testing import flux_inputs, tiny_flux
 
     model = tiny_flux()
     apply_yunchang(model, a, 2)  # in place
@@ -163,7 +163,7 @@ def test_yunchang_baseline_computes_the_single_device_output():
 
     pytest.importorskip("yunchang")
     from _dist import run_distributed
-    from tiny_models import flux_inputs, tiny_flux
+    from fastusp.testing import flux_inputs, tiny_flux
 
     with torch.no_grad():
         ref = tiny_flux()(**flux_inputs(height=4, width=4, text_len=6), return_dict=False)[0]
@@ -246,7 +246,7 @@ def test_a_compiled_run_records_what_fell_back_to_eager():
     # fallbacks ({} when none), and only for runs that fastusp compiled
     import fastusp
     import step_latency
-    from tiny_models import tiny_flux
+    from fastusp.testing import tiny_flux
 
     compiled = step_latency.parse_args(["--tiny", "--impl", "fastusp", "--config", "u1r1", "--compile", "1"])
     eager = step_latency.parse_args(["--tiny", "--impl", "fastusp", "--config", "u1r1", "--compile", "0"])
