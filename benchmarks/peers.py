@@ -17,8 +17,9 @@ says why (not installed, not supported by that version, crash).
                    descent tuning included, so it compiles for longer), float32 matmul precision "high", then
                    compile_repeated_blocks(fullgraph=False, dynamic=False).
                    Its recommendation (docs/user_guide/CONTEXT_PARALLEL.md, docs/benchmark/NVIDIA_GPU.md on H100):
-                   Ulysses + compile; Ulysses-4 beat USP 2x2 and Ring-4 on FLUX.1 4 GPUs; async / FP8 Ulysses a few %
-                   faster than plain Ulysses on 2 GPUs. flash-attn 3 (its "_flash_3") has no wheel for the device.
+                   Ulysses + compile; on its L20s Ulysses-4 beat USP 2x2 and Ring-4 (FLUX.1, 4 GPUs), and compiled
+                   async / FP8 Ulysses were 2% / 5% faster than plain Ulysses on 2. flash-attn 3 (its "_flash_3")
+                   has no wheel for the device.
 --impl xdit        xfuser 0.7.0. --config [cfg2]u<N>r<M>[-fp8]: what xfuser's model runner (xfuser/runner.py,
                    runner_models/flux.py, qwen.py) does for FLUX.1-dev / Qwen-Image, on the built transformer: its
                    xFuserArgs and its own validation (the runner class's __init__), create_config(),
@@ -53,29 +54,42 @@ cache-dit needs cache_dit + einops (its "parallelism" extra; PyYAML and packagin
 xfuser + yunchang + distvae + einops (its other requirements are on the image or imported only where used: av for
 video, beautifulsoup4 for Sana's prompt cleaning, flash-attn optional). Keep one version of each in .whl/.
 
-Commands for a multi-GPU session, one call each (the card is in every record; each call repeats its one-GPU
-baseline, so ratios come from one machine). BENCH_ARGS="--steps 20 --warmup 3" everywhere; TIMEOUT=240 gives a
-slow compile room and run_gpu.sh lists what did not fit BUDGET_S as skipped. 1 GPU (run it on the multi-GPU machine
-too; it is the baseline of the other calls):
+Commands for a multi-GPU session: one device call each, with `.whl` carried, on the kind named (the card is in
+every record). Each call starts with its own one-GPU compiled baseline, so every ratio comes from one machine and one
+call. A call's budget (run_gpu.sh BUDGET_S, 560 s) holds about seven compiled runs (40-60 s each for fastusp and
+diffusers, more for the peers: cache-dit tunes its kernels, xDiT compiles the whole model); the runs are in order of
+need, and any that do not fit are listed as skipped. 1 GPU is the first run of each call.
 
-    bash benchmarks/run_gpu.sh flux 1:single:-:1 qwen 1:single:-:1
-
-2 GPUs, FLUX then Qwen-Image (two calls: a call fits about seven compiled runs):
-
-    bash benchmarks/run_gpu.sh flux 1:single:-:1 2:diffusers:ulysses2:1 2:fastusp:u2r1:1 2:cache-dit:u2r1:1 \
-        2:cache-dit:u2r1-async:1 2:xdit:u2r1:1 2:xdit:u1r2:1
-    bash benchmarks/run_gpu.sh qwen 1:single:-:1 2:diffusers:ulysses2:1 2:fastusp:u2r1:1 2:cache-dit:u2r1:1 \
-        2:cache-dit:u2r1-async:1 2:xdit:u2r1:1 2:xdit:u1r2:1
-
-4 GPUs, the same with 4:diffusers:ulysses4:1 4:fastusp:u4r1:1 4:cache-dit:u4r1:1 4:cache-dit:u4r1-async:1
-4:xdit:u4r1:1 4:xdit:u2r2:1. The exact lines, with the FP8 communication variants and the shared-modulation A/B,
-are in the lead's report of the session that wrote this file and in benchmarks/results/ once run.
+  nvidia-h100-x2, FLUX then Qwen-Image (two calls):
+    BENCH_ARGS="--steps 20 --warmup 3" bash benchmarks/run_gpu.sh flux 1:single:-:1 2:diffusers:ulysses2:1 \
+      2:fastusp:u2r1:1 2:cache-dit:u2r1:1 2:xdit:u2r1:1 2:cache-dit:u2r1-async:1 2:xdit:u1r2:1
+    (the same with qwen in place of flux)
+  nvidia-h100-x4, FLUX then Qwen-Image (two calls; diffusers' best compiled 4-GPU step was Ring-4 with cuDNN):
+    BENCH_ARGS="--steps 20 --warmup 3" bash benchmarks/run_gpu.sh flux 1:single:-:1 \
+      4:diffusers:ring4:1:--backend,_native_cudnn 4:fastusp:u4r1:1 4:cache-dit:u4r1:1 4:xdit:u4r1:1 \
+      4:diffusers:ulysses4:1 4:cache-dit:u4r1-async:1 4:xdit:u2r2:1
+    (the same with qwen in place of flux)
+  Shared modulation A/B (benchmarks/results/2026-12-07-shared-modulation.md), one call per GPU count (shown for 2;
+  for 4: 4:fastusp:u4r1:1 and --nproc-per-node 4), as built, then without it, then the GPU parity worker:
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+      BENCH_ARGS="--steps 20 --warmup 3"
+    BUDGET_S=200 bash benchmarks/run_gpu.sh flux 2:fastusp:u2r1:1 qwen 2:fastusp:u2r1:1
+    cp fastusp/modulation.py /tmp/modulation.py
+    sed -i 's/    if not streams or context.config.sequence_size == 1:/    if True:/' fastusp/modulation.py
+    OUT=$OUT/before BUDGET_S=200 bash benchmarks/run_gpu.sh flux 2:fastusp:u2r1:1 qwen 2:fastusp:u2r1:1
+    cp /tmp/modulation.py fastusp/modulation.py
+    PYTHONPATH=/tmp/site:$PWD:$PWD/tests timeout 150 python3 -m torch.distributed.run --standalone \
+      --nproc-per-node 2 tests/gpu/parity_worker.py --only main,lora,qwen-variants --models flux,qwen \
+      > $OUT/parity.jsonl
+  FP8 communication, fastusp's and cache-dit's, against their bf16 runs (one call per GPU count):
+    BENCH_ARGS="--steps 20 --warmup 3" bash benchmarks/run_gpu.sh flux 2:fastusp:u2r1:1 2:fastusp:u2r1-fp8:1 \
+      2:cache-dit:u2r1:1 2:cache-dit:u2r1-fp8:1 qwen 2:fastusp:u2r1:1 2:fastusp:u2r1-fp8:1 2:cache-dit:u2r1-fp8:1
+  Then `python3 benchmarks/report.py $OUT/results.jsonl` for the tables.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import re
-from types import SimpleNamespace
 
 import torch
 
@@ -195,8 +209,8 @@ def apply_xdit(target, a, world):
     init_distributed_environment()  # step_latency's process group is up: this only adds xfuser's world group
     args = xFuserArgs(model=XDIT_RUNNERS[a.model], height=a.height, width=a.width, max_sequence_length=a.txt,
                       use_torch_compile=bool(a.compile), **kw)
-    runner = MODEL_REGISTRY[args.model](args)  # the runner's own checks: "does not support use_cfg_parallel", ...
-    engine_config, _ = args.create_config()
+    engine_config, _ = args.create_config()  # then the runner's own checks, in xFuserModelRunner's order
+    runner = MODEL_REGISTRY[args.model](args)  # "... does not support use_cfg_parallel", fp8 comms' backend
     scheduler = FlowMatchEulerDiscreteScheduler()
     if a.model == "flux":  # a pipeline shell around the model: the runtime state reads its config from it
         from xfuser.model_executor.models.transformers.transformer_flux import (
@@ -212,6 +226,7 @@ def apply_xdit(target, a, world):
         attention = lambda m: [block.attn for block in m.transformer_blocks]  # noqa: E731
         blocks = list(model.transformer_blocks)
     initialize_runtime_state(pipe, engine_config)
+    # the FLUX runner's call before each pipeline run (the Qwen-Image runner makes none; its transformer reads none)
     get_runtime_state().set_input_parameters(height=a.height, width=a.width, batch_size=1,
                                              max_condition_sequence_length=a.txt, split_text_embed_in_sp=True)
     # what the runner's transformer class adds to the diffusers model in its __init__: its class (the forward that
