@@ -42,9 +42,10 @@ timed output's relative L2 error against it (`one_gpu_rel_err`) and whether it i
 model's bf16 output about 2% from eager (benchmarks/results/2026-12-07-shared-modulation.md), hence 5%; compare a
 peer's error with fastusp's and diffusers' in the same call rather than read the tolerance as tight.
 
-Wheels for the device (torch 2.11, transformers, accelerate, sentencepiece, numpy, PyYAML, Pillow are there; no
-diffusers). All are pure Python (py3-none-any), so the cp312 manylinux x86_64 machine takes them as they are; the
-command below adds them to the ones .whl/ already holds for the other impls (diffusers 0.42.1, yunchang 0.6.4):
+Wheels for the device (it has torch 2.11, transformers with PyYAML and packaging, accelerate, sentencepiece, numpy,
+torchvision with Pillow, triton; no diffusers). All five are pure Python (py3-none-any), so the cp312 manylinux x86_64
+machine takes them as they are. One command puts them in .whl/ beside diffusers' wheel (yunchang-0.6.4 is the one
+--impl yunchang already uses: the same file again):
 
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 -d .whl cache-dit==1.5.3 xfuser==0.7.0 yunchang==0.6.4 distvae==0.1.0 \
@@ -84,6 +85,7 @@ need, and any that do not fit are listed as skipped. 1 GPU is the first run of e
   FP8 communication, fastusp's and cache-dit's, against their bf16 runs (one call per GPU count):
     BENCH_ARGS="--steps 20 --warmup 3" bash benchmarks/run_gpu.sh flux 2:fastusp:u2r1:1 2:fastusp:u2r1-fp8:1 \
       2:cache-dit:u2r1:1 2:cache-dit:u2r1-fp8:1 qwen 2:fastusp:u2r1:1 2:fastusp:u2r1-fp8:1 2:cache-dit:u2r1-fp8:1
+  8 GPUs, if lent: the 4-GPU lines with 8 (u8r1, ulysses8, ring8, u4r2).
   Then `python3 benchmarks/report.py $OUT/results.jsonl` for the tables.
 """
 from __future__ import annotations
@@ -274,4 +276,4 @@ def one_gpu_check(out: torch.Tensor, reference: torch.Tensor, a) -> dict:
                     one_gpu_note=f"output shape {tuple(out.shape)}, one GPU {tuple(reference.shape)}")
     err = ((out.float() - reference).norm() / reference.norm()).item()
     tol = ONE_GPU_TOL["fp8" if "fp8" in a.config else "bf16"]
-    return dict(one_gpu_rel_err=round(err, 5), matches_one_gpu=err <= tol)
+    return dict(one_gpu_rel_err=float(f"{err:.3g}"), matches_one_gpu=err <= tol)  # 3 digits: fp32 errors are ~1e-8

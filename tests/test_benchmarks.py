@@ -430,3 +430,14 @@ def test_cache_dit_ulysses_computes_the_one_process_output():
     for config in ("u2r1", "u2r1-async"):
         for out, reference in run_distributed(_peer_step_worker, 2, "cache-dit", config):
             torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_run_gpu_accepts_the_peers_runs_and_refuses_an_unknown_impl():
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "run_gpu.sh")
+    check = "source <(sed -n '/^check_spec()/,/^}/p' \"$0\"); for s in \"$@\"; do check_spec \"$s\" || exit 1; done"
+    run = lambda *specs: subprocess.run(["bash", "-c", check, script, *specs], capture_output=True, text=True)
+    assert run("2:cache-dit:u2r1-async:1", "4:xdit:u2r2:1", "1:single:-:1").returncode == 0
+    refused = run("2:cache_dit:u2r1:1")
+    assert refused.returncode == 1 and "cache-dit|xdit" in refused.stderr
