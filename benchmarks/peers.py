@@ -55,6 +55,13 @@ cache-dit needs cache_dit + einops (its "parallelism" extra; PyYAML and packagin
 xfuser + yunchang + distvae + einops (its other requirements are on the image or imported only where used: av for
 video, beautifulsoup4 for Sana's prompt cleaning, flash-attn optional). Keep one version of each in .whl/.
 
+Checked on CPU only (tiny models, gloo, float32; nothing timed): cache-dit u2r1 and u2r1-async, eager and through
+its compile path, give the one-process output; its Ring and FP8 paths need CUDA kernels. xDiT's path gives the
+one-process output for FLUX and Qwen-Image u2r1 once xfuser is told it has an accelerator and yunchang (it checks both
+at import); on GPU its default cuDNN attention also takes the Ring. To rerun those tests here: pip install --no-deps
+--target /tmp/peersite the five wheels and triton==3.6.0, then PYTHONPATH=/tmp/peersite python -m pytest
+tests/test_benchmarks.py -k "peer or cache_dit or xdit".
+
 Commands for a multi-GPU session: one device call each, with `.whl` carried, on the kind named (the card is in
 every record). Each call starts with its own one-GPU compiled baseline, so every ratio comes from one machine and one
 call. A call's budget (run_gpu.sh BUDGET_S, 560 s) holds about seven compiled runs (40-60 s each for fastusp and
