@@ -39,7 +39,7 @@ Against one GPU: every multi-process run without --true-cfg, --controlnet or --k
 alike) first computes the eager one-GPU output of the unparallelized model on the same inputs, and records the
 timed output's relative L2 error against it (`one_gpu_rel_err`) and whether it is within ONE_GPU_TOL
 (`matches_one_gpu`; FP8 communication gets the looser tolerance). Compiling alone moves a full-size random-weight
-model's bf16 output about 2% from eager (benchmarks/results/2026-12-07-shared-modulation.md), hence 5%; compare a
+model's bf16 output about 2% from eager (benchmarks/results/2026-12-07-1xH100-shared-modulation.md), hence 5%; compare a
 peer's error with fastusp's and diffusers' in the same call rather than read the tolerance as tight.
 
 Wheels for the device (it has torch 2.11, transformers with PyYAML and packaging, accelerate, sentencepiece, numpy,
@@ -77,8 +77,8 @@ need, and any that do not fit are listed as skipped. 1 GPU is the first run of e
       4:diffusers:ring4:1:--backend,_native_cudnn 4:fastusp:u4r1:1 4:cache-dit:u4r1:1 4:xdit:u4r1:1 \
       4:diffusers:ulysses4:1 4:cache-dit:u4r1-async:1 4:xdit:u2r2:1
     (the same with qwen in place of flux)
-  Shared modulation A/B (benchmarks/results/2026-12-07-shared-modulation.md), one call per GPU count (shown for 2;
-  for 4: 4:fastusp:u4r1:1 and --nproc-per-node 4), as built, then without it, then the GPU parity worker:
+  Shared modulation A/B (benchmarks/results/2026-12-07-1xH100-shared-modulation.md), one call per GPU count (shown
+  for 2; for 4: 4:fastusp:u4r1:1 and --nproc-per-node 4), as built, then without it, then the GPU parity worker:
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
       BENCH_ARGS="--steps 20 --warmup 3"
     BUDGET_S=200 bash benchmarks/run_gpu.sh flux 2:fastusp:u2r1:1 qwen 2:fastusp:u2r1:1

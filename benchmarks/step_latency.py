@@ -374,8 +374,8 @@ def apply_yunchang(target, a, world):
     aten's flash kernel for ring degrees > 1; on CPU its math kernel, r = 1 only.
     """
     import fastusp
-    import fastusp.processors.flux as flux_processor
-    import fastusp.processors.qwen_image as qwen_processor
+    import fastusp.models.flux as flux_processor
+    import fastusp.models.qwen_image as qwen_processor
     from yunchang import LongContextAttention, set_seq_parallel_pg
     from yunchang.kernels import AttnType
 

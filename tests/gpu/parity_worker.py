@@ -16,7 +16,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/: tiny_models' random IP-Adapter
 import fastusp  # noqa: E402
-from fastusp.processors import norm_rope_pack  # noqa: E402
+from fastusp.kernels import norm_rope_pack  # noqa: E402
 
 BF16_TOL, FP8_TOL = 2e-2, 6e-2  # relative L2 error of the transformer output
 
