@@ -47,11 +47,7 @@ import torch.distributed as dist
 
 import step_latency as sl  # sibling: benchmarks/ is on sys.path (step_latency puts the repository root on it too)
 
-try:  # the real schedulers' settings, kept with the tiny pipelines
-    from fastusp.testing import FLUX2_SCHEDULER, FLUX_SCHEDULER, QWEN_SCHEDULER
-except ImportError:
-    sys.path.insert(0, os.path.join(sl.REPO_ROOT, "tests"))
-    from tiny_pipelines import FLUX2_SCHEDULER, FLUX_SCHEDULER, QWEN_SCHEDULER
+from fastusp.testing import FLUX2_SCHEDULER, FLUX_SCHEDULER, QWEN_SCHEDULER  # the real schedulers' settings
 
 QWEN_TEMPLATE_TOKENS = 34  # QwenImagePipeline drops the hidden states of its prompt template's first 34 tokens
 NEGATIVE_PROMPT = " "

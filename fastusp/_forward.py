@@ -1,12 +1,14 @@
 """Every change fastusp makes to a diffusers object, made so that it can be undone (fastusp.unparallelize).
 
-Two ways, each recording its undo on the object it belongs to (`undo_changes`):
+Three ways, each recording its undo on the object it belongs to (`undo_changes`):
 - hook_forward(module, run): the module's forward wrapped, as a diffusers ModelHook in the module's HookRegistry
   (the registry diffusers' own caches, group offloading and context parallelism use): each call runs
   run(forward, *args, **kwargs), `forward` being what the module ran before. wrap_forward, replace_forward and
   pre_forward_hook are its shapes for fastusp's uses.
 - patch_attribute(obj, name, value): any other attribute (a pipeline's prepare_latents or progress_bar, a
   scheduler's step, fastusp's own settings on a model; set_forward: a forward replaced, not wrapped).
+- wrap_call(pipe, wrapper): `pipe(...)` runs through wrappers. Python looks `__call__` up on the class, so the
+  pipeline gets a subclass of its own class (same name) whose `__call__` runs the wrappers around the original one.
 
 Beneath an accelerate hook (diffusers' enable_model_cpu_offload puts one on each model of a pipeline), the forward
 to wrap is the one the hook calls, `_old_forward`: the pipeline removes its hooks after every call, which puts
@@ -216,3 +218,34 @@ def wrap_forward(module, run_sample) -> None:
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
     replace_forward(module, run)
+
+
+def wrap_call(pipe, wrapper, outermost: bool = False) -> None:
+    """Make pipe(*args, **kwargs) run wrapper(call, *args, **kwargs), where call runs the next wrapper or the
+    pipeline's own __call__. Wrappers added later run inside earlier ones, unless `outermost`."""
+    if "_fastusp_call_wrappers" not in pipe.__dict__:
+        patch_attribute(pipe, "_fastusp_call_wrappers", [])
+        cls = type(pipe)
+        object.__setattr__(pipe, "__class__", _calling_wrappers(cls))
+        record_change(pipe, lambda: object.__setattr__(pipe, "__class__", cls))
+    wrappers = pipe._fastusp_call_wrappers
+    wrappers.insert(0, wrapper) if outermost else wrappers.append(wrapper)
+
+
+def original_call(pipe):
+    """The pipeline class's own __call__ (beneath wrap_call's subclass), unbound."""
+    cls = type(pipe)
+    return cls.__mro__[1].__call__ if getattr(cls, "_fastusp_wraps_calls", False) else cls.__call__
+
+
+@functools.cache
+def _calling_wrappers(cls):
+    @functools.wraps(cls.__call__)  # inspect.signature(pipe.__call__) still shows the pipeline's parameters
+    def __call__(self, *args, **kwargs):
+        call = functools.partial(cls.__call__, self)
+        for wrapper in reversed(self._fastusp_call_wrappers):
+            call = functools.partial(wrapper, call)
+        return call(*args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__, "_fastusp_wraps_calls": True})

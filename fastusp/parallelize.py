@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import torch
 import torch.distributed as dist
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from ._forward import has_changes, patch_attribute, undo_changes, wrap_forward
+from .agreement import apply_call_checks, check_settings_agree
 from .caches import share_cache_decisions
 from .cfg_parallel import apply_cfg_parallel, track_denoising_loop
-from .config import ParallelConfig, check_one_gpu_per_rank, maybe_init_distributed
+from .config import ParallelConfig, as_timeout, check_one_gpu_per_rank, fill_degrees, maybe_init_distributed
 from .controlnet import apply_controlnet_sharding, controlnets
 from .distributed.gather import gather_seq
 from .models import registry
@@ -36,36 +38,55 @@ from .sharding import shard_inputs
 logger = logging.getLogger("fastusp")
 
 
-def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm: bool | str = False,
-                parallel_vae: bool = True, text_encoder_rank: int | None = None, **options):
+def parallelize(obj, *, ulysses: int | None = None, ring: int | None = None, cfg: int = 1,
+                fp8_comm: bool | str = False, timeout=None, check_calls: bool = True, parallel_vae: bool = True,
+                text_encoder_rank: int | None = None, **options):
     """Shard a FLUX / FLUX.2 / Qwen-Image transformer's token sequence across all ranks, in place; returns `obj`.
 
     obj: a diffusers pipeline with a `transformer`, or a transformer of a class fastusp supports
     (fastusp/models/registry.py: FluxTransformer2DModel, Flux2Transformer2DModel, QwenImageTransformer2DModel,
     QwenImage21Transformer2DModel).
     cfg * ulysses * ring must equal the number of processes (torchrun --nproc-per-node), and ulysses must divide
-    the number of attention heads. cfg=2 runs the two guidance passes of true CFG on two halves of the ranks at
-    once (a pipeline only). fp8_comm and the tuning options (ulysses_chunks, ring_overlap): see ParallelConfig.
+    the number of attention heads. With neither ulysses nor ring given, ulysses is the largest degree that divides
+    the heads and the processes of one guidance pass, ring the rest (logged); with one given, the other takes the
+    rest. cfg=2 runs the two guidance passes of true CFG on two halves of the ranks at once (a pipeline only).
+    fp8_comm ("qkv" / True, "all") and the tuning options (ulysses_chunks, ring_overlap): see ParallelConfig.
+    timeout: seconds (or a timedelta) after which a collective that some rank never joins raises on the ranks
+    waiting in it; for the process group parallelize creates and the groups it builds (default: torch's, 30
+    minutes on gloo, 10 on NCCL). Every rank must make the same calls: parallelize checks that the ranks agree on
+    its settings, and every pipeline call (or, for a bare transformer, every forward) that they were given the same
+    arguments, raising the same ValueError on every rank otherwise (docs/ranks.md). check_calls=False turns the
+    per-call check off (it costs one small all_gather per call).
     Pipelines only: parallel_vae splits the VAE's decode and encode over all ranks (False: each rank runs it whole);
     text_encoder_rank runs the text encoders on that rank alone and broadcasts the embeddings (docs/vae.md).
     A pipeline whose transformer is parallelized already (made with from_pipe) takes the same settings again and
     gets only the per-pipeline parts.
     """
-    config = ParallelConfig(ulysses=ulysses, ring=ring, cfg=cfg, fp8_comm=fp8_comm, **options)
     transformer = getattr(obj, "transformer", obj)
+    shared = getattr(transformer, "_fastusp_config", None)
+    if shared is not None and ulysses is None and ring is None:  # from_pipe: the shared transformer's degrees
+        ulysses, ring = shared.ulysses, shared.ring
+    heads = math.gcd(*(getattr(getattr(m, "config", None), "num_attention_heads", 1)
+                       for m in [transformer, *controlnets(obj)]))
+    ulysses, ring = fill_degrees(ulysses, ring, cfg, heads)
+    config = ParallelConfig(ulysses=ulysses, ring=ring, cfg=cfg, fp8_comm=fp8_comm, **options)
+    timeout = as_timeout(timeout)
     if config.cfg > 1 and (obj is transformer or not hasattr(obj, "scheduler")):
         raise ValueError("cfg parallelism splits a pipeline's guidance passes: pass the pipeline, not the transformer")
     if obj is not transformer and getattr(transformer, "_fastusp_config", None) is not None:
-        return _add_pipeline(obj, transformer, config, parallel_vae, text_encoder_rank)
+        return _add_pipeline(obj, transformer, config, check_calls, parallel_vae, text_encoder_rank)
     spec = _spec_for(transformer)
     for model in [transformer, *controlnets(obj)]:
         config.validate_heads(model.config.num_attention_heads)
     # where it computes: under enable_model_cpu_offload the weights wait on the CPU and the offload hook names the GPU
     device = get_module_execution_device(transformer)
     check_one_gpu_per_rank(device)
-    maybe_init_distributed(device)
+    maybe_init_distributed(device, timeout)
+    config.set_timeout(timeout)  # the default group's, for the check below; the groups built next get it after
     config.validate_world(dist.get_world_size())
+    check_settings_agree(config, transformer, obj, device)  # before the groups: mismatched degrees would hang there
     config.build_mesh(device.type)
+    config.set_timeout(timeout)
 
     context = USPContext(config)
     apply_usp_processors(transformer, spec, context)
@@ -74,10 +95,11 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     if obj is not transformer:
         apply_controlnet_sharding(obj, config, spec)
         apply_rank_consistency(obj)
-        apply_pipeline_parts(obj, parallel_vae=parallel_vae, text_encoder_rank=text_encoder_rank)
+        apply_pipeline_parts(obj, device, parallel_vae=parallel_vae, text_encoder_rank=text_encoder_rank)
         patch_attribute(obj, "_fastusp_parallelized", True)
     if config.cfg > 1:
         apply_cfg_parallel(obj, transformer, config, spec.output_tokens_of)
+    apply_call_checks(obj, transformer, device, check_calls)
     patch_attribute(transformer, "_fastusp_config", config)
     patch_attribute(transformer, "_fastusp_context", context)  # compile_pipeline's graphs of all blocks key on it
     if dist.get_rank() == 0:
@@ -86,7 +108,8 @@ def parallelize(obj, *, ulysses: int = 1, ring: int = 1, cfg: int = 1, fp8_comm:
     return obj
 
 
-def _add_pipeline(pipe, transformer, config: ParallelConfig, parallel_vae: bool, text_encoder_rank: int | None):
+def _add_pipeline(pipe, transformer, config: ParallelConfig, check_calls: bool, parallel_vae: bool,
+                  text_encoder_rank: int | None):
     """A pipeline made from a parallelized one (`FluxImg2ImgPipeline.from_pipe(pipe)`) shares its transformer, which
     is parallelized already: give the new pipeline only what is per pipeline (the same noise on every rank, and for
     cfg=2 its denoising loop)."""
@@ -98,9 +121,11 @@ def _add_pipeline(pipe, transformer, config: ParallelConfig, parallel_vae: bool,
                          f"that shares it (from_pipe) must use the same settings, got {config.settings()}")
     apply_controlnet_sharding(pipe, shared, registry.spec_for(transformer))  # shared: the built groups
     apply_rank_consistency(pipe)
-    apply_pipeline_parts(pipe, parallel_vae=parallel_vae, text_encoder_rank=text_encoder_rank)
+    apply_pipeline_parts(pipe, get_module_execution_device(transformer), parallel_vae=parallel_vae,
+                         text_encoder_rank=text_encoder_rank)
     if config.cfg > 1:
         track_denoising_loop(pipe, transformer)
+    apply_call_checks(pipe, transformer, get_module_execution_device(transformer), check_calls)
     patch_attribute(pipe, "_fastusp_parallelized", True)
     return pipe
 

@@ -146,7 +146,7 @@ def test_wait_by_position():
 def _yunchang_worker(a):
     import torch
     from step_latency import apply_yunchang
-    from tiny_models import flux_inputs, tiny_flux
+    from fastusp.testing import flux_inputs, tiny_flux
 
     model = tiny_flux()
     apply_yunchang(model, a, 2)  # in place
@@ -163,7 +163,7 @@ def test_yunchang_baseline_computes_the_single_device_output():
 
     pytest.importorskip("yunchang")
     from _dist import run_distributed
-    from tiny_models import flux_inputs, tiny_flux
+    from fastusp.testing import flux_inputs, tiny_flux
 
     with torch.no_grad():
         ref = tiny_flux()(**flux_inputs(height=4, width=4, text_len=6), return_dict=False)[0]
@@ -246,7 +246,7 @@ def test_a_compiled_run_records_what_fell_back_to_eager():
     # fallbacks ({} when none), and only for runs that fastusp compiled
     import fastusp
     import step_latency
-    from tiny_models import tiny_flux
+    from fastusp.testing import tiny_flux
 
     compiled = step_latency.parse_args(["--tiny", "--impl", "fastusp", "--config", "u1r1", "--compile", "1"])
     eager = step_latency.parse_args(["--tiny", "--impl", "fastusp", "--config", "u1r1", "--compile", "0"])
@@ -257,3 +257,173 @@ def test_a_compiled_run_records_what_fell_back_to_eager():
     fastusp.compile_report(model).fell_back["all blocks"] = "transformer_blocks.0 failed to compile"
     assert step_latency.compile_fallbacks(model, compiled) == {"all blocks": "transformer_blocks.0 failed to compile"}
     assert step_latency.compile_fallbacks(model, eager) is None
+
+
+def test_peer_config_names_and_the_ones_refused():
+    import pytest
+
+    import peers
+
+    assert peers.parse_cache_dit_config("u2r1") == dict(ulysses_size=2, ring_size=None, ulysses_async=False,
+                                                        ulysses_float8=False, attention_backend=None)
+    assert peers.parse_cache_dit_config("u2r2-fp8-async-cudnn") == dict(
+        ulysses_size=2, ring_size=2, ulysses_async=True, ulysses_float8=True, attention_backend="_sdpa_cudnn")
+    assert peers.parse_xdit_config("cfg2u1r2-fp8") == dict(use_cfg_parallel=True, ulysses_degree=1, ring_degree=2,
+                                                           use_fp8_comms=True)
+    assert [peers.degrees("cache-dit", "u1r4"), peers.degrees("xdit", "cfg2u2r1")] == [4, 4]
+    for impl, config in (("cache-dit", "ulysses2"), ("cache-dit", "u1r2-async"), ("cache-dit", "u1r2-fp8"),
+                         ("xdit", "u2r1-async"), ("xdit", "cfg4u1r1")):
+        with pytest.raises(ValueError, match=f"{impl} config"):
+            peers.degrees(impl, config)
+    with pytest.raises(ValueError, match="2 processes, but the world is 4"):
+        peers.check_world("xdit", "u2r1", 4)
+
+
+def test_peer_runs_take_the_plain_flux_or_qwen_forward_and_the_peers_compile_path():
+    import pytest
+
+    import step_latency
+
+    a = step_latency.parse_args(["--impl", "xdit", "--config", "u2r1", "--compile", "1", "--model", "qwen"])
+    assert step_latency.resolved_compile_mode(a) == "peer"
+    assert step_latency.resolved_compile_mode(step_latency.parse_args(["--impl", "cache-dit", "--config", "u2r1",
+                                                                       "--compile", "1", "--compile-mode",
+                                                                       "whole"])) == "whole"
+    for extra in (["--model", "flux2"], ["--true-cfg", "4"], ["--controlnet", "5+10"], ["--first-block-cache", "0.1"]):
+        with pytest.raises(SystemExit):
+            step_latency.parse_args(["--impl", "cache-dit", "--config", "u2r1"] + extra)
+
+
+def test_a_peer_record_names_the_peer_version_and_why_it_did_not_run(monkeypatch, capsys):
+    # without the package the run fails in apply, and its record says so and what to carry; the record written for a
+    # run that died (run_gpu.sh's --record-failure) names the peer too
+    import importlib.metadata
+    import json
+
+    import pytest
+    import torch
+
+    import step_latency
+
+    for impl, module, wheel in (("cache-dit", "cache_dit", "cache_dit-1.5.3"), ("xdit", "xfuser", "xfuser-0.7.0")):
+        monkeypatch.setitem(sys.modules, module, None)  # not importable, installed or not
+        a = step_latency.parse_args(["--tiny", "--impl", impl, "--config", "u1r1", "--txt", "5", "--height", "32",
+                                     "--width", "32"])
+        record = step_latency.base_record(a, 1, torch.device("cpu"))
+        try:
+            expected = importlib.metadata.version({"cache-dit": "cache-dit", "xdit": "xfuser"}[impl])
+        except importlib.metadata.PackageNotFoundError:
+            expected = None
+        assert (record["peer"], record["peer_version"]) == (impl, expected)
+        with pytest.raises(ModuleNotFoundError) as failure:
+            step_latency.run(a, 1, 0, torch.device("cpu"), record)
+        assert f"carry {wheel}" in step_latency.error_text(failure.value)
+
+    assert step_latency.main(["--impl", "xdit", "--config", "u2r1", "--world", "2", "--record-failure", "timeout"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (record["impl"], record["peer"], record["err"], record["world"]) == ("xdit", "xdit", "timeout", 2)
+
+
+def test_the_one_gpu_check_flags_a_wrong_output_and_a_wrong_shape():
+    import torch
+
+    import peers
+    import step_latency
+
+    bf16 = step_latency.parse_args(["--impl", "cache-dit", "--config", "u2r1"])
+    fp8 = step_latency.parse_args(["--impl", "cache-dit", "--config", "u2r1-fp8"])
+    reference = torch.randn(1, 64, 16)
+    assert peers.one_gpu_check(reference.clone(), reference, bf16) == dict(one_gpu_rel_err=0.0, matches_one_gpu=True)
+    swapped = torch.cat([reference[:, 32:], reference[:, :32]], dim=1)  # the ranks' halves gathered in the wrong order
+    assert peers.one_gpu_check(swapped, reference, bf16)["matches_one_gpu"] is False
+    noisy = reference + 0.07 * reference.norm() / reference.numel() ** 0.5 * torch.randn(1, 64, 16)
+    assert [peers.one_gpu_check(noisy, reference, c)["matches_one_gpu"] for c in (bf16, fp8)] == [False, True]
+    check = peers.one_gpu_check(reference[:, :32], reference, bf16)
+    assert check["matches_one_gpu"] is False and "(1, 32, 16)" in check["one_gpu_note"]
+
+
+def _peer_step_worker(impl: str, config: str):
+    """step_latency's forward with a peer applied (--tiny, CPU), this rank's output."""
+    import torch
+
+    import step_latency
+
+    a = step_latency.parse_args(["--tiny", "--impl", impl, "--config", config, "--txt", "6", "--height", "64",
+                                 "--width", "64"])
+    model = step_latency.build_model(a.model, torch.device("cpu"), torch.float32, tiny=True)
+    kw = step_latency.make_inputs(a.model, torch.device("cpu"), torch.float32, a.height, a.width, a.txt)
+    reference = step_latency.peers.one_gpu_output(model, kw)
+    step_latency.APPLY[impl](model, a, 2)
+    with torch.no_grad():  # clone: cache-dit's gathered output is a collective not yet waited for, whose storage
+        return model(**kw)[0].clone(), reference  # torch.save would read as it is
+
+
+def test_cache_dit_ulysses_computes_the_one_process_output():
+    # runs where cache-dit is importable (not in the CPU venv: PYTHONPATH=/tmp/peersite, see benchmarks/peers.py)
+    import pytest
+    import torch
+
+    pytest.importorskip("cache_dit")
+    from _dist import run_distributed
+
+    for config in ("u2r1", "u2r1-async"):
+        for out, reference in run_distributed(_peer_step_worker, 2, "cache-dit", config):
+            torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_run_gpu_accepts_the_peers_runs_and_refuses_an_unknown_impl():
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "run_gpu.sh")
+    check = "source <(sed -n '/^check_spec()/,/^}/p' \"$0\"); for s in \"$@\"; do check_spec \"$s\" || exit 1; done"
+    run = lambda *specs: subprocess.run(["bash", "-c", check, script, *specs], capture_output=True, text=True)
+    assert run("2:cache-dit:u2r1-async:1", "4:xdit:u2r2:1", "1:single:-:1").returncode == 0
+    refused = run("2:cache_dit:u2r1:1")
+    assert refused.returncode == 1 and "cache-dit|xdit" in refused.stderr
+
+
+def _xdit_step_worker(model_name: str):
+    """peers.apply_xdit on this rank, on CPU: xfuser 0.7.0 wants an accelerator at import and finds yunchang only with
+    CUDA, so it is told it runs on MPS (gloo, SDPA, no set_device) and that yunchang is there. Returns None where
+    xfuser does not import, else (this rank's output, the one-process output)."""
+    import torch
+
+    import step_latency
+
+    torch.backends.mps.is_available = lambda: True  # this forked rank only
+    try:
+        import xfuser.config.config
+        import xfuser.core.distributed.group_coordinator
+        import xfuser.core.distributed.parallel_state
+        import xfuser.model_executor.layers.usp as usp
+        import yunchang.globals
+    except Exception:  # not installed, or its dependencies (triton) missing
+        return None
+    for module in (xfuser.config.config, xfuser.core.distributed.parallel_state,
+                   xfuser.core.distributed.group_coordinator):
+        module.HAS_LONG_CTX_ATTN = True
+    usp.PROCESS_GROUP = yunchang.globals.PROCESS_GROUP
+    a = step_latency.parse_args(["--tiny", "--model", model_name, "--impl", "xdit", "--config", "u2r1", "--txt", "6",
+                                 "--height", "64", "--width", "64"])
+    model = step_latency.build_model(a.model, torch.device("cpu"), torch.float32, tiny=True)
+    kw = step_latency.make_inputs(a.model, torch.device("cpu"), torch.float32, a.height, a.width, a.txt)
+    reference = step_latency.peers.one_gpu_output(model, kw)
+    step_latency.APPLY["xdit"](model, a, 2)
+    with torch.no_grad():
+        return model(**kw)[0].clone(), reference
+
+
+def test_xdit_ulysses_on_the_built_transformer_computes_the_one_process_output():
+    # runs where xfuser imports (not in the CPU venv, see benchmarks/peers.py); xfuser is imported in the forked ranks
+    # only, as it patches torchao at import
+    import pytest
+    import torch
+
+    from _dist import run_distributed
+
+    for model_name in ("flux", "qwen"):
+        results = run_distributed(_xdit_step_worker, 2, model_name)
+        if results[0] is None:
+            pytest.skip("xfuser does not import here")
+        for out, reference in results:
+            torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)

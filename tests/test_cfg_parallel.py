@@ -12,7 +12,7 @@ import torch
 from _dist import run_distributed
 from test_pipelines import BUILDERS, EMBEDDERS, IMAGE_TOKENS, STEPS, H, W, _assert_close
 from test_pipelines import _generate as generate_tiny
-from tiny_pipelines import prompt_kwargs
+from fastusp.testing import prompt_kwargs
 
 POSITIVE, NEGATIVE = 7, {"flux": 7, "qwen": 4}  # text tokens of the two guidance passes
 RAW_TEXT_INPUT = {"flux": "context_embedder", "qwen": "txt_norm"}  # the first module to see the prompt embeds

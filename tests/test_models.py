@@ -6,7 +6,7 @@ import torch
 
 import fastusp
 from _dist import run_distributed
-from tiny_models import flux2_inputs, flux_inputs, qwen_inputs, qwen_layered_inputs, tiny_flux, tiny_flux2, tiny_qwen
+from fastusp.testing import flux2_inputs, flux_inputs, qwen_inputs, qwen_layered_inputs, tiny_flux, tiny_flux2, tiny_qwen
 
 LAYOUTS = [(2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]  # (ulysses, ring)
 MODELS = {"flux": (tiny_flux, flux_inputs), "flux2": (tiny_flux2, flux2_inputs), "qwen": (tiny_qwen, qwen_inputs),

@@ -8,7 +8,6 @@ Latents of 5 x 7 rows and columns split over 4 ranks as 2, 1, 1, 1 rows: every h
 from __future__ import annotations
 
 import sys
-import types
 
 import pytest
 import torch
@@ -20,8 +19,8 @@ from fastusp.vae import apply_parallel_vae, remove_parallel_vae
 from fastusp.vae.bands import RowBands
 from fastusp.vae import group_norm
 from fastusp.vae.group_norm import group_norm_on_band
+from fastusp.testing import tiny_call_kwargs, tiny_flux_pipeline, tiny_qwen_layered_pipeline
 from fastusp.text_encoder import apply_text_encoder_rank
-from tiny_pipelines import tiny_call_kwargs, tiny_flux_pipeline, tiny_qwen_layered_pipeline
 
 TOL = 1e-5
 LATENT_SIZES = [(5, 7), (9, 4)]  # rows, columns: odd, and one that splits unevenly over 2, 3 and 4 ranks
@@ -146,43 +145,19 @@ def _img2img(pipe) -> torch.Tensor:
                 generator=torch.Generator().manual_seed(0), output_type="pt").images
 
 
-# A stand-in text encoder for FluxPipeline's encode_prompt: the tiny pipelines have none (nothing can be downloaded)
-
-class TinyTextEncoder(torch.nn.Module):
-    def __init__(self, width: int, pooled: int):
-        super().__init__()
-        torch.manual_seed(7)
-        self.embed = torch.nn.Embedding(64, width)
-        self.pool = torch.nn.Linear(width, pooled)
-
-    @property
-    def device(self):  # read by DiffusionPipeline.device, as from a transformers model
-        return self.embed.weight.device
-
-    @property
-    def dtype(self):
-        return self.embed.weight.dtype
-
-
-def _standin_encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt=1, prompt_embeds=None,
-                           pooled_prompt_embeds=None, max_sequence_length=512, lora_scale=None):
-    """FluxPipeline.encode_prompt's contract, computed by TinyTextEncoder from the prompt's bytes."""
-    self.encode_calls += 1
-    if prompt == "fail":
-        raise ValueError("this prompt cannot be encoded")
-    tokens = torch.tensor([list(prompt.encode())]) % 64
-    prompt_embeds = self.text_encoder.embed(tokens)
-    pooled = self.text_encoder.pool(prompt_embeds.mean(1))
-    return prompt_embeds, pooled, torch.zeros(tokens.shape[1], 3)
-
-
-def _pipeline_with_text_encoder():
-    pipe = tiny_flux_pipeline()
-    cfg = pipe.transformer.config
-    pipe.text_encoder = TinyTextEncoder(cfg.joint_attention_dim, cfg.pooled_projection_dim).eval()
-    pipe.encode_prompt = types.MethodType(_standin_encode_prompt, pipe)
-    pipe.encode_calls = 0
+def _pipeline_with_text_encoders():
+    """The tiny FluxPipeline with its tiny CLIP and T5 text encoders: its own encode_prompt runs them. Counts the T5
+    calls, and raises in the T5 when `pipe.fail_encoding` is set (an encode_prompt that fails on its rank)."""
+    pipe = tiny_flux_pipeline(text_encoders=True)
     pipe.set_progress_bar_config(disable=True)
+    pipe.encode_calls, pipe.fail_encoding = 0, False
+
+    def count(module, args):
+        pipe.encode_calls += 1
+        if pipe.fail_encoding:
+            raise ValueError("this prompt cannot be encoded")
+
+    pipe.text_encoder_2.register_forward_pre_hook(count)
     return pipe
 
 
@@ -192,20 +167,20 @@ def _prompted(pipe, prompt: str) -> torch.Tensor:
 
 
 def _text_encoder_worker() -> dict:
-    pipe = _pipeline_with_text_encoder()
+    pipe = _pipeline_with_text_encoders()
     fastusp.parallelize(pipe, ulysses=2, text_encoder_rank=0)
     image = _prompted(pipe, "a lighthouse at dusk")
+    pipe.fail_encoding = True
     try:
-        _prompted(pipe, "fail")
+        _prompted(pipe, "a lighthouse at dawn")
         failure = None
     except Exception as ex:  # every rank raises, none waits for a broadcast that never comes
         failure = f"{type(ex).__name__}: {ex}"
     encoder_params = sum(p.numel() for name, m in pipe.components.items()
                          if name.startswith("text_encoder") and isinstance(m, torch.nn.Module) for p in m.parameters())
-    standin = pipe.encode_prompt.__wrapped__
     fastusp.unparallelize(pipe)
-    # the stand-in again (which rank 1 cannot run: no text encoder), and diffusers' own VAE decode
-    unwrapped = pipe.encode_prompt == standin and "_decode" not in vars(pipe.vae)
+    # diffusers' own encode_prompt and VAE decode again
+    unwrapped = "encode_prompt" not in vars(pipe) and "_decode" not in vars(pipe.vae)
     refusals = []
     for other, rank in [(tiny_flux_pipeline(), 2), (tiny_qwen_layered_pipeline(), 0)]:
         with pytest.raises(ValueError) as refused:
@@ -250,12 +225,11 @@ def test_img2img_pipeline_equals_one_process():
 
 
 def test_text_encoder_on_one_rank():
-    single = _pipeline_with_text_encoder()
-    expected = _prompted(single, "a lighthouse at dusk")
+    expected = _prompted(_pipeline_with_text_encoders(), "a lighthouse at dusk")
     results = run_distributed(_text_encoder_worker, 2)
     for out in results:
         assert _rel_err(out["image"], expected) < 1e-4, f"rank {out['rank']}"
-    assert [out["calls"] for out in results] == [2, 0]  # only rank 0 encodes (the good prompt and the failing one)
+    assert [out["calls"] for out in results] == [2, 0]  # only rank 0 runs T5 (the good prompt and the failing one)
     assert results[0]["encoder_params"] > 0 and results[1]["encoder_params"] == 0  # rank 1 holds no text encoder
     assert "ValueError: this prompt cannot be encoded" in results[0]["failure"]
     assert "failed on rank 0" in results[1]["failure"] and "cannot be encoded" in results[1]["failure"]

@@ -9,7 +9,7 @@ import torch
 import fastusp
 from _dist import run_distributed
 from test_pipelines import BUILDERS, _assert_close, _generate
-from tiny_models import flux_inputs, qwen21_inputs, qwen_inputs, tiny_flux, tiny_qwen, tiny_qwen21
+from fastusp.testing import flux_inputs, qwen21_inputs, qwen_inputs, tiny_flux, tiny_qwen, tiny_qwen21
 
 
 def _leftovers(pipe_or_model) -> list[str]:
@@ -32,6 +32,10 @@ def _leftovers(pipe_or_model) -> list[str]:
                                                       "set_attn_processor", "build_token_metadata")
                   if key in vars(obj) and not (key == "forward" and hooked)]
         found += [f"{name} hook {hook}" for hook in getattr(registry, "hooks", {}) if hook.startswith("fastusp")]
+        found += [f"{name} torch pre-hook {hook.__name__}" for hook in getattr(obj, "_forward_pre_hooks", {}).values()
+                  if getattr(hook, "__module__", "").startswith("fastusp")]
+        if getattr(type(obj), "_fastusp_wraps_calls", False):
+            found.append(f"{name} class wraps its calls")
         if isinstance(getattr(type(obj), "attn_processors", None), property):  # a transformer, a ControlNet
             found += [f"{name} processor {type(p).__name__}" for p in obj.attn_processors.values()
                       if type(p).__module__.startswith("fastusp")]
@@ -50,7 +54,7 @@ def _reference(name: str, guidance: bool) -> dict:
 
 
 def _call_kwargs(pipe, guidance: bool) -> dict:
-    from tiny_pipelines import prompt_kwargs
+    from fastusp.testing import prompt_kwargs
 
     kwargs = prompt_kwargs(pipe, text_len=7, seed=0)
     if guidance:
@@ -132,7 +136,7 @@ def test_unparallelize_refuses_what_it_cannot_restore():
 
 def _controlnet_worker(name: str) -> dict:
     from test_pipelines import _controlnet_kwargs
-    from tiny_pipelines import tiny_controlnet_pipeline
+    from fastusp.testing import tiny_controlnet_pipeline
 
     pipe = tiny_controlnet_pipeline(name)
     fastusp.parallelize(pipe, ulysses=2)
@@ -144,7 +148,7 @@ def _controlnet_worker(name: str) -> dict:
 @pytest.mark.parametrize("name", ["flux", "qwen"])
 def test_unparallelized_controlnet_pipeline_runs_as_never_parallelized(name):
     from test_pipelines import _controlnet_kwargs
-    from tiny_pipelines import tiny_controlnet_pipeline
+    from fastusp.testing import tiny_controlnet_pipeline
 
     pipe = tiny_controlnet_pipeline(name)
     pipe.set_progress_bar_config(disable=True)

@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/: tiny_models' random IP-Adapter
 import fastusp  # noqa: E402
 from fastusp.kernels import norm_rope_pack  # noqa: E402
 
@@ -174,7 +173,7 @@ def check_ip_adapter(world: int, rank: int, device) -> int:
     compiled model is called with two different image-prompt embeddings: the first call captures the graph, the
     second replays it, so new embeddings must reach the graph (they sit inside joint_attention_kwargs, which
     diffusers' forward pops). Returns the number of failed checks."""
-    from tiny_models import random_ip_adapter_state_dict
+    from fastusp.testing import random_ip_adapter_state_dict
 
     def build_ip():
         model = build("flux", device)
@@ -215,7 +214,7 @@ def check_controlnet(world: int, rank: int, device) -> int:
     from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline,
                            QwenImageControlNetModel, QwenImageControlNetPipeline)
 
-    from tiny_pipelines import randomize_controlnet_outputs
+    from fastusp.testing import randomize_controlnet_outputs
 
     def build_pipe(name):
         model = build(name, device)
@@ -284,7 +283,7 @@ def check_lora(world: int, rank: int, device) -> int:
     Returns the number of failed checks."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    from tiny_models import random_lora_state_dict
+    from fastusp.testing import random_lora_state_dict
 
     x = inputs("flux", device, batch=1, image_hw=(33, 31), text_len=77)
     loras = {}
@@ -397,7 +396,7 @@ def pipeline_latents(name: str, device, degrees: dict | None, compiled: bool, of
     calls. batch: prompts per call; guidance False: no negative prompt (one pass per step). Returns the final latents
     of `calls` calls of the pipeline, stacked."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImage21Pipeline, QwenImagePipeline
-    from tiny_models import StubQwen3VLProcessor
+    from fastusp.testing import StubQwen3VLProcessor
 
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     g = torch.Generator(device=device).manual_seed(2)
