@@ -130,10 +130,11 @@ def _difference_message(values: list[dict], what: str, fix: str) -> str:
 
 # --- parallelize ---------------------------------------------------------------------------------------------------
 
-def check_settings_agree(config, transformer, obj, device: torch.device) -> None:
-    """parallelize's settings, the model and its dtype, the same on every rank (before any group is built)."""
+def check_settings_agree(config, transformer, obj, device: torch.device, options: dict) -> None:
+    """parallelize's settings (the config's and its other `options`), the model and its dtype, the same on every
+    rank (before any group is built)."""
     fingerprint = Fingerprint()
-    for name, value in config.settings().items():
+    for name, value in {**config.settings(), **options}.items():
         fingerprint.add(name, value)
     fingerprint.add("pipeline", type(obj).__name__ if obj is not transformer else "none (a bare transformer)")
     fingerprint.add("model", type(transformer).__name__)

@@ -31,7 +31,7 @@ from .distributed.gather import gather_seq
 from .models import registry
 from .models.spec import ModelSpec
 from .modulation import apply_shared_modulation
-from .pipeline_parts import apply_pipeline_parts
+from .pipeline_parts import apply_pipeline_parts, pipeline_options
 from .processors.context import USPContext, apply_usp_processors
 from .sharding import shard_inputs
 
@@ -84,7 +84,8 @@ def parallelize(obj, *, ulysses: int | None = None, ring: int | None = None, cfg
     maybe_init_distributed(device, timeout)
     config.set_timeout(timeout)  # the default group's, for the check below; the groups built next get it after
     config.validate_world(dist.get_world_size())
-    check_settings_agree(config, transformer, obj, device)  # before the groups: mismatched degrees would hang there
+    options = pipeline_options(obj, transformer, parallel_vae=parallel_vae, text_encoder_rank=text_encoder_rank)
+    check_settings_agree(config, transformer, obj, device, options)  # before the groups: mismatches would hang there
     config.build_mesh(device.type)
     config.set_timeout(timeout)
 
@@ -95,7 +96,7 @@ def parallelize(obj, *, ulysses: int | None = None, ring: int | None = None, cfg
     if obj is not transformer:
         apply_controlnet_sharding(obj, config, spec)
         apply_rank_consistency(obj)
-        apply_pipeline_parts(obj, device, parallel_vae=parallel_vae, text_encoder_rank=text_encoder_rank)
+        apply_pipeline_parts(obj, **options)
         patch_attribute(obj, "_fastusp_parallelized", True)
     if config.cfg > 1:
         apply_cfg_parallel(obj, transformer, config, spec.output_tokens_of)
@@ -119,13 +120,15 @@ def _add_pipeline(pipe, transformer, config: ParallelConfig, check_calls: bool, 
     if shared.settings() != config.settings():
         raise ValueError(f"this pipeline's transformer is already parallelized with {shared.settings()}; a pipeline "
                          f"that shares it (from_pipe) must use the same settings, got {config.settings()}")
+    device = get_module_execution_device(transformer)
+    options = pipeline_options(pipe, transformer, parallel_vae=parallel_vae, text_encoder_rank=text_encoder_rank)
+    check_settings_agree(config, transformer, pipe, device, options)
     apply_controlnet_sharding(pipe, shared, registry.spec_for(transformer))  # shared: the built groups
     apply_rank_consistency(pipe)
-    apply_pipeline_parts(pipe, get_module_execution_device(transformer), parallel_vae=parallel_vae,
-                         text_encoder_rank=text_encoder_rank)
+    apply_pipeline_parts(pipe, **options)
     if config.cfg > 1:
         track_denoising_loop(pipe, transformer)
-    apply_call_checks(pipe, transformer, get_module_execution_device(transformer), check_calls)
+    apply_call_checks(pipe, transformer, device, check_calls)
     patch_attribute(pipe, "_fastusp_parallelized", True)
     return pipe
 

@@ -25,8 +25,8 @@ logger = logging.getLogger("fastusp")
 TEXT_ENCODER_METHODS = ("encode_prompt", "upsample_prompt", "get_image_caption")
 
 
-def apply_text_encoder_rank(pipe, rank: int) -> None:
-    """Run the text encoders of `pipe` on `rank` only; every rank gets the embeddings by broadcast."""
+def check_text_encoder_rank(pipe, rank: int) -> None:
+    """Raise ValueError unless `pipe`'s text encoders can run on `rank` alone."""
     world = dist.get_world_size()
     if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world:
         raise ValueError(f"text_encoder_rank must be a rank from 0 to {world - 1} (or None: every rank encodes), "
@@ -38,6 +38,12 @@ def apply_text_encoder_rank(pipe, rank: int) -> None:
     if _uses_text_encoder_in_call(type(pipe)):
         raise ValueError(f"text_encoder_rank: {name} uses its text encoder outside encode_prompt, so every rank "
                          f"needs it; pass text_encoder_rank=None")
+
+
+def apply_text_encoder_rank(pipe, rank: int) -> None:
+    """Run the text encoders of `pipe` on `rank` only (checked by check_text_encoder_rank); every rank gets the
+    embeddings by broadcast."""
+    name = type(pipe).__name__
     for method in TEXT_ENCODER_METHODS:
         original = getattr(pipe, method, None)
         if callable(original):

@@ -20,7 +20,7 @@ from fastusp.vae.bands import RowBands
 from fastusp.vae import group_norm
 from fastusp.vae.group_norm import group_norm_on_band
 from fastusp.testing import tiny_call_kwargs, tiny_flux_pipeline, tiny_qwen_layered_pipeline
-from fastusp.text_encoder import apply_text_encoder_rank
+from fastusp._forward import has_changes
 
 TOL = 1e-5
 LATENT_SIZES = [(5, 7), (9, 4)]  # rows, columns: odd, and one that splits unevenly over 2, 3 and 4 ranks
@@ -181,10 +181,12 @@ def _text_encoder_worker() -> dict:
     fastusp.unparallelize(pipe)
     # diffusers' own encode_prompt and VAE decode again
     unwrapped = "encode_prompt" not in vars(pipe) and "_decode" not in vars(pipe.vae)
-    refusals = []
-    for other, rank in [(tiny_flux_pipeline(), 2), (tiny_qwen_layered_pipeline(), 0)]:
+    refusals = []  # refused by parallelize before it changes anything
+    flux = tiny_flux_pipeline()
+    for other, rank in [(flux, 2), (tiny_qwen_layered_pipeline(), 0), (flux.transformer, 0)]:
         with pytest.raises(ValueError) as refused:
-            apply_text_encoder_rank(other, rank)
+            fastusp.parallelize(other, ulysses=2, text_encoder_rank=rank)
+        assert not has_changes(getattr(other, "transformer", other)), "patched before refusing"
         refusals.append(str(refused.value))
     return dict(image=image, rank=dist.get_rank(), calls=pipe.encode_calls, encoder_params=encoder_params,
                 failure=failure, refusals=refusals, unwrapped=unwrapped)
@@ -235,8 +237,10 @@ def test_text_encoder_on_one_rank():
     assert "failed on rank 0" in results[1]["failure"] and "cannot be encoded" in results[1]["failure"]
     assert [out["unwrapped"] for out in results] == [True, True]
     for out in results:  # refused on every rank, naming the argument: no such rank; an encoder used outside
+        # encode_prompt; a bare transformer
         assert "text_encoder_rank must be a rank from 0 to 1" in out["refusals"][0]
         assert "QwenImageLayeredPipeline uses its text encoder outside encode_prompt" in out["refusals"][1]
+        assert "pass the pipeline, not the transformer" in out["refusals"][2]
 
 
 def _vae_only_benchmark(out_dir: str) -> list:
