@@ -42,6 +42,10 @@ when it fails (`err` is then set), and appends it to $OUT/results.jsonl when $OU
                   1024²). Every step is the prefill (use_kv_cache=False); with --kv-cache, the steps after the
                   first, which decode the image's tokens against the prompt's cached keys and values (the
                   pipeline's default). No diffusers context parallel exists for it: the baseline is one GPU.
+--quant fp8       fastusp.quantize(model, "fp8") right after the model is built, for any impl (torchao's float8
+                  dynamic activation + float8 weight linears in the blocks; --quant-granularity row | tensor,
+                  --quant-keep PATTERN to keep more layers in bf16). The record carries "quant": "fp8" and the
+                  quantization's time and peak memory; bf16 runs carry no "quant".
 --tiny            CPU + gloo, float32, a one-layer model and a 256x256 image: checks the harness, not speed.
 """
 from __future__ import annotations
@@ -120,6 +124,11 @@ def parse_args(argv=None):
                          "size after the edited one (twice the image tokens)")
     ap.add_argument("--kv-cache", action="store_true",
                     help="Qwen-Image 2.1: fill the prompt's KV cache once, then time the cached steps")
+    ap.add_argument("--quant", default=None, choices=["fp8"],
+                    help="fastusp.quantize(model, MODE) after building it (float8 GEMMs; CUDA sm_89+)")
+    ap.add_argument("--quant-granularity", default="row", choices=["row", "tensor"])
+    ap.add_argument("--quant-keep", action="append", default=None, metavar="PATTERN",
+                    help="with --quant: a module-name pattern kept in bf16 (repeatable; replaces the default list)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
@@ -146,6 +155,8 @@ def parse_args(argv=None):
         ap.error("--controlnet DOUBLE+SINGLE: FLUX only, without --true-cfg or --compile-mode whole")
     if a.model == "qwen-image-2.1" and (a.true_cfg or a.impl in ("diffusers", "yunchang") or a.fuse_qkv):
         ap.error("--model qwen21: --impl single or fastusp, without --true-cfg")
+    if (a.quant_keep or a.quant_granularity != "row") and not a.quant:
+        ap.error("--quant-keep / --quant-granularity: with --quant")
     if a.kv_cache and a.model != "qwen-image-2.1":
         ap.error("--kv-cache: --model qwen21 only")
     if a.edit_2511 and (a.model != "qwen-image" or a.true_cfg):
@@ -283,6 +294,29 @@ def fill_random_(model, device):
             p.fill_(1.0)
         else:
             p.normal_(0, 0.01, generator=g)
+
+
+def quantize_model(model, a, device) -> dict:
+    """fastusp.quantize(model, a.quant) in place; returns what it cost: seconds, and on CUDA the memory before and
+    at its peak (the bf16 model, then the bf16 model plus at most one layer's float8 copy and temporaries)."""
+    import fastusp
+    from fastusp.quantization import DEFAULT_KEEP_BF16
+
+    sync(device)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    fastusp.quantize(model, a.quant, granularity=a.quant_granularity,
+                     keep_bf16=DEFAULT_KEEP_BF16 if a.quant_keep is None else a.quant_keep)
+    sync(device)
+    import torchao
+
+    cost = dict(torchao=torchao.__version__, quantize_s=round(time.perf_counter() - t0, 2))
+    if device.type == "cuda":
+        cost.update(bf16_mem_gb=round(before / 2**30, 2),
+                    quantize_peak_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 2))
+    return cost
 
 
 def make_inputs(model_name, device, dtype, height, width, txt_len, text_mask="ones", reference=False):
@@ -634,6 +668,9 @@ def base_record(a, world, device) -> dict:
                 **peers.peer_record(a.impl),
                 median_ms=None, min_ms=None, mean_ms=None, steps_ms=None, compile_s=None, build_s=None,
                 model_mem_gb=None, peak_mem_gb=None, finite=None, err=None,
+                **({"quant": a.quant} if a.quant else {}),
+                **({"quant_granularity": a.quant_granularity} if a.quant and a.quant_granularity != "row" else {}),
+                **({"quant_keep": a.quant_keep} if a.quant and a.quant_keep is not None else {}),
                 **({"inductor": a.inductor} if a.inductor else {}),
                 **({"sm_carveout": a.sm_carveout} if a.sm_carveout else {}),
                 **({"first_block_cache": a.first_block_cache} if a.first_block_cache is not None else {}),
@@ -678,6 +715,9 @@ def run(a, world, rank, device, record):
     model = build_model(a.model, device, dtype, tiny=a.tiny, zero_cond_t=a.edit_2511)
     if a.fuse_qkv:
         model.fuse_qkv_projections()
+    if a.quant:
+        phase(rank, f"quantize {a.quant}")
+        record.update(quantize_model(model, a, device))
     pipe = build_pipeline(a.model, model) if a.true_cfg else None
     net = build_controlnet(model, a.controlnet, device, dtype) if a.controlnet else None
     target = controlnet_target(model, net, a) if net is not None else model

@@ -39,6 +39,7 @@ import weakref
 import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .config import on_device
 
@@ -182,31 +183,41 @@ def capture_graph(fn, warmup: int = 2, pool=None):
 
 @contextlib.contextmanager
 def _pinned_host_data():
-    """While capturing, torch.tensor(data, device=<cuda>) stages the data in pinned host memory.
+    """While capturing, torch.tensor(data, device=<cuda>) and torch.as_tensor(data, device=<cuda>) stage Python data
+    in pinned host memory.
 
-    torch.tensor builds a CUDA tensor from Python data by copying from pageable memory, which capture refuses, so
-    without this any such call fails the capture: diffusers' Qwen-Image-Edit-2511 forward builds modulate_index so,
-    from img_shapes. A copy from pinned memory can be captured; each replay repeats it from the same buffer, so the
-    values are those computed at capture, like every Python value a graph bakes in (img_shapes is part of the key).
+    Both build a CUDA tensor from Python data by copying from pageable memory, which capture refuses, so without this
+    any such call fails the capture: diffusers' Qwen-Image-Edit-2511 forward builds modulate_index so, from
+    img_shapes, and every Qwen-Image forward given a text mask builds torch.as_tensor(text_seq_len, device=...) (in
+    compute_text_seq_len_from_mask; a parallelized forward never calls it, a plain one fell back from graphs). A
+    copy from pinned memory can be captured; each replay repeats it from the same buffer, so the values are those
+    computed at capture, like every Python value a graph bakes in (img_shapes is part of the key).
     Only calls that would otherwise fail change (other threads see the patch too while it lasts; their copies then
     come from pinned memory, with the same result). Patched on torch itself, not on the model's module: Dynamo
     guards the module's globals, and replacing its `torch` would recompile the compiled blocks in mid-capture.
     """
-    real, buffers = torch.tensor, []
+    reals, buffers = {"tensor": torch.tensor, "as_tensor": torch.as_tensor}, []
 
-    def tensor(data, *, device=None, **kwargs):
-        on_gpu = device is not None and torch.device(device).type == "cuda"
-        if not on_gpu or (isinstance(data, torch.Tensor) and data.is_cuda):
-            return real(data, device=device, **kwargs)
-        host = real(data, **kwargs).pin_memory()
-        buffers.append(host)
-        return host.to(device, non_blocking=True)
+    def staged(name):
+        real = reals[name]
 
-    torch.tensor = tensor
+        def make(data, *args, device=None, **kwargs):
+            on_gpu = device is not None and torch.device(device).type == "cuda"
+            if not on_gpu or (isinstance(data, torch.Tensor) and data.is_cuda):
+                return real(data, *args, device=device, **kwargs)
+            host = real(data, *args, **kwargs).pin_memory()
+            buffers.append(host)
+            return host.to(device, non_blocking=True)
+
+        return make
+
+    for name in reals:
+        setattr(torch, name, staged(name))
     try:
         yield buffers
     finally:
-        torch.tensor = real
+        for name, real in reals.items():
+            setattr(torch, name, real)
 
 
 def nccl_memory_pool():
@@ -268,8 +279,13 @@ class ModelState:
     def _snapshot(self) -> None:
         modules = list(self.module.modules())
         self.members = {id(m): weakref.ref(m) for m in modules}
-        self.tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        weights = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        self.tensors = [t for t in weights if not is_traceable_wrapper_subclass(t)]
         self.data_ptrs = [t.data_ptr() for t in self.tensors]
+        # a quantized weight (torchao's Float8Tensor) is a wrapper whose own data_ptr is 0: its inner tensors, looked
+        # up again at every check (moving it replaces them), hold the memory a graph reads
+        self.wrappers = [t for t in weights if is_traceable_wrapper_subclass(t)]
+        self.wrapper_ptrs = _inner_data_ptrs(self.wrappers)
         self.device = _device_of(self.module)
         self.weights_were_away = False
         self.indices = list(range(len(self.tensors)))
@@ -283,8 +299,21 @@ class ModelState:
     def _same_data_ptrs(self) -> bool:
         check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)  # CUDA builds; as Inductor's graphs
         if check is not None:
-            return check(self.tensors, self.data_ptrs, self.indices)
-        return all(t.data_ptr() == p for t, p in zip(self.tensors, self.data_ptrs))
+            same = check(self.tensors, self.data_ptrs, self.indices)
+        else:
+            same = all(t.data_ptr() == p for t, p in zip(self.tensors, self.data_ptrs))
+        return same and (not self.wrappers or _inner_data_ptrs(self.wrappers) == self.wrapper_ptrs)
+
+
+def _inner_data_ptrs(wrappers: list[torch.Tensor]) -> list[int]:
+    """The data pointers of tensor subclasses' inner tensors (recursively), in order."""
+    ptrs = []
+    for tensor in wrappers:
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            inner = getattr(tensor, name)
+            ptrs.extend(_inner_data_ptrs([inner]) if is_traceable_wrapper_subclass(inner) else [inner.data_ptr()])
+    return ptrs
 
 
 def _device_of(module: torch.nn.Module) -> torch.device | None:

@@ -17,11 +17,14 @@ compile.py): FLUX 74.5 ms against 76.5-76.9 with either change alone, Qwen-Image
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+logger = logging.getLogger("fastusp")
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -113,10 +116,24 @@ def _linear_args(linear: torch.fx.Node):
 
 
 def _plain_matrix(node) -> bool:
-    """A 2-D weight that is a plain tensor: a tensor subclass (a quantized weight, say) may not implement what the
-    rewrites call, and a failed compile would leave every block eager."""
+    """A 2-D weight that is a plain tensor. A quantized weight (a tensor subclass: torchao's Float8Tensor) is left
+    alone: its GEMM (torch._scaled_mm) has no GELU epilogue, and splitting its input would change the activation's
+    per-row float8 scales, so neither rewrite keeps the math; a failed compile would also leave every block eager."""
     value = _value(node)
-    return value is not None and value.dim() == 2 and not is_traceable_wrapper_subclass(value)
+    if value is not None and is_traceable_wrapper_subclass(value):
+        _note_quantized_weights(type(value).__name__)
+        return False
+    return value is not None and value.dim() == 2
+
+
+_NOTED: set[str] = set()
+
+
+def _note_quantized_weights(kind: str) -> None:
+    if kind not in _NOTED:
+        _NOTED.add(kind)
+        logger.info("fastusp: gemm_rewrites leave the linear layers with %s weights as they are (GELU epilogue and "
+                    "split proj_out are for bf16 GEMMs)", kind)
 
 
 def _is_call(node, target) -> bool:
