@@ -6,7 +6,7 @@ Hopper kernels take float8) or FlashAttention-2 (flash_attn). Shapes: FLUX at 10
 4096 image + 512 text tokens). Prints one JSON record per route: ok, the error if not, and its time against bf16
 SDPA (cuDNN) where it runs.
 
-    python benchmarks/fp8_attention_probe.py
+    python benchmarks/lab/fp8_attention_probe.py
 """
 from __future__ import annotations
 
