@@ -141,8 +141,10 @@ def check_settings_agree(config, transformer, obj, device: torch.device, options
     # without private keys: _name_or_path may be each node's own cache directory
     fingerprint.add("model config", repr(sorted((k, v) for k, v in transformer.config.items() if k[0] != "_")))
     fingerprint.add("dtype", str(transformer.dtype))
+    fingerprint.add("fastusp.quantize", repr(getattr(transformer, "_fastusp_quantized", None)))
     check_same_on_every_rank(fingerprint, "the settings of fastusp.parallelize", "every rank must call "
-                             "parallelize with the same degrees and options, on the same model in the same dtype",
+                             "parallelize with the same degrees and options, on the same model in the same dtype, "
+                             "quantized alike",
                              device)
 
 

@@ -74,6 +74,7 @@ def quantize(obj, mode: str = "fp8", *, granularity: str = "row", keep_bf16=DEFA
     if not names:
         raise ValueError(f"fastusp.quantize: no linear layer of {type(transformer).__name__} is left to quantize "
                          f"(keep_bf16={keep_bf16!r})")
+    _check_ranks_agree(transformer, mode, granularity, keep_bf16)
     dtypes = {getattr_path(transformer, n).weight.dtype for n in names}
     if granularity == "row" and dtypes != {torch.bfloat16}:
         raise ValueError(f"fastusp.quantize: per-row float8 scales need bf16 weights, got {sorted(map(str, dtypes))}; "
@@ -146,6 +147,20 @@ def _check_order(transformer) -> None:
         raise ValueError(f"{type(transformer).__name__} already holds quantized weights (fastusp.quantize, or "
                          f"diffusers' TorchAoConfig / PipelineQuantizationConfig): nothing to do; parallelize and "
                          f"compile it as it is")
+
+
+def _check_ranks_agree(transformer, mode: str, granularity: str, keep_bf16: tuple) -> None:
+    """After parallelize, every rank must quantize alike (before it, parallelize compares what quantize did)."""
+    if getattr(transformer, "_fastusp_config", None) is None:
+        return
+    from .agreement import Fingerprint, check_same_on_every_rank
+
+    fingerprint = Fingerprint()
+    for name, value in dict(mode=mode, granularity=granularity, keep_bf16=keep_bf16).items():
+        fingerprint.add(name, value)
+    check_same_on_every_rank(fingerprint, "the arguments of fastusp.quantize", "every rank must quantize its "
+                             "parallelized transformer with the same arguments",
+                             get_module_execution_device(transformer))
 
 
 def _check_device(transformer) -> None:

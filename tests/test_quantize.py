@@ -184,6 +184,28 @@ def test_parallel_float8_output_equals_the_single_process_one(cpu_float8, name, 
         assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
 
+def _quantize_unlike_rank_0(quantize_first: bool) -> str:
+    lift_device_checks()
+    model = tiny_flux()
+    granularity = "row" if torch.distributed.get_rank() == 0 else "tensor"
+    try:
+        if quantize_first:
+            fastusp.quantize(model, "fp8", granularity=granularity)
+        fastusp.parallelize(model, ulysses=2)
+        if not quantize_first:
+            fastusp.quantize(model, "fp8", granularity=granularity)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize("quantize_first", [True, False], ids=["quantize-parallelize", "parallelize-quantize"])
+def test_ranks_that_quantize_differently_all_raise(quantize_first):
+    what = "settings of fastusp.parallelize" if quantize_first else "arguments of fastusp.quantize"
+    for rank, error in enumerate(run_distributed(_quantize_unlike_rank_0, 2, quantize_first, timeout=60)):
+        assert what in error and "granularity" in error and "rank 1" in error, f"rank {rank}: {error}"
+
+
 def test_lora_loads_and_applies_on_a_float8_base(cpu_float8):
     inputs = bf16(flux_inputs(batch=1, height=4, width=6, text_len=5))
     pipe = fastusp.quantize(flux_pipeline(tiny_flux()), "fp8")
