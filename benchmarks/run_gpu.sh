@@ -5,6 +5,7 @@
 #   RUN = world:impl:config:compile[:extra,args]     (commas in extra become spaces)
 #     1:single:-:0    2:fastusp:u2r1:1    4:fastusp:u2r2-fp8:1    2:diffusers:ulysses2:1:--backend,_native_cudnn
 #     2:yunchang:u2r1:0 (yunchang's USP inside fastusp's sharding; wheel in .whl/)
+#     2:cache-dit:u2r1-async:1    4:xdit:u4r1:1 (the peers in their own configuration: benchmarks/peers.py)
 #   A bare model name switches the model for the runs after it (default flux).
 #
 # Wheels in .whl/ (diffusers and what the image lacks) are installed into /tmp/site; the checkout's fastusp is
@@ -14,16 +15,21 @@
 # Environment: OUT (default /tmp/bench-out), TIMEOUT seconds per run (300), BENCH_ARGS added to every run
 # (e.g. "--steps 20 --warmup 3"), BUDGET_S for the whole script (560: the device tool stops a command at 600 s;
 # runs are cut to what is left, said on stdout, and runs that no longer fit are listed as skipped, without a record).
+# The peers' wheels (all py3-none-any; benchmarks/peers.py says what each one needs), fetched into .whl/ in one command:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .whl cache-dit==1.5.3 xfuser==0.7.0 yunchang==0.6.4 distvae==0.1.0 \
+#     einops==0.8.2
 set -u
-[ $# -gt 0 ] || { sed -n '2,14p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,24p' "$0"; exit 2; }
 
 # fail fast on a malformed RUN, before any GPU time is spent
 check_spec() {
   local world impl config compile extra
   IFS=: read -r world impl config compile extra <<<"$1"
-  [[ $world =~ ^[1-8]$ ]] && [[ $impl =~ ^(single|diffusers|fastusp|yunchang)$ ]] && [ -n "$config" ] \
+  [[ $world =~ ^[1-8]$ ]] && [[ $impl =~ ^(single|diffusers|fastusp|yunchang|cache-dit|xdit)$ ]] && [ -n "$config" ] \
     && [[ ${compile:-0} =~ ^[01]$ ]] && return 0
-  echo "bad RUN '$1': expected world:impl:config:compile[:extra,args], impl single|diffusers|fastusp|yunchang" >&2
+  echo "bad RUN '$1': expected world:impl:config:compile[:extra,args]," \
+    "impl single|diffusers|fastusp|yunchang|cache-dit|xdit" >&2
   return 1
 }
 

@@ -18,6 +18,9 @@ when it fails (`err` is then set), and appends it to $OUT/results.jsonl when $OU
                   cfg2 (CFG parallelism, with --true-cfg: cfg2u1r1); compiled with fastusp.compile_pipeline.
 --impl yunchang   yunchang's LongContextAttention as the attention inside fastusp's sequence sharding, --config
                   u<N>r<M> (no mask, even token counts); eager (regional compile needs --fullgraph 0).
+--impl cache-dit, --impl xdit   the peers, each applying its own parallel API (and with --compile 1 its own compile
+                  path, compile mode "peer") to the same transformer; benchmarks/peers.py lists configs, wheels and
+                  commands. Every multi-process run of one forward records its error against the one-GPU output.
 --compile 1       --compile-mode auto (default): fastusp -> fastusp.compile_pipeline, others -> regional
                   (diffusers' compile_repeated_blocks(fullgraph=True)); regional | whole (torch.compile(model))
                   force one of those for any impl; graphs: compile_pipeline(backend=None), CUDA graphs of the
@@ -62,7 +65,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from trace_exposure import chrome_trace, kernel_events, merged_intervals  # sibling: benchmarks/ is on sys.path
+import peers  # sibling: benchmarks/ is on sys.path
+from trace_exposure import chrome_trace, kernel_events, merged_intervals
 
 # Run from a checkout without installing: the repo root goes last, so an installed or PYTHONPATH fastusp wins.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +85,7 @@ DEFAULT_TXT = {"flux": 512, "flux2": 512, "qwen-image": 128, "qwen-image-2.1": 1
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="flux", choices=sorted(MODEL_NAMES))
-    ap.add_argument("--impl", default="single", choices=["single", "diffusers", "fastusp", "yunchang"])
+    ap.add_argument("--impl", default="single", choices=["single", "diffusers", "fastusp", "yunchang", *peers.PEERS])
     ap.add_argument("--config", default="-", help="ulysses2xring2 (diffusers), u2r2[-fp8] (fastusp), - (single)")
     ap.add_argument("--compile", type=int, default=0, choices=[0, 1])
     ap.add_argument("--compile-mode", default="auto",
@@ -157,6 +161,8 @@ def parse_args(argv=None):
         ap.error("--kv-cache: --model qwen21 only")
     if a.edit_2511 and (a.model != "qwen-image" or a.true_cfg):
         ap.error("--edit-2511: Qwen-Image, without --true-cfg")
+    if a.impl in peers.PEERS and peers.check_args(a):
+        ap.error(peers.check_args(a))
     if a.controlnet_whole and not (a.controlnet and a.impl == "fastusp"):
         ap.error("--controlnet-whole: with --controlnet and --impl fastusp")
     if a.controlnet and a.impl == "fastusp" and not a.controlnet_whole and a.compile_mode not in ("auto", "graphs"):
@@ -201,7 +207,7 @@ def resolved_compile_mode(a) -> str | None:
     if not a.compile:
         return None
     if a.compile_mode == "auto":
-        return "pipeline" if a.impl == "fastusp" else "regional"
+        return "pipeline" if a.impl == "fastusp" else "peer" if a.impl in peers.PEERS else "regional"
     return a.compile_mode
 
 
@@ -218,11 +224,13 @@ def process_layout(tiny: bool):
     return world, rank, torch.device("cpu")
 
 
-def init_group(world, device):
+def init_group(world, device, bind_device=True):
+    """bind_device=False: no device_id (xfuser's runner starts NCCL so, and warns that its new_group calls fail with
+    a bound device)."""
     if world > 1:
         # long timeout: a rank can wait at the first collective while another one is still compiling
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None,
+                                device_id=device if device.type == "cuda" and bind_device else None,
                                 timeout=datetime.timedelta(minutes=30))
 
 
@@ -400,8 +408,8 @@ def apply_yunchang(target, a, world):
     aten's flash kernel for ring degrees > 1; on CPU its math kernel, r = 1 only.
     """
     import fastusp
-    import fastusp.processors.flux as flux_processor
-    import fastusp.processors.qwen_image as qwen_processor
+    import fastusp.models.flux as flux_processor
+    import fastusp.models.qwen_image as qwen_processor
     from yunchang import LongContextAttention, set_seq_parallel_pg
     from yunchang.kernels import AttnType
 
@@ -440,6 +448,8 @@ def maybe_compile(model, a):
         torch._C._set_sm_carveout_experimental(a.sm_carveout)
     if mode is None:
         return model
+    if mode == "peer":
+        return peers.compile_peer(model, a)
     if mode in ("pipeline", "graphs", "pipeline-nographs"):  # graphs: CUDA graphs of the eager forward only
         import fastusp
         options = {"graphs": {"backend": None}, "pipeline-nographs": {"cuda_graphs": False}}.get(mode, {})
@@ -450,7 +460,8 @@ def maybe_compile(model, a):
     return torch.compile(model)  # whole model: graph breaks allowed (diffusers' CP hooks sit around it)
 
 
-APPLY = {"single": apply_single, "diffusers": apply_diffusers_cp, "fastusp": apply_fastusp, "yunchang": apply_yunchang}
+APPLY = {"single": apply_single, "diffusers": apply_diffusers_cp, "fastusp": apply_fastusp, "yunchang": apply_yunchang,
+         **peers.APPLY}
 
 
 # --- timing -------------------------------------------------------------------------------------------------------
@@ -654,6 +665,7 @@ def base_record(a, world, device) -> dict:
                 res=f"{a.height}x{a.width}", txt=a.txt, steps=a.steps, warmup=a.warmup,
                 dtype="float32" if device.type == "cpu" else "bfloat16", tiny=a.tiny,
                 card=card_name(device), date=datetime.date.today().isoformat(), **versions(),
+                **peers.peer_record(a.impl),
                 median_ms=None, min_ms=None, mean_ms=None, steps_ms=None, compile_s=None, build_s=None,
                 model_mem_gb=None, peak_mem_gb=None, finite=None, err=None,
                 **({"quant": a.quant} if a.quant else {}),
@@ -697,7 +709,7 @@ def error_text(ex: BaseException) -> str:
 def run(a, world, rank, device, record):
     """Fill `record` in place; exceptions propagate to main so the partial record is still printed."""
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    init_group(world, device)
+    init_group(world, device, bind_device=a.impl != "xdit")
     t0 = time.perf_counter()
     phase(rank, "build")
     model = build_model(a.model, device, dtype, tiny=a.tiny, zero_cond_t=a.edit_2511)
@@ -709,6 +721,9 @@ def run(a, world, rank, device, record):
     pipe = build_pipeline(a.model, model) if a.true_cfg else None
     net = build_controlnet(model, a.controlnet, device, dtype) if a.controlnet else None
     target = controlnet_target(model, net, a) if net is not None else model
+    kw = pipeline_inputs(model, a, device, dtype) if pipe else make_inputs(a.model, device, dtype, a.height, a.width,
+                                                                             a.txt, a.text_mask, a.edit_2511)
+    one_gpu = peers.one_gpu_output(model, kw) if peers.wants_one_gpu_check(a, world) else None
     phase(rank, f"apply {a.impl}")
     APPLY[a.impl](pipe or target, a, world)
     if a.first_block_cache is not None:
@@ -719,8 +734,6 @@ def run(a, world, rank, device, record):
         fwd = model
     if a.first_block_cache is not None:  # around the transformer's call (a ControlNet step calls it inside)
         fwd = in_cache_context(fwd, model)
-    kw = pipeline_inputs(model, a, device, dtype) if pipe else make_inputs(a.model, device, dtype, a.height, a.width,
-                                                                             a.txt, a.text_mask, a.edit_2511)
     if a.kv_cache:  # the pipeline's first step fills the cache; the timed steps are its later ones
         kw = kv_cached_inputs(fwd, kw, model)
     if net is not None:
@@ -744,6 +757,8 @@ def run(a, world, rank, device, record):
                   mean_ms=round(statistics.fmean(times_ms), 3), steps_ms=[round(t, 1) for t in times_ms],
                   compile_s=round(compile_s, 2),
                   finite=bool(torch.isfinite(out.float()).all()))
+    if one_gpu is not None:
+        record.update(peers.one_gpu_check(out, one_gpu, a))
     if device.type == "cuda":
         record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     fell_back = compile_fallbacks(model, a)

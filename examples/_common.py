@@ -2,8 +2,10 @@
 
 Every rank holds the whole pipeline; fastusp.parallelize() splits each transformer call's token sequence over
 the ranks. The flow on every rank:
-  1. build the pipeline: real weights (--model PATH, bfloat16, cuda:LOCAL_RANK, NCCL) or the tiny random one from
-     tests/tiny_pipelines.py (CPU, float32, gloo)
+  1. check the degrees against the number of processes and the model's heads (before anything runs), build the
+     pipeline: real weights (--model PATH, bfloat16, cuda:LOCAL_RANK, NCCL) or the tiny random one from
+     fastusp.testing (CPU, float32, gloo; the tiny FLUX.1 and Qwen-Image pipelines have tiny random text encoders,
+     so --prompt works)
   2. tiny mode or --check: run it once un-parallelized, as the single-process reference
   3. fastusp.parallelize(pipe, ulysses=, ring=, cfg=, fp8_comm=) (+ fastusp.compile_pipeline(pipe) with --compile)
   4. --warmup runs, then one timed run with generator=torch.Generator().manual_seed(--seed)
@@ -27,11 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 class Example:
     name: str                  # "flux" | "qwen_image": default --out
     pipeline_cls: str          # diffusers class for --model
-    tiny_builder: str          # function in tests/tiny_pipelines.py
+    tiny_builder: str          # function in fastusp.testing
     default_steps: int         # with real weights
     guidance_kwarg: str        # what --guidance sets
     default_guidance: float
-    real_kwargs: dict = field(default_factory=dict)  # extra pipeline kwargs with real weights
+    real_kwargs: dict = field(default_factory=dict)  # extra pipeline kwargs with real weights (and tiny_text)
+    tiny_text: bool = False    # the tiny pipeline has text encoders (text_encoders=True): it takes --prompt
 
 
 DEFAULT_PROMPT = "A cat holding a sign that says hello world, photorealistic, 35mm"
@@ -46,18 +49,20 @@ def parse_args(example: Example, argv=None) -> argparse.Namespace:
                                     "cuda:LOCAL_RANK; default: the tiny random pipeline on CPU (float32, gloo)")
     ap.add_argument("--cfg", type=int, default=1, choices=[1, 2],
                     help="2: the two guidance passes of true CFG on two halves of the processes (default 1)")
-    ap.add_argument("--ulysses", type=int, help="Ulysses degree (default: nproc / cfg / ring)")
-    ap.add_argument("--ring", type=int, help="Ring degree (default: nproc / cfg / ulysses, else 1)")
+    ap.add_argument("--ulysses", type=int, help="Ulysses degree (default: with --ring, nproc / cfg / ring; without, "
+                                                "the largest degree dividing the heads and nproc / cfg)")
+    ap.add_argument("--ring", type=int, help="Ring degree (default: nproc / cfg / ulysses)")
     ap.add_argument("--steps", type=int, help=f"inference steps (default: {example.default_steps}; tiny: {TINY_STEPS})")
     ap.add_argument("--height", type=int, help=f"image height (default: the pipeline's; tiny: {TINY_SIZE})")
     ap.add_argument("--width", type=int, help=f"image width (default: the pipeline's; tiny: {TINY_SIZE})")
-    ap.add_argument("--prompt", help=f"text prompt (real weights only; default {DEFAULT_PROMPT!r})")
+    only = "" if example.tiny_text else "real weights only; "
+    ap.add_argument("--prompt", help=f"text prompt ({only}default {DEFAULT_PROMPT!r})")
     ap.add_argument("--guidance", type=float,
-                    help=f"{example.guidance_kwarg} (real weights only; default {example.default_guidance})")
+                    help=f"{example.guidance_kwarg} ({only}default {example.default_guidance})")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fp8-comm", nargs="?", const="qkv", default=None, choices=["qkv", "all"],
-                    help="quantize communication to float8: q/k/v and ring k/v (bare flag or 'qkv'), "
-                         "or also the attention output ('all')")
+    ap.add_argument("--fp8-comm", nargs="?", const="qkv", default=False, choices=["qkv", "all"],
+                    help="parallelize's fp8_comm: quantize communication to float8: q/k/v and ring k/v (bare flag "
+                         "or 'qkv'), or also the attention output ('all')")
     ap.add_argument("--offload", action="store_true",
                     help="pipe.enable_model_cpu_offload on each rank's device instead of moving the pipeline there: "
                          "the models wait in CPU memory and take turns on the GPU (FLUX.2-dev on 80 GB cards)")
@@ -74,27 +79,36 @@ def parse_args(example: Example, argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=f"out/{example.name}_usp.png", help="PNG written by rank 0")
     args = ap.parse_args(argv)
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    sequence = max(1, world // args.cfg)  # processes per guidance pass
-    if args.ulysses is None and args.ring is None:
-        args.ulysses, args.ring = sequence, 1
-    elif args.ulysses is None:
-        args.ulysses = max(1, sequence // args.ring)
-    elif args.ring is None:
-        args.ring = max(1, sequence // args.ulysses)
-    degrees = args.cfg * args.ulysses * args.ring
-    if degrees != world:
-        ap.error(f"--cfg {args.cfg} x --ulysses {args.ulysses} x --ring {args.ring} = {degrees} must equal the "
-                 f"number of processes ({world}); launch with torchrun --nproc-per-node {degrees}")
     if "RANK" not in os.environ:
         ap.error(f"launch with torchrun, e.g. torchrun --nproc-per-node 2 {sys.argv[0]}")
     args.tiny = args.model is None
-    if args.tiny and (args.prompt is not None or args.guidance is not None) and os.environ["RANK"] == "0":
+    _check_degrees(ap, example, args)
+    if args.tiny and not example.tiny_text and (args.prompt is not None or args.guidance is not None) \
+            and os.environ["RANK"] == "0":
         print("note: --prompt / --guidance only apply with --model; the tiny pipeline uses random prompt embeddings",
               file=sys.stderr)
     if args.warmup is None:
         args.warmup = 1 if (args.compile or not args.tiny) else 0
     return args
+
+
+def _check_degrees(ap, example: Example, args) -> None:
+    """The degrees fastusp.parallelize will use, checked against the processes and the model's heads now, before
+    a pipeline is loaded and the reference runs (with --check and real weights, a whole one-GPU generation)."""
+    fastusp = _fastusp()
+    if args.tiny:
+        heads = fastusp.testing.HEADS
+    else:
+        import diffusers
+
+        heads = diffusers.FluxTransformer2DModel.load_config(args.model, subfolder="transformer")["num_attention_heads"]
+    try:
+        args.ulysses, args.ring = fastusp.config.fill_degrees(args.ulysses, args.ring, args.cfg, heads)
+        config = fastusp.ParallelConfig(ulysses=args.ulysses, ring=args.ring, cfg=args.cfg, fp8_comm=args.fp8_comm)
+        config.validate_world(int(os.environ.get("WORLD_SIZE", "1")))
+        config.validate_heads(heads)
+    except ValueError as e:
+        ap.error(str(e))
 
 
 def _fastusp():
@@ -103,6 +117,8 @@ def _fastusp():
     except ImportError:  # running from a checkout without `pip install -e .`
         sys.path.insert(0, str(REPO))
         import fastusp
+    import fastusp.config
+    import fastusp.testing
     return fastusp
 
 
@@ -111,15 +127,16 @@ def _fastusp():
 def build(example: Example, args):
     """-> (pipe, device, call kwargs without generator / steps / size)."""
     if args.tiny:
-        sys.path.insert(0, str(REPO / "tests"))
-        import tiny_pipelines
-
-        pipe = getattr(tiny_pipelines, example.tiny_builder)()
+        testing = _fastusp().testing
+        builder = getattr(testing, example.tiny_builder)
+        pipe = builder(text_encoders=True) if example.tiny_text else builder()
         args.height, args.width = args.height or TINY_SIZE, args.width or TINY_SIZE
         args.steps = args.steps or TINY_STEPS
         if args.offload:
             pipe.enable_model_cpu_offload(device="cpu")  # the same hooks as on a GPU
-        return pipe, torch.device("cpu"), tiny_pipelines.tiny_call_kwargs(pipe)
+        if not example.tiny_text:
+            return pipe, torch.device("cpu"), testing.tiny_call_kwargs(pipe)
+        return pipe, torch.device("cpu"), dict(_prompt_kwargs(example, args), **example.real_kwargs)
 
     import diffusers
 
@@ -131,9 +148,12 @@ def build(example: Example, args):
     else:
         pipe.to(device)
     args.steps = args.steps or example.default_steps
+    return pipe, device, dict(_prompt_kwargs(example, args), **example.real_kwargs)
+
+
+def _prompt_kwargs(example: Example, args) -> dict:
     guidance = example.default_guidance if args.guidance is None else args.guidance
-    kwargs = dict(prompt=args.prompt or DEFAULT_PROMPT, **{example.guidance_kwarg: guidance}, **example.real_kwargs)
-    return pipe, device, kwargs
+    return dict(prompt=args.prompt or DEFAULT_PROMPT, **{example.guidance_kwarg: guidance})
 
 
 class StepTimer:
@@ -211,7 +231,7 @@ def main(example: Example, argv=None) -> None:
         reference = generate(pipe, args, call_kwargs, timer)
         ref_ms = timer.step_ms()
 
-    fp8 = {None: False, "qkv": True, "all": "all"}[args.fp8_comm]
+    fp8 = args.fp8_comm
     fastusp.parallelize(pipe, ulysses=args.ulysses, ring=args.ring, cfg=args.cfg, fp8_comm=fp8)
     if args.compile:
         timer.detach()  # hook the module that is actually called (compile_pipeline may swap it)

@@ -9,8 +9,8 @@ See examples/_common.py (or --help) for every option.
 import _common
 
 FLUX = _common.Example(
-    name="flux", pipeline_cls="FluxPipeline", tiny_builder="tiny_flux_pipeline", default_steps=28,
-    guidance_kwarg="guidance_scale", default_guidance=3.5,
+    name="flux", pipeline_cls="FluxPipeline", tiny_builder="tiny_flux_pipeline", tiny_text=True,
+    default_steps=28, guidance_kwarg="guidance_scale", default_guidance=3.5,
 )
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from diffusers.hooks.first_block_cache import FBCBlockHook, FBCHeadBlockHook
 from diffusers.hooks.mag_cache import MagCacheBlockHook
 
+from ._forward import patch_attribute
+
 
 def share_cache_decisions(transformer, group) -> None:
     """Make a First Block Cache on `transformer` decide, and a calibrating MagCache measure, on the whole sequence
@@ -29,13 +31,14 @@ def share_cache_decisions(transformer, group) -> None:
     the transformer's block lists."""
     hook = first_block_cache_hook(transformer)
     if hook is not None and getattr(hook, "_fastusp_group", False) is not group:
-        hook._fastusp_group = group
-        hook._fastusp_forced = None  # set by FirstBlockCacheGraphs while it runs a branch
-        hook._should_compute_remaining_blocks = _whole_sequence_decision(hook, group)
+        patch_attribute(hook, "_fastusp_group", group, owner=transformer)
+        patch_attribute(hook, "_fastusp_forced", None, owner=transformer)  # set by FirstBlockCacheGraphs in a branch
+        patch_attribute(hook, "_should_compute_remaining_blocks", _whole_sequence_decision(hook, group),
+                        owner=transformer)
     tail = _mag_cache_tail_hook(transformer)
     if tail is not None and tail.config.calibrate and getattr(tail, "_fastusp_group", False) is not group:
-        tail._fastusp_group = group
-        tail._perform_calibration_step = _whole_sequence_calibration(group)
+        patch_attribute(tail, "_fastusp_group", group, owner=transformer)
+        patch_attribute(tail, "_perform_calibration_step", _whole_sequence_calibration(group), owner=transformer)
 
 
 def first_block_cache_hook(transformer) -> FBCHeadBlockHook | None:

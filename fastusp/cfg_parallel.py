@@ -22,7 +22,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from ._forward import forward_of, wrap_forward
+from ._forward import forward_of, patch_attribute, wrap_forward
 
 
 class ForwardSlot:
@@ -46,7 +46,7 @@ class GuidancePasses:
         """This group's pass: forward(); another group's: a [batch, tokens, out_features] placeholder."""
         index = len(self.passes)
         if index % self.cfg == self.cfg_rank:
-            out = forward()
+            out = forward().contiguous()  # the exchange writes and sends storage: a view's order would be lost
         else:
             out = torch.empty(batch, tokens, self.out_features, dtype=self.dtype, device=device)
         self.passes.append(out)
@@ -96,7 +96,7 @@ class DenoisingLoop:
         def progress_bar(*args, **kwargs):
             return _LoopBar(make_bar(*args, **kwargs), self, pipe)
 
-        pipe.progress_bar = progress_bar
+        patch_attribute(pipe, "progress_bar", progress_bar)
 
 
 class _LoopBar:
@@ -130,7 +130,8 @@ def apply_cfg_parallel(pipe, transformer, config, output_tokens) -> None:
     slot = ForwardSlot(forward_of(transformer))
     passes = GuidancePasses(config, transformer)
     # a loop starts with no passes: a call that raised mid-step may have left some
-    loop = transformer._fastusp_denoising_loop = DenoisingLoop(on_start=passes.reset)
+    loop = DenoisingLoop(on_start=passes.reset)
+    patch_attribute(transformer, "_fastusp_denoising_loop", loop)
     loop.track(pipe)
 
     def run_pass(_, inputs):
@@ -142,7 +143,7 @@ def apply_cfg_parallel(pipe, transformer, config, output_tokens) -> None:
         return passes.run(forward, hidden.shape[0], output_tokens(inputs), hidden.device)
 
     wrap_forward(transformer, run_pass)
-    transformer._fastusp_forward_slot = slot
+    patch_attribute(transformer, "_fastusp_forward_slot", slot)
 
 
 def track_denoising_loop(pipe, transformer) -> None:
@@ -154,7 +155,7 @@ def _hook_scheduler(scheduler, passes: GuidancePasses) -> None:
     """scheduler.step ends a step: complete its passes first."""
     if getattr(scheduler.step, "_fastusp_passes", None) is passes:
         return
-    scheduler.step = _run_first(passes.finish_step, scheduler.step, passes)
+    patch_attribute(scheduler, "step", _run_first(passes.finish_step, scheduler.step, passes))
 
 
 def _run_first(before, method, passes: GuidancePasses):

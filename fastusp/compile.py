@@ -24,11 +24,12 @@ import torch
 from diffusers.hooks import FirstBlockCacheConfig
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from ._forward import forward_of, own_forward, replace_forward, set_own_forward, wrap_forward
+from ._forward import forward_of, is_fastusp_hook, own_forward, replace_forward, set_own_forward, wrap_forward
 from .caches import FirstBlockCacheGraphs, is_first_block_cache_hook
 from .controlnet import controlnets
-from .cuda_graphs import GraphedForward
+from .cuda_graphs import GraphedForward, graphed_or_eager
 from .gemm_rewrites import GemmRewrites
+from .models.registry import spec_for
 
 logger = logging.getLogger("fastusp")
 
@@ -43,7 +44,7 @@ class CompileReport:
 
     mode: str
     cuda_graphs: bool = False
-    graphs_of: str = "whole-forward"  # or "all-blocks" (apply_block_stack_cuda_graphs)
+    graphs_of: str = "whole-forward"  # or "all-blocks" (a model's own graphs: ModelSpec.cuda_graphs)
     text_bucket: int | None = None
     compiled: list[str] = field(default_factory=list)
     opaque: list[str] = field(default_factory=list)
@@ -124,18 +125,16 @@ def compile_report(obj) -> CompileReport | None:
 def compile_transformer(transformer, report: CompileReport, regional: bool, reorder_comm: bool, backend) -> None:
     """Its repeated blocks (or the whole of it) compiled, then its forward graphed, as report.cuda_graphs says, and
     prompts padded to report.text_bucket tokens on their way in."""
-    config, spec = getattr(transformer, "_fastusp_config", None), _model_spec(transformer)
-    joint_sequence = spec is not None and spec.joint_sequence
-    if config is not None and config.ring > 1 and not joint_sequence:
+    config, spec = getattr(transformer, "_fastusp_config", None), spec_for(transformer)
+    if config is not None and config.ring > 1 and spec.ring_op:
         report.opaque.append("ring attention (fastusp::ring_attention custom op)")
     if backend is not None:
         regions = _repeated_blocks(transformer) if regional else [("transformer", transformer)]
         apply_compile(regions, report, reorder_comm, backend)
         report.compiled = sorted({type(m).__name__ for _, m in regions})
     slot = getattr(transformer, "_fastusp_forward_slot", transformer)
-    if report.cuda_graphs and joint_sequence:
-        report.graphs_of = "all-blocks"
-        apply_block_stack_cuda_graphs(transformer, report)
+    if report.cuda_graphs and spec is not None and spec.cuda_graphs is not None:
+        spec.cuda_graphs(transformer, report)  # the model's own graphs, for a forward that cannot be captured whole
     elif report.cuda_graphs:
         # beneath cfg parallelism's wrapper, if any: which guidance pass a group runs is not captured
         apply_cuda_graphs(slot, transformer, report)
@@ -178,7 +177,7 @@ def _inductor_options(mode: str, reorder_comm: bool) -> dict:
         # reorder_for_compute_comm_overlap is on) gathers a hash on the default group while compiling. Ranks of an
         # uneven token split trace different shapes by design: each block printed a mismatch report, and a FLUX
         # ring compile deadlocked (one rank waiting in the check, the other, fallen back to eager, sending ring
-        # chunks; docs/design.md).
+        # chunks).
         options[_SPMD_CHECK] = False
     if torch._inductor.config.pre_grad_custom_pass is None:  # a user's own pass is left in place, without ours
         options["pre_grad_custom_pass"] = GemmRewrites()
@@ -208,7 +207,7 @@ def apply_cuda_graphs(slot, transformer, report: CompileReport) -> None:
     forward = forward_of(slot)
     cache_graphs = FirstBlockCacheGraphs(transformer, _sequence_group(transformer))
     sample = cache_graphs.forced(lambda **kw: forward(**kw, return_dict=False)[0])
-    graphed = _graphed_or_eager(GraphedForward(sample, transformer), report, "cuda graphs")
+    graphed = graphed_or_eager(GraphedForward(sample, transformer), report, "cuda graphs")
     transformer._fastusp_cache_graphs = cache_graphs
 
     def run(original, inputs):
@@ -223,60 +222,6 @@ def apply_cuda_graphs(slot, transformer, report: CompileReport) -> None:
         return cache_graphs(inputs, lambda branch_inputs: graphed(branch_inputs, lambda: sample(**branch_inputs)))
 
     wrap_forward(slot, run)
-
-
-def apply_block_stack_cuda_graphs(transformer, report: CompileReport) -> None:
-    """CUDA graphs of all the blocks together, one per input signature, for a transformer whose forward reads tensors
-    on the host before its blocks (Qwen-Image 2.1 lays out RoPE and the block-causal segments with .tolist()), so
-    that the forward cannot be captured whole. The forward's head runs eagerly; the first block's call runs every
-    block (replays the graph) and the other blocks' calls pass its output on.
-
-    A step's KV cache is new with every pipeline call: a cached step gets every layer's cached keys and values as
-    graph inputs, copied in at each replay. The cache's first step ("extract") stores new tensors into it and runs
-    eagerly. The sequence layout is part of the key: a rank's row count alone does not fix the other ranks'."""
-    blocks = list(transformer.transformer_blocks)
-    forwards = [own_forward(block) for block in blocks]
-    context = getattr(transformer, "_fastusp_context", None)
-
-    def run_blocks(hidden_states, layer_caches, layout_tokens, **shared):
-        for forward, layer_cache in zip(forwards, layer_caches):
-            hidden_states = forward(hidden_states=hidden_states, layer_cache=layer_cache, **shared)
-        return hidden_states
-
-    graphed = _graphed_or_eager(GraphedForward(run_blocks, transformer), report, "cuda graphs")
-    step = {"kv_cache": None, "ran": False}
-
-    def first_block(hidden_states, layer_cache=None, **shared):
-        kv_cache = step["kv_cache"]
-        caches = [kv_cache.get_layer(i) for i in range(len(blocks))] if kv_cache is not None else [None] * len(blocks)
-        layout = context.current_layout().tokens if context is not None else None
-        inputs = dict(hidden_states=hidden_states, layout_tokens=layout, **shared)
-        step["ran"] = True
-        if shared.get("kv_cache_mode") == "extract":  # stores new tensors into the cache
-            return run_blocks(layer_caches=caches, **inputs)
-        if kv_cache is not None:
-            caches = [dict(zip(("k", "v"), cache.get())) for cache in caches]
-        inputs["layer_caches"] = caches
-        return graphed(inputs, lambda: run_blocks(**inputs))
-
-    def later_block(forward):
-        @functools.wraps(forward)
-        def call(hidden_states, **kwargs):
-            return hidden_states if step["ran"] else forward(hidden_states=hidden_states, **kwargs)
-        return call
-
-    set_own_forward(blocks[0], functools.wraps(forwards[0])(first_block))
-    for block, forward in zip(blocks[1:], forwards[1:]):
-        set_own_forward(block, later_block(forward))
-
-    def run(original, inputs):
-        step.update(kv_cache=inputs.get("kv_cache"), ran=False)
-        try:
-            return original(**inputs, return_dict=False)[0]
-        finally:
-            step.update(kv_cache=None, ran=False)
-
-    wrap_forward(transformer, run)
 
 
 def _sequence_group(transformer):
@@ -313,18 +258,10 @@ def _pad_tokens(tensor: torch.Tensor, dim: int, extra: int) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, pad)
 
 
-def _model_spec(transformer):
-    """What parallelize knows of this transformer's class (None: a class fastusp does not parallelize)."""
-    from .parallelize import _model_specs
-
-    return _model_specs().get(type(transformer))
-
-
 def _text_mask_spec(transformer):
-    spec = _model_spec(transformer)
-    if spec is None or spec.text_mask is None or spec.joint_sequence:
-        reason = ("builds inside its forward, with the joint sequence" if spec is not None and spec.joint_sequence
-                  else "does not take (FLUX pipelines pad prompts to a fixed length themselves)")
+    spec = spec_for(transformer)
+    if spec is None or spec.text_mask is None:
+        reason = "does not take" if spec is None else spec.no_text_mask
         raise ValueError(f"text_bucket pads prompts behind a text mask, which {type(transformer).__name__} {reason}")
     return spec
 
@@ -338,28 +275,8 @@ def _check_text_bucket(transformer, bucket) -> None:
 def apply_controlnet_cuda_graphs(net, report: CompileReport) -> None:
     """The same for a ControlNet, whose forward returns its residuals (lists of tensors, or diffusers' output
     class): outside the transformer's graph, it would launch its blocks' kernels one by one."""
-    graphed = _graphed_or_eager(GraphedForward(forward_of(net), net), report, f"cuda graphs ({type(net).__name__})")
+    graphed = graphed_or_eager(GraphedForward(forward_of(net), net), report, f"cuda graphs ({type(net).__name__})")
     replace_forward(net, lambda forward, inputs: graphed(inputs, lambda: forward(**inputs)))
-
-
-def _graphed_or_eager(graphed_forward: GraphedForward, report: CompileReport, region: str):
-    """call(inputs, eager): the graphed forward on inputs, or eager() when autograd records or capture failed."""
-    state = {"graphed": graphed_forward}
-
-    def call(inputs: dict, eager):
-        if torch.is_grad_enabled() or state["graphed"] is None:  # graphs are for inference only
-            return eager()
-        try:
-            return state["graphed"](**inputs)
-        except RuntimeError as e:
-            if "captur" not in str(e).lower():  # only capture failures fall back; real errors propagate
-                raise
-            state["graphed"] = None
-            report.fell_back[region] = " ".join(str(e).split())[:300]
-            logger.warning(report.summary())
-            return eager()
-
-    return call
 
 
 def _check_weights_stay_put(model) -> None:
@@ -368,10 +285,11 @@ def _check_weights_stay_put(model) -> None:
     its modules (enable_sequential_cpu_offload, diffusers' group offloading or caches) change weights or decide what
     runs inside the forward, where a replay would not follow; First Block Cache's are the exception (its decision
     is taken between graphs, caches.FirstBlockCacheGraphs)."""
-    # a registry without hooks is harmless: diffusers gives the transformer one in every pipeline call (cache_context)
+    # a registry without hooks is harmless: diffusers gives the transformer one in every pipeline call (cache_context);
+    # fastusp's own hooks only wrap forwards
     hooked = [name or type(model).__name__ for name, m in model.named_modules()
-              if any(not is_first_block_cache_hook(h) for h in getattr(getattr(m, "_diffusers_hook", None), "hooks",
-                                                                       {}).values())
+              if any(not (is_first_block_cache_hook(h) or is_fastusp_hook(h))
+                     for h in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}).values())
               or (m is not model and hasattr(m, "_hf_hook"))]
     if hooked:
         shown = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "")

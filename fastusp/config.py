@@ -8,11 +8,16 @@ of all, so they are outermost. The ring x ulysses ranks of one cfg group share o
 from __future__ import annotations
 
 import contextlib
+import datetime
+import logging
+import operator
 import os
 from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("fastusp")
 
 
 @dataclass
@@ -24,8 +29,9 @@ class ParallelConfig:
     ulysses: ranks that exchange sequence shards for head shards by all-to-all (1 = off).
     ring:    ranks that rotate key/value chunks point to point (1 = off).
     fp8_comm: quantize the payload of collectives to float8_e4m3fn with per-token, per-head scales that travel
-              with the data. False (default) keeps communication lossless. True quantizes q/k/v and the ring
-              key/value exchange; "all" also quantizes the attention output on its way back.
+              with the data. False (default) keeps communication lossless. "qkv" (or True) quantizes q/k/v and the
+              ring key/value exchange; "all" also quantizes the attention output on its way back. The examples'
+              --fp8-comm takes the same words.
     ring_overlap: post the next key/value transfer before computing on the current chunk (the pipelined ring).
               False waits for each transfer first; it exists to measure what the overlap buys.
     ulysses_chunks: send each rank's heads in this many chunks, so one chunk's all-to-all overlaps another's
@@ -49,12 +55,13 @@ class ParallelConfig:
         if self.ulysses_chunks is not None:  # None: chosen per forward (see head_chunks)
             counts["ulysses_chunks"] = self.ulysses_chunks
         for name, value in counts.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            setattr(self, name, as_degree(name, value))
         if self.cfg > 2:
             raise ValueError(f"cfg must be 1 or 2 (one group of ranks per guidance pass), got {self.cfg}")
-        if self.fp8_comm not in (False, True, "all"):
-            raise ValueError(f"fp8_comm must be False, True or 'all', got {self.fp8_comm!r}")
+        if isinstance(self.fp8_comm, str) and self.fp8_comm not in ("qkv", "all") or \
+                not isinstance(self.fp8_comm, (bool, str)):
+            raise ValueError(f"fp8_comm must be False, True or 'all' ('qkv' is True), got {self.fp8_comm!r}")
+        self.fp8_comm = True if self.fp8_comm == "qkv" else self.fp8_comm  # one value per meaning
 
     def settings(self) -> dict:
         """The arguments this config was made with (what parallelize() takes), without the groups built from them."""
@@ -101,6 +108,15 @@ class ParallelConfig:
                 f"ulysses ({self.ulysses}) must divide the number of attention heads ({num_heads}); "
                 f"valid ulysses degrees: {divisors}. Move the rest of the parallelism to ring"
             )
+
+    def set_timeout(self, timeout: datetime.timedelta | None) -> None:
+        """Every collective fastusp issues (on the default group and on each group built here) raises after waiting
+        this long, instead of torch's default (30 minutes on gloo, 10 on NCCL). None: leave them as they are."""
+        if timeout is None:
+            return
+        for group in {dist.group.WORLD, *self._groups.values()}:
+            if group is not None and dist.get_world_size(group) > 1:
+                dist.distributed_c10d._set_pg_timeout(timeout, group)
 
     # --- process groups -----------------------------------------------------------------------------------------
 
@@ -170,6 +186,49 @@ class ParallelConfig:
         return self._rank // self.sequence_size
 
 
+def as_degree(name: str, value) -> int:
+    """value as a plain int >= 1 (numpy and torch integers too: operator.index), or ValueError naming `name`."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool) or number < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return number
+
+
+def fill_degrees(ulysses, ring, cfg, num_heads: int) -> tuple[int, int]:
+    """(ulysses, ring) with None filled in from the number of processes (torchrun's WORLD_SIZE, or the initialized
+    process group's) and the head count: with neither given, ulysses is the largest degree that divides both the
+    heads and the ranks of one guidance pass, and ring takes the rest; with one given, the other takes the rest.
+    Degrees that cannot fit the world are left for ParallelConfig.validate_world to report."""
+    ulysses = None if ulysses is None else as_degree("ulysses", ulysses)
+    ring = None if ring is None else as_degree("ring", ring)
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = as_degree("cfg", cfg)
+    sequence = world // cfg if world % cfg == 0 else 1
+    if ulysses is None and ring is None:
+        ulysses = max(d for d in range(1, sequence + 1) if sequence % d == 0 and num_heads % d == 0)
+        ring = sequence // ulysses
+        if int(os.environ.get("RANK", "0")) == 0:
+            logger.info("fastusp: %d processes, cfg=%d, %d heads: chose ulysses=%d (the largest degree dividing the "
+                        "heads), ring=%d", world, cfg, num_heads, ulysses, ring)
+    elif ulysses is None:
+        ulysses = sequence // ring if sequence % ring == 0 else 1
+    elif ring is None:
+        ring = sequence // ulysses if sequence % ulysses == 0 else 1
+    return ulysses, ring
+
+
+def as_timeout(timeout) -> datetime.timedelta | None:
+    """Seconds (int or float) or a timedelta, as a timedelta; None stays None (torch's default)."""
+    if timeout is None or isinstance(timeout, datetime.timedelta):
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0 or a datetime.timedelta, got {timeout!r}")
+    return datetime.timedelta(seconds=timeout)
+
+
 def check_one_gpu_per_rank(device: torch.device) -> None:
     """Raise ValueError when a torchrun rank other than the first computes on GPU 0 although it has a GPU of its own:
     every rank would share GPU 0 (pipe.to("cuda"), enable_model_cpu_offload() without gpu_id)."""
@@ -194,8 +253,9 @@ def on_device(device: torch.device):
     return torch.cuda.device(device)
 
 
-def maybe_init_distributed(device: torch.device) -> None:
-    """Initialize torch.distributed from the torchrun environment if nobody has (NCCL on CUDA, gloo on CPU)."""
+def maybe_init_distributed(device: torch.device, timeout: datetime.timedelta | None = None) -> None:
+    """Initialize torch.distributed from the torchrun environment if nobody has (NCCL on CUDA, gloo on CPU), with
+    `timeout` for its collectives (None: torch's default)."""
     if dist.is_initialized():
         return
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -207,6 +267,6 @@ def maybe_init_distributed(device: torch.device) -> None:
         )
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)

@@ -16,7 +16,7 @@ would silently run the old model.
 Under NCCL the graphs are captured in memory from NCCL's own allocator (ncclMemAlloc). NCCL registers the buffers
 of every collective it captures, and with that memory a captured all-to-all copies straight between the ranks'
 tensors instead of staging through NCCL's buffers: 0.7-1.0 ms off a step (FLUX on 2 and 4 GPUs, Qwen-Image on 2;
-benchmarks/results/2026-11-27-4xH200-x-y.md). Registering only the graphs' memory is the safe way: it belongs to
+benchmarks/results/2026-11-27-4xH200-cfg-parallel-nccl-graph-memory.md). Registering only the graphs' memory is the safe way: it belongs to
 the graphs' private pool, so it is never freed and reused while a graph can still replay. Registering all of
 torch's allocations instead (TORCH_NCCL_USE_TENSOR_REGISTER_ALLOCATOR_HOOK) was as fast but gave a NaN once.
 FASTUSP_NCCL_GRAPH_MEMORY=0 captures in torch's default graph pool instead.
@@ -38,7 +38,6 @@ import weakref
 
 import torch
 import torch.distributed as dist
-from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -100,6 +99,27 @@ class GraphedForward:
         graph, static_output = capture_graph(run, self.warmup, self.pool)
         logger.info("fastusp: captured CUDA graph %d for new input shapes", len(self.graphs) + 1)
         return static_inputs, graph, static_output
+
+
+def graphed_or_eager(graphed_forward: GraphedForward, report, region: str):
+    """call(inputs, eager): the graphed forward on inputs, or eager() when autograd records or capture failed; a
+    failure is noted in report.fell_back[region] (a compile.CompileReport) and logged."""
+    state = {"graphed": graphed_forward}
+
+    def call(inputs: dict, eager):
+        if torch.is_grad_enabled() or state["graphed"] is None:  # graphs are for inference only
+            return eager()
+        try:
+            return state["graphed"](**inputs)
+        except RuntimeError as e:
+            if "captur" not in str(e).lower():  # only capture failures fall back; real errors propagate
+                raise
+            state["graphed"] = None
+            report.fell_back[region] = " ".join(str(e).split())[:300]
+            logger.warning(report.summary())
+            return eager()
+
+    return call
 
 
 _GRAPHED: weakref.WeakSet = weakref.WeakSet()
@@ -169,8 +189,9 @@ def _pinned_host_data():
     Both build a CUDA tensor from Python data by copying from pageable memory, which capture refuses, so without this
     any such call fails the capture: diffusers' Qwen-Image-Edit-2511 forward builds modulate_index so, from
     img_shapes, and every Qwen-Image forward given a text mask builds torch.as_tensor(text_seq_len, device=...) (in
-    compute_text_seq_len_from_mask; a parallelized forward never calls it, a plain one fell back from graphs). A copy from pinned memory can be captured; each replay repeats it from the same buffer, so the
-    values are those computed at capture, like every Python value a graph bakes in (img_shapes is part of the key).
+    compute_text_seq_len_from_mask; a parallelized forward never calls it, a plain one fell back from graphs). A
+    copy from pinned memory can be captured; each replay repeats it from the same buffer, so the values are those
+    computed at capture, like every Python value a graph bakes in (img_shapes is part of the key).
     Only calls that would otherwise fail change (other threads see the patch too while it lasts; their copies then
     come from pinned memory, with the same result). Patched on torch itself, not on the model's module: Dynamo
     guards the module's globals, and replacing its `torch` would recompile the compiled blocks in mid-capture.
@@ -324,7 +345,7 @@ def _install_registration_hooks() -> None:
 
 def _adapter_settings(module):
     """The Python values a module's adapters read in forward (None for a module without adapters)."""
-    if isinstance(module, FluxIPAdapterAttnProcessor):
+    if hasattr(module, "to_k_ip") and isinstance(getattr(module, "scale", None), list):  # an IP-Adapter processor
         return ("ip-adapter", *module.scale)
     if hasattr(module, "merged_adapters") and hasattr(module, "active_adapters"):  # a PEFT tuner layer (LoRA ...)
         scaling = getattr(module, "scaling", {})

@@ -12,7 +12,7 @@ write fewer bytes between their GEMMs. Same math; the model's code is untouched 
 At 2 GPUs' per-rank sizes (one H200) FLUX's single-stream tail took 549 us instead of 590, its double-stream image
 feed-forward 413 instead of 448. Compiled steps on 2xH200, u2r1, with Inductor's peak-memory reorder off (see
 compile.py): FLUX 74.5 ms against 76.5-76.9 with either change alone, Qwen-Image 83.5 against 86.1 without both
-(benchmarks/results/2026-11-28-gemm-rewrites.md).
+(benchmarks/results/2026-11-28-2xH200-gemm-rewrites.md).
 """
 from __future__ import annotations
 

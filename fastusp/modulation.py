@@ -4,7 +4,7 @@ Every FLUX and Qwen-Image block turns the timestep embedding `temb` into its shi
 linear layer per stream (3072 -> 18432 in a double-stream block, 3072 -> 9216 in FLUX's single-stream ones). Its input
 is one row per sample, so the layer is a matrix-vector product bound by reading its weights: 6.4 GB a step for FLUX's
 57 blocks, 13.6 GB for Qwen-Image's 60: 2.6 and 5.4 ms a step on an H100, 2.3 and 3.9 ms in H200 kernel traces
-(benchmarks/results/2026-12-07-shared-modulation.md). Every rank computed all of them, the same vectors.
+(benchmarks/results/2026-12-07-1xH100-shared-modulation.md). Every rank computed all of them, the same vectors.
 
 Here the blocks (a transformer's, and a sharded ControlNet's apart) are dealt out to the ranks of the sequence group
 by weight size. Before the first block each rank computes its blocks' modulation with diffusers' own modules (a LoRA
@@ -27,6 +27,7 @@ from diffusers.hooks.group_offloading import GroupOffloadingHook
 from diffusers.hooks.mag_cache import MagCacheHeadHook
 from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
 
+from ._forward import hook_forward, patch_attribute, pre_forward_hook
 from .distributed.gather import gather_seq
 from .processors.context import USPContext
 
@@ -102,10 +103,10 @@ class SharedModulation:
     def install(self) -> None:
         for index, (block, modules) in enumerate(self.blocks):
             for stream, module in enumerate(modules):
-                module._fastusp_stream = stream
-                module.forward = types.MethodType(_STREAM_KINDS[type(module)][0], module)
-            block.register_forward_pre_hook(self._enter_hook(index), with_kwargs=True)
-        self.blocks[-1][0].register_forward_hook(self._release)
+                patch_attribute(module, "_fastusp_stream", stream)
+                patch_attribute(module, "forward", types.MethodType(_STREAM_KINDS[type(module)][0], module))
+            pre_forward_hook(block, self._enter_hook(index))
+        hook_forward(self.blocks[-1][0], self._release)
 
     def _enter_hook(self, index: int):
         def enter(block, args, kwargs):
@@ -118,8 +119,10 @@ class SharedModulation:
 
         return enter
 
-    def _release(self, block, args, output) -> None:
+    def _release(self, forward, *args, **kwargs):
+        output = forward(*args, **kwargs)
         self.modulations = None
+        return output
 
     def compute(self, temb: torch.Tensor) -> list[torch.Tensor]:
         """Every block's modulation [B, k, n], this rank's blocks computed here, the others gathered."""

@@ -9,9 +9,10 @@ Which layers: only the linear layers inside the repeated transformer blocks (the
 Everything outside them stays bf16: the input embedders (x_embedder / img_in, context_embedder / txt_in), the
 timestep / guidance / pooled-text embedders and the output's norm_out and proj_out. They are well under a percent of
 a step's arithmetic (FLUX at 1024²: context_embedder's 13 GFLOP of ~60 TFLOP in the blocks' linears), and they
-read the model's inputs and write its output directly, where float8's rounding is not averaged by later layers. Inside the blocks, `keep_bf16` lists more layers to keep (fnmatch
-patterns of module names, as transformer.named_modules() gives them; LAYER_GROUPS names the blocks' groups). A layer
-whose widths are not multiples of 16 (what the float8 GEMM needs) stays bf16 too.
+read the model's inputs and write its output directly, where float8's rounding is not averaged by later layers.
+Inside the blocks, `keep_bf16` lists more layers to keep (fnmatch patterns of module names, as
+transformer.named_modules() gives them; LAYER_GROUPS names the blocks' groups). A layer whose widths are not
+multiples of 16 (what the float8 GEMM needs) stays bf16 too.
 
 Granularity and parallelism: with per-row scales every token's activation row is quantized on its own, so a
 parallelized model (tokens split over ranks) quantizes exactly as one GPU does. With granularity="tensor" each rank
@@ -40,9 +41,8 @@ logger = logging.getLogger("fastusp")
 
 MODES = ("fp8",)
 GRANULARITIES = ("row", "tensor")
-# Layers inside the blocks kept in bf16 by default: none yet. Which group carries the float8 error is what
-# benchmarks/fp8_quality.py measures (one record per group kept in bf16); it has not run on a GPU yet (docs/fp8.md),
-# so every block linear computes in float8, as torchao's own recipe for FLUX does.
+# Layers inside the blocks kept in bf16 by default: none yet. Which groups carry the error is for
+# benchmarks/fp8_quality.py to measure on a GPU (docs/fp8.md); until it has, every block layer computes in float8.
 DEFAULT_KEEP_BF16: tuple[str, ...] = ()
 # The layer groups of the blocks of FLUX, FLUX.2 and Qwen-Image, as fnmatch patterns of module names: for keep_bf16,
 # and for benchmarks/fp8_quality.py's per-group error.
@@ -63,7 +63,7 @@ def quantize(obj, mode: str = "fp8", *, granularity: str = "row", keep_bf16=DEFA
     mode: "fp8" (float8_e4m3fn weights and activations, dynamic activation scales).
     granularity: "row" (a scale per weight row and per token, default) or "tensor" (one scale each).
     keep_bf16: fnmatch patterns of module names inside the blocks to keep in bf16, besides everything outside the
-        blocks (see the module docstring); e.g. fastusp.quantization.LAYER_GROUPS["modulation"].
+        blocks (see the module docstring); LAYER_GROUPS names groups of them.
     Needs torchao (pip install fastusp[fp8]) and a CUDA GPU of compute capability 8.9 or newer. Call it before
     fastusp.compile_pipeline; before or after fastusp.parallelize.
     """
@@ -80,6 +80,7 @@ def quantize(obj, mode: str = "fp8", *, granularity: str = "row", keep_bf16=DEFA
     if not names:
         raise ValueError(f"fastusp.quantize: no linear layer of {type(transformer).__name__} is left to quantize "
                          f"(keep_bf16={keep_bf16!r})")
+    _check_ranks_agree(transformer, mode, granularity, keep_bf16)
     dtypes = {getattr_path(transformer, n).weight.dtype for n in names}
     if granularity == "row" and dtypes != {torch.bfloat16}:
         raise ValueError(f"fastusp.quantize: per-row float8 scales need bf16 weights, got {sorted(map(str, dtypes))}; "
@@ -152,6 +153,20 @@ def _check_order(transformer) -> None:
         raise ValueError(f"{type(transformer).__name__} already holds quantized weights (fastusp.quantize, or "
                          f"diffusers' TorchAoConfig / PipelineQuantizationConfig): nothing to do; parallelize and "
                          f"compile it as it is")
+
+
+def _check_ranks_agree(transformer, mode: str, granularity: str, keep_bf16: tuple) -> None:
+    """After parallelize, every rank must quantize alike (before it, parallelize compares what quantize did)."""
+    if getattr(transformer, "_fastusp_config", None) is None:
+        return
+    from .agreement import Fingerprint, check_same_on_every_rank
+
+    fingerprint = Fingerprint()
+    for name, value in dict(mode=mode, granularity=granularity, keep_bf16=keep_bf16).items():
+        fingerprint.add(name, value)
+    check_same_on_every_rank(fingerprint, "the arguments of fastusp.quantize", "every rank must quantize its "
+                             "parallelized transformer with the same arguments",
+                             get_module_execution_device(transformer))
 
 
 def _check_device(transformer) -> None:

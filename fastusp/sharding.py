@@ -1,4 +1,4 @@
-"""How a sequence is cut across ranks, and the per-forward layout the attention needs to know.
+"""How a sequence is cut across ranks, the per-forward layout the attention needs to know, and the cut itself.
 
 Every rank holds a contiguous chunk of the text tokens and a contiguous chunk of the image tokens. Chunk sizes
 differ by at most one token when the world size does not divide a length: nothing is padded, so results are
@@ -79,3 +79,57 @@ def key_bias_from_text_bias(text_bias: torch.Tensor, layout_text: tuple[int, ...
         pieces.append(text_bias.new_zeros(text_bias.shape[0], i))
         start += t
     return torch.cat(pieces, dim=1)
+
+
+def narrow_tokens(value, index: slice, dim: int):
+    """value (a tensor, a list or tuple of them, or None) narrowed to index along dim."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return type(value)(narrow_tokens(v, index, dim) for v in value)
+    return value.narrow(dim, index.start, index.stop - index.start)
+
+
+def shard_inputs(inputs: dict, spec, ranks: int, rank: int) -> SeqLayout:
+    """Cut a forward's bound inputs to this rank's tokens, in place, along the token axes a ModelSpec names; returns
+    the layout (with the key bias of a text mask, which replaces the mask). ranks: the sequence group's size (the
+    ranks that share this sequence). Used for the transformer and for its ControlNets."""
+    layout = _layout_for(inputs, spec, ranks)
+    if spec.text_mask in inputs:  # now carried by layout.key_bias; diffusers' own mask code is not needed
+        inputs[spec.text_mask] = None
+    for name, dim in spec.text_inputs.items():
+        if name in inputs:
+            inputs[name] = narrow_tokens(inputs[name], layout.text_slice(rank), dim)
+    for name, dim in spec.image_inputs.items():
+        if name in inputs:
+            inputs[name] = narrow_tokens(inputs[name], layout.image_slice(rank), dim)
+    for name, dim in spec.residual_inputs.items():
+        if inputs.get(name) is not None:
+            inputs[name] = [_shard_residual(r, layout, rank, dim) for r in inputs[name]]
+    return layout
+
+
+def _layout_for(inputs: dict, spec, ranks: int) -> SeqLayout:
+    image_len = inputs["hidden_states"].shape[1]
+    text = inputs.get("encoder_hidden_states")
+    text_len = 0 if text is None else text.shape[1]
+    if image_len < ranks:
+        raise ValueError(f"{image_len} image tokens cannot be split over {ranks} ranks; use a larger image")
+    layout = SeqLayout.even(text_len, image_len, ranks)
+    mask = inputs.get(spec.text_mask) if spec.text_mask else None
+    # A given mask is always applied, as the single-device model does. Checking for an all-ones mask here would
+    # cost a host sync every step (and break CUDA graph capture); pipelines drop such masks themselves.
+    if mask is not None:
+        layout = layout.with_text_mask(mask, inputs["hidden_states"].dtype)
+    return layout
+
+
+def _shard_residual(residual: torch.Tensor, layout: SeqLayout, rank: int, dim: int) -> torch.Tensor:
+    """A ControlNet residual: full length from a ControlNet that ran whole, this rank's rows from a sharded one."""
+    length = residual.shape[dim]
+    if length == sum(layout.image):
+        return narrow_tokens(residual, layout.image_slice(rank), dim)
+    if length == layout.image[rank]:
+        return residual
+    raise ValueError(f"a ControlNet residual has {length} image tokens; expected all {sum(layout.image)} or this "
+                     f"rank's {layout.image[rank]}")

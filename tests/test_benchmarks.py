@@ -146,7 +146,7 @@ def test_wait_by_position():
 def _yunchang_worker(a):
     import torch
     from step_latency import apply_yunchang
-    from tiny_models import flux_inputs, tiny_flux
+    from fastusp.testing import flux_inputs, tiny_flux
 
     model = tiny_flux()
     apply_yunchang(model, a, 2)  # in place
@@ -163,35 +163,13 @@ def test_yunchang_baseline_computes_the_single_device_output():
 
     pytest.importorskip("yunchang")
     from _dist import run_distributed
-    from tiny_models import flux_inputs, tiny_flux
+    from fastusp.testing import flux_inputs, tiny_flux
 
     with torch.no_grad():
         ref = tiny_flux()(**flux_inputs(height=4, width=4, text_len=6), return_dict=False)[0]
     outs = run_distributed(_yunchang_worker, 2, argparse.Namespace(config="u2r1"))
     for out in outs:
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-
-
-def test_graph_gemm_gaps_pairs_each_kernel_with_the_gap_before_it():
-    from graph_gemm_gaps import gaps_by_kernel
-    # one stream: norm 0-10, gemm 19-79 (gap 9), gemm 80-140 (gap 1), gelu 140-150 (gap 0); host events ignored
-    trace = {"traceEvents": [_kernel("triton_norm", 0, 10), _kernel("nvjet_coopA", 80, 60),
-                             _kernel("nvjet_coopA", 19, 60), _kernel("triton_gelu", 140, 10),
-                             {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500}]}
-    assert gaps_by_kernel(trace) == {"nvjet_coopA": [(9, 60), (1, 60)], "triton_gelu": [(0, 10)]}
-
-
-def test_masked_attention_benchmark_agrees_with_the_biased_call():
-    # the masked-attention micro-benchmark on CPU, eager, tiny: every variant but "unmasked" equals the biased call
-    from masked_attention import main
-
-    records = main(["--tokens", "40", "--text", "8", "--head-dim", "16", "--cases", "2:2", "1:4", "--no-compile",
-                    "--device", "cpu"])
-    assert {(r["kind"], r["ranks"]) for r in records} == {(k, n) for k in ("biased", "text_keys_apart", "unmasked")
-                                                          for n in (2, 4)}
-    for r in records:
-        assert r["us"] > 0
-        assert (r["rel_err_vs_biased"] < 1e-5) == (r["kind"] != "unmasked")
 
 
 def _controlnet_step_worker(config: str | None, whole: bool):
@@ -268,7 +246,7 @@ def test_a_compiled_run_records_what_fell_back_to_eager():
     # fallbacks ({} when none), and only for runs that fastusp compiled
     import fastusp
     import step_latency
-    from tiny_models import tiny_flux
+    from fastusp.testing import tiny_flux
 
     compiled = step_latency.parse_args(["--tiny", "--impl", "fastusp", "--config", "u1r1", "--compile", "1"])
     eager = step_latency.parse_args(["--tiny", "--impl", "fastusp", "--config", "u1r1", "--compile", "0"])
@@ -281,40 +259,171 @@ def test_a_compiled_run_records_what_fell_back_to_eager():
     assert step_latency.compile_fallbacks(model, eager) is None
 
 
-def test_modulation_cost_shares_are_every_blocks_modulation_once():
-    # modulation_cost.py times "share W rank r" as what rank r computes under shared modulation: over the ranks of a
-    # world, those shares must be every block's modulation, each once, in the order the all-gather lays them out
+def test_peer_config_names_and_the_ones_refused():
+    import pytest
+
+    import peers
+
+    assert peers.parse_cache_dit_config("u2r1") == dict(ulysses_size=2, ring_size=None, ulysses_async=False,
+                                                        ulysses_float8=False, attention_backend=None)
+    assert peers.parse_cache_dit_config("u2r2-fp8-async-cudnn") == dict(
+        ulysses_size=2, ring_size=2, ulysses_async=True, ulysses_float8=True, attention_backend="_sdpa_cudnn")
+    assert peers.parse_xdit_config("cfg2u1r2-fp8") == dict(use_cfg_parallel=True, ulysses_degree=1, ring_degree=2,
+                                                           use_fp8_comms=True)
+    assert [peers.degrees("cache-dit", "u1r4"), peers.degrees("xdit", "cfg2u2r1")] == [4, 4]
+    for impl, config in (("cache-dit", "ulysses2"), ("cache-dit", "u1r2-async"), ("cache-dit", "u1r2-fp8"),
+                         ("xdit", "u2r1-async"), ("xdit", "cfg4u1r1")):
+        with pytest.raises(ValueError, match=f"{impl} config"):
+            peers.degrees(impl, config)
+    with pytest.raises(ValueError, match="2 processes, but the world is 4"):
+        peers.check_world("xdit", "u2r1", 4)
+
+
+def test_peer_runs_take_the_plain_flux_or_qwen_forward_and_the_peers_compile_path():
+    import pytest
+
+    import step_latency
+
+    a = step_latency.parse_args(["--impl", "xdit", "--config", "u2r1", "--compile", "1", "--model", "qwen"])
+    assert step_latency.resolved_compile_mode(a) == "peer"
+    assert step_latency.resolved_compile_mode(step_latency.parse_args(["--impl", "cache-dit", "--config", "u2r1",
+                                                                       "--compile", "1", "--compile-mode",
+                                                                       "whole"])) == "whole"
+    for extra in (["--model", "flux2"], ["--true-cfg", "4"], ["--controlnet", "5+10"], ["--first-block-cache", "0.1"]):
+        with pytest.raises(SystemExit):
+            step_latency.parse_args(["--impl", "cache-dit", "--config", "u2r1"] + extra)
+
+
+def test_a_peer_record_names_the_peer_version_and_why_it_did_not_run(monkeypatch, capsys):
+    # without the package the run fails in apply, and its record says so and what to carry; the record written for a
+    # run that died (run_gpu.sh's --record-failure) names the peer too
+    import importlib.metadata
+    import json
+
+    import pytest
     import torch
-    from diffusers import QwenImageTransformer2DModel
-    from modulation_cost import fake_context, streams_of
 
-    from fastusp.modulation import _STREAM_KINDS, SharedModulation
+    import step_latency
 
-    torch.manual_seed(0)
-    model = QwenImageTransformer2DModel(num_layers=5, attention_head_dim=16, num_attention_heads=4,
-                                        joint_attention_dim=32, axes_dims_rope=(4, 6, 6)).eval()
-    temb = torch.randn(2, 64)
+    for impl, module, wheel in (("cache-dit", "cache_dit", "cache_dit-1.5.3"), ("xdit", "xfuser", "xfuser-0.7.0")):
+        monkeypatch.setitem(sys.modules, module, None)  # not importable, installed or not
+        a = step_latency.parse_args(["--tiny", "--impl", impl, "--config", "u1r1", "--txt", "5", "--height", "32",
+                                     "--width", "32"])
+        record = step_latency.base_record(a, 1, torch.device("cpu"))
+        try:
+            expected = importlib.metadata.version({"cache-dit": "cache-dit", "xdit": "xfuser"}[impl])
+        except importlib.metadata.PackageNotFoundError:
+            expected = None
+        assert (record["peer"], record["peer_version"]) == (impl, expected)
+        with pytest.raises(ModuleNotFoundError) as failure:
+            step_latency.run(a, 1, 0, torch.device("cpu"), record)
+        assert f"carry {wheel}" in step_latency.error_text(failure.value)
+
+    assert step_latency.main(["--impl", "xdit", "--config", "u2r1", "--world", "2", "--record-failure", "timeout"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (record["impl"], record["peer"], record["err"], record["world"]) == ("xdit", "xdit", "timeout", 2)
+
+
+def test_the_one_gpu_check_flags_a_wrong_output_and_a_wrong_shape():
+    import torch
+
+    import peers
+    import step_latency
+
+    bf16 = step_latency.parse_args(["--impl", "cache-dit", "--config", "u2r1"])
+    fp8 = step_latency.parse_args(["--impl", "cache-dit", "--config", "u2r1-fp8"])
+    reference = torch.randn(1, 64, 16)
+    assert peers.one_gpu_check(reference.clone(), reference, bf16) == dict(one_gpu_rel_err=0.0, matches_one_gpu=True)
+    swapped = torch.cat([reference[:, 32:], reference[:, :32]], dim=1)  # the ranks' halves gathered in the wrong order
+    assert peers.one_gpu_check(swapped, reference, bf16)["matches_one_gpu"] is False
+    noisy = reference + 0.07 * reference.norm() / reference.numel() ** 0.5 * torch.randn(1, 64, 16)
+    assert [peers.one_gpu_check(noisy, reference, c)["matches_one_gpu"] for c in (bf16, fp8)] == [False, True]
+    check = peers.one_gpu_check(reference[:, :32], reference, bf16)
+    assert check["matches_one_gpu"] is False and "(1, 32, 16)" in check["one_gpu_note"]
+
+
+def _peer_step_worker(impl: str, config: str):
+    """step_latency's forward with a peer applied (--tiny, CPU), this rank's output."""
+    import torch
+
+    import step_latency
+
+    a = step_latency.parse_args(["--tiny", "--impl", impl, "--config", config, "--txt", "6", "--height", "64",
+                                 "--width", "64"])
+    model = step_latency.build_model(a.model, torch.device("cpu"), torch.float32, tiny=True)
+    kw = step_latency.make_inputs(a.model, torch.device("cpu"), torch.float32, a.height, a.width, a.txt)
+    reference = step_latency.peers.one_gpu_output(model, kw)
+    step_latency.APPLY[impl](model, a, 2)
+    with torch.no_grad():  # clone: cache-dit's gathered output is a collective not yet waited for, whose storage
+        return model(**kw)[0].clone(), reference  # torch.save would read as it is
+
+
+def test_cache_dit_ulysses_computes_the_one_process_output():
+    # runs where cache-dit is importable (not in the CPU venv: PYTHONPATH=/tmp/peersite, see benchmarks/peers.py)
+    import pytest
+    import torch
+
+    pytest.importorskip("cache_dit")
+    from _dist import run_distributed
+
+    for config in ("u2r1", "u2r1-async"):
+        for out, reference in run_distributed(_peer_step_worker, 2, "cache-dit", config):
+            torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_run_gpu_accepts_the_peers_runs_and_refuses_an_unknown_impl():
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "run_gpu.sh")
+    check = "source <(sed -n '/^check_spec()/,/^}/p' \"$0\"); for s in \"$@\"; do check_spec \"$s\" || exit 1; done"
+    run = lambda *specs: subprocess.run(["bash", "-c", check, script, *specs], capture_output=True, text=True)
+    assert run("2:cache-dit:u2r1-async:1", "4:xdit:u2r2:1", "1:single:-:1").returncode == 0
+    refused = run("2:cache_dit:u2r1:1")
+    assert refused.returncode == 1 and "cache-dit|xdit" in refused.stderr
+
+
+def _xdit_step_worker(model_name: str):
+    """peers.apply_xdit on this rank, on CPU: xfuser 0.7.0 wants an accelerator at import and finds yunchang only with
+    CUDA, so it is told it runs on MPS (gloo, SDPA, no set_device) and that yunchang is there. Returns None where
+    xfuser does not import, else (this rank's output, the one-process output)."""
+    import torch
+
+    import step_latency
+
+    torch.backends.mps.is_available = lambda: True  # this forked rank only
+    try:
+        import xfuser.config.config
+        import xfuser.core.distributed.group_coordinator
+        import xfuser.core.distributed.parallel_state
+        import xfuser.model_executor.layers.usp as usp
+        import yunchang.globals
+    except Exception:  # not installed, or its dependencies (triton) missing
+        return None
+    for module in (xfuser.config.config, xfuser.core.distributed.parallel_state,
+                   xfuser.core.distributed.group_coordinator):
+        module.HAS_LONG_CTX_ATTN = True
+    usp.PROCESS_GROUP = yunchang.globals.PROCESS_GROUP
+    a = step_latency.parse_args(["--tiny", "--model", model_name, "--impl", "xdit", "--config", "u2r1", "--txt", "6",
+                                 "--height", "64", "--width", "64"])
+    model = step_latency.build_model(a.model, torch.device("cpu"), torch.float32, tiny=True)
+    kw = step_latency.make_inputs(a.model, torch.device("cpu"), torch.float32, a.height, a.width, a.txt)
+    reference = step_latency.peers.one_gpu_output(model, kw)
+    step_latency.APPLY["xdit"](model, a, 2)
     with torch.no_grad():
-        every = {id(m): _STREAM_KINDS[type(m)][1](m, temb) for block in model.transformer_blocks
-                 for m in (block.img_mod, block.txt_mod)}
-        for world in (1, 2, 4):
-            shared = SharedModulation(model, streams_of(model), fake_context(world))
-            order = [m for indices in shared.owned for i in indices for m in shared.blocks[i][1]]
-            assert sorted(map(id, order)) == sorted(every)
-            gathered = torch.cat([shared.local(temb, rank) for rank in range(world)])
-            torch.testing.assert_close(gathered, torch.cat([every[id(m)].reshape(-1) for m in order]))
+        return model(**kw)[0].clone(), reference
 
 
-def test_text_stream_estimate_moves_image_tokens_only_when_text_rows_cost_a_floor():
-    # text_stream_cost.py's estimate: all text on rank 0 pays off when a stream's layers cost a floor however few
-    # rows they get (reading the weights), and not when their time is proportional to the rows
-    from text_stream_cost import estimate
+def test_xdit_ulysses_on_the_built_transformer_computes_the_one_process_output():
+    # runs where xfuser imports (not in the CPU venv, see benchmarks/peers.py); xfuser is imported in the forked ranks
+    # only, as it patches torchao at import
+    import pytest
+    import torch
 
-    rows = [0, 32, 64, 128, 1024, 2048, 3072]
-    linear = {m: float(m) for m in rows}
-    floor = {m: (100.0 + m if m else 0.0) for m in rows}
-    proportional = estimate(linear, blocks=60, text=128, image=4096, world=2)
-    assert proportional["text_on_rank0_ms"] == proportional["even_ms"] == 60 * (64 + 2048) / 1000
-    with_floor = estimate(floor, blocks=60, text=128, image=4096, world=2)
-    assert with_floor["even_ms"] == 60 * (164 + 2148) / 1000
-    assert with_floor["image_moved"] == 112 and with_floor["text_on_rank0_ms"] == 60 * (228 + 2148 - 112) / 1000
+    from _dist import run_distributed
+
+    for model_name in ("flux", "qwen"):
+        results = run_distributed(_xdit_step_worker, 2, model_name)
+        if results[0] is None:
+            pytest.skip("xfuser does not import here")
+        for out, reference in results:
+            torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)

@@ -12,7 +12,7 @@ import torch
 from _dist import run_distributed
 from test_pipelines import BUILDERS, EMBEDDERS, IMAGE_TOKENS, STEPS, H, W, _assert_close
 from test_pipelines import _generate as generate_tiny
-from tiny_pipelines import prompt_kwargs
+from fastusp.testing import prompt_kwargs
 
 POSITIVE, NEGATIVE = 7, {"flux": 7, "qwen": 4}  # text tokens of the two guidance passes
 RAW_TEXT_INPUT = {"flux": "context_embedder", "qwen": "txt_norm"}  # the first module to see the prompt embeds
@@ -253,3 +253,40 @@ def test_mesh_puts_cfg_outermost():
     assert [r["sequence"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [r["ulysses"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [r["cfg"] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+
+
+def _batch_cases() -> list[tuple[int, bool]]:
+    return [(batch, guidance) for batch in (1, 3) for guidance in (False, True)]
+
+
+def _batch_call_kwargs(pipe, batch: int, guidance: bool) -> dict:
+    kwargs = prompt_kwargs(pipe, text_len=POSITIVE, batch=batch, seed=0)
+    if guidance:
+        negative = NEGATIVE["flux" if type(pipe).__name__.startswith("Flux") else "qwen"]
+        kwargs.update(prompt_kwargs(pipe, text_len=negative, batch=batch, seed=1, negative=True), true_cfg_scale=2.0)
+    else:
+        kwargs["true_cfg_scale"] = 1.0
+    return kwargs
+
+
+def _batch_worker(name: str, degrees: dict, parallel: bool = True) -> list:
+    import fastusp
+
+    pipe = BUILDERS[name]()
+    pipe.set_progress_bar_config(disable=True)
+    if parallel:
+        fastusp.parallelize(pipe, **degrees)
+    return [generate_tiny(pipe, 0, _batch_call_kwargs(pipe, batch, guidance)) for batch, guidance in _batch_cases()]
+
+
+@pytest.mark.parametrize("name", ["flux", "qwen"])
+@pytest.mark.parametrize("degrees", [dict(cfg=2, ulysses=2), dict(cfg=2, ring=2)], ids=["cfg2-ulysses2", "cfg2-ring2"])
+def test_batches_with_and_without_guidance_match_one_process_on_every_rank(name, degrees):
+    # A batch > 1 made the gathered output a non-contiguous view; the group that skipped a pass then received it
+    # in the wrong element order (broadcast sends a tensor's storage).
+    expected = _batch_worker(name, degrees, parallel=False)
+    for rank, outputs in enumerate(run_distributed(_batch_worker, 4, name, degrees)):
+        for (batch, guidance), out, ref in zip(_batch_cases(), outputs, expected):
+            case = f"rank {rank}, batch {batch}, guidance {guidance}"
+            _assert_close(out["image"], ref["image"], f"{case} image")
+            _assert_close(out["latents"], ref["latents"], f"{case} final latents")

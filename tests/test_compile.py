@@ -10,7 +10,7 @@ import torch
 
 import fastusp
 from _dist import run_distributed
-from tiny_models import flux2_inputs, flux_inputs, qwen_inputs, tiny_flux, tiny_flux2, tiny_qwen
+from fastusp.testing import flux2_inputs, flux_inputs, qwen_inputs, tiny_flux, tiny_flux2, tiny_qwen
 
 MODELS = {"flux": (tiny_flux, flux_inputs), "flux2": (tiny_flux2, flux2_inputs), "qwen": (tiny_qwen, qwen_inputs)}
 
@@ -270,8 +270,8 @@ def test_cuda_graph_signature_separates_everything_a_graph_depends_on():
 def test_model_state_notices_what_a_graph_bakes_in_and_nothing_else():
     # what makes compiled graphs recapture (tests/test_lora.py covers LoRA changes end to end)
     from fastusp.cuda_graphs import ModelState
-    from tiny_models import random_ip_adapter_state_dict
-    from tiny_pipelines import tiny_flux_pipeline
+    from fastusp.testing import random_ip_adapter_state_dict
+    from fastusp.testing import tiny_flux_pipeline
 
     pipe = tiny_flux_pipeline()
     pipe.transformer._load_ip_adapter_weights(random_ip_adapter_state_dict(pipe.transformer, 20),

@@ -9,8 +9,8 @@ import fastusp
 from _dist import run_distributed
 from _fake_graphs import compile_as_on_cuda, fake_cuda_graphs
 from fastusp.sharding import split_sizes
-from tiny_models import flux_inputs
-from tiny_pipelines import randomize_controlnet_outputs, tiny_call_kwargs, tiny_flux_pipeline
+from fastusp.testing import flux_inputs
+from fastusp.testing import randomize_controlnet_outputs, tiny_call_kwargs, tiny_flux_pipeline
 
 VARIANTS = {"plain": {}, "union": {"num_mode": 3}, "hint": {"conditioning_embedding_channels": 16}}
 HEIGHT, WIDTH, TEXT = 3, 5, 5  # 15 image tokens and 5 text tokens: uneven over 2 ranks

@@ -55,13 +55,14 @@ def _with_random_norm_weights(build):
 
 
 def _forward_through_stand_in(build, inputs, ulysses, ring, chunks):
+    from fastusp.kernels import norm_rope_pack as kernel
     from fastusp.processors import norm_rope_pack
 
     calls = []
     # The real `applies` asks for CUDA and Triton; here every Ulysses > 1 call with RoPE takes the stand-in
     norm_rope_pack.applies = lambda config, heads, image, text, image_norms, text_norms, rotation: (
         config.ulysses > 1 and rotation is not None)
-    norm_rope_pack.pack = lambda *args: _torch_pack(calls, *args)
+    kernel.pack = lambda *args: _torch_pack(calls, *args)
     model = build()
     fastusp.parallelize(model, ulysses=ulysses, ring=ring, ulysses_chunks=chunks)
     with torch.no_grad():

@@ -113,7 +113,7 @@ def _models_blocks_rewritten():
     """Each tiny model under Ulysses-2, eager, then with its blocks compiled by the rewriting backend: (relative
     error, rewrites per model)."""
     import fastusp
-    from tiny_models import flux2_inputs, flux_inputs, qwen_inputs, tiny_flux, tiny_flux2, tiny_qwen
+    from fastusp.testing import flux2_inputs, flux_inputs, qwen_inputs, tiny_flux, tiny_flux2, tiny_qwen
 
     results = {}
     for name, build, inputs in (("flux", tiny_flux, flux_inputs), ("flux2", tiny_flux2, flux2_inputs),

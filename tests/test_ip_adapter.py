@@ -7,8 +7,8 @@ import torch
 import fastusp
 from _dist import run_distributed
 from _fake_graphs import compile_as_on_cuda, fake_cuda_graphs
-from tiny_models import flux_inputs, random_ip_adapter_state_dict, tiny_flux
-from tiny_pipelines import prompt_kwargs, tiny_flux_pipeline
+from fastusp.testing import flux_inputs, random_ip_adapter_state_dict, tiny_flux
+from fastusp.testing import prompt_kwargs, tiny_flux_pipeline
 
 CLIP_DIM = 20  # the image encoder's width
 

@@ -14,8 +14,8 @@ import torch
 
 from _dist import run_distributed
 from _fake_graphs import compile_as_on_cuda, fake_cuda_graphs
-from tiny_models import flux_inputs, qwen_inputs, random_lora_state_dict
-from tiny_pipelines import tiny_call_kwargs, tiny_flux2_pipeline, tiny_flux_pipeline, tiny_qwen_pipeline
+from fastusp.testing import flux_inputs, qwen_inputs, random_lora_state_dict
+from fastusp.testing import tiny_call_kwargs, tiny_flux2_pipeline, tiny_flux_pipeline, tiny_qwen_pipeline
 
 pytest.importorskip("peft")  # diffusers' LoRA loading needs it; the test extra installs it
 

@@ -1,4 +1,4 @@
-"""fastusp's log-sum-exp merge kernel (fastusp/attention/merge.py) against the torch ops it replaces.
+"""fastusp's log-sum-exp merge kernel (fastusp/kernels/merge.py) against the torch ops it replaces.
 
 On CUDA the kernel itself runs (skipped without a GPU; the device runs it). On CPU it runs under Triton's interpreter
 where Triton is installed (CI's CPU-only torch has none: skipped there), in float32 and float16.
@@ -12,6 +12,7 @@ from _triton_interpreter import run_under_triton_interpreter, script_main
 def differences(device: str, dtypes) -> list[str]:
     """Every case where the kernel's merge differs from the torch ops' by more than rounding."""
     from fastusp.attention import merge
+    from fastusp.kernels import merge as merge_kernel
 
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device)
@@ -30,7 +31,7 @@ def differences(device: str, dtypes) -> list[str]:
                 for step in range(1, steps):
                     out_dtype = dtype if step + 1 == steps else torch.float32
                     want = merge._merge_ops(*want, *blocks[step], out_dtype)
-                    got = merge._merge_kernel(*got, *blocks[step], out_dtype)
+                    got = merge_kernel.merge(*got, *blocks[step], out_dtype)
                 name = f"{dtype} {(batch, heads, seq, dim)} {steps} blocks"
                 (want_out, want_lse), (got_out, got_lse) = want, got
                 if got_out.dtype != dtype or got_out.shape != want_out.shape:
@@ -56,12 +57,13 @@ def differences(device: str, dtypes) -> list[str]:
 def test_merge_kernel_on_cuda():
     from fastusp.attention import merge
     from fastusp.attention.local import attention_with_lse
+    from fastusp.kernels import merge as merge_kernel
 
     assert differences("cuda", (torch.bfloat16, torch.float16, torch.float32)) == []
     # what ring attention hands it on CUDA takes the kernel: cuDNN's (out, lse) in bfloat16
     q = torch.randn(1, 4, 256, 128, device="cuda", dtype=torch.bfloat16)
     first = merge.merge_attention(None, None, *attention_with_lse(q, q, q))
-    assert merge._kernel_applies(*first, *attention_with_lse(q, q, q))
+    assert merge_kernel.applies(*first, *attention_with_lse(q, q, q))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -6,7 +6,7 @@ import torch
 
 import fastusp
 from _dist import run_distributed
-from tiny_models import flux2_inputs, flux_inputs, qwen_inputs, qwen_layered_inputs, tiny_flux, tiny_flux2, tiny_qwen
+from fastusp.testing import flux2_inputs, flux_inputs, qwen_inputs, qwen_layered_inputs, tiny_flux, tiny_flux2, tiny_qwen
 
 LAYOUTS = [(2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]  # (ulysses, ring)
 MODELS = {"flux": (tiny_flux, flux_inputs), "flux2": (tiny_flux2, flux2_inputs), "qwen": (tiny_qwen, qwen_inputs),
@@ -159,7 +159,7 @@ def test_flux_accepts_deprecated_batched_ids():
 @pytest.mark.parametrize("seq", [0, 7])
 def test_qwen_rope_in_real_arithmetic_equals_diffusers_complex_rope(seq, dtype):
     from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
-    from fastusp.processors.qwen_image import _rope
+    from fastusp.models.qwen_image import real_rope as _rope
     x = torch.randn(2, seq, 3, 8).to(dtype)
     freqs = torch.polar(torch.ones(seq, 4), torch.randn(seq, 4))
     expected = apply_rotary_emb_qwen(x, freqs, use_real=False) if seq else x  # diffusers' fails on no tokens
@@ -173,9 +173,9 @@ def test_processors_store_their_call_signature_for_diffusers_per_call_inspect():
     from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
     from fastusp.processors.context import USPContext
-    from fastusp.processors.flux import FastUSPFluxAttnProcessor, FastUSPFluxIPAdapterAttnProcessor
-    from fastusp.processors.flux2 import FastUSPFlux2AttnProcessor, FastUSPFlux2ParallelSelfAttnProcessor
-    from fastusp.processors.qwen_image import FastUSPQwenImageAttnProcessor
+    from fastusp.models.flux import FastUSPFluxAttnProcessor, FastUSPFluxIPAdapterAttnProcessor
+    from fastusp.models.flux2 import FastUSPFlux2AttnProcessor, FastUSPFlux2ParallelSelfAttnProcessor
+    from fastusp.models.qwen_image import FastUSPQwenImageAttnProcessor
 
     context = USPContext(config=None)
     ip_adapter = FastUSPFluxIPAdapterAttnProcessor.from_diffusers(FluxIPAdapterAttnProcessor(8, 8), context)

@@ -1,4 +1,4 @@
-"""fastusp's norm + RoPE + pack kernel (fastusp/processors/norm_rope_pack.py) against the modules and ops it replaces:
+"""fastusp's norm + RoPE + pack kernel (fastusp/kernels/norm_rope_pack.py) against the modules and ops it replaces:
 FLUX's (torch.nn.RMSNorm, diffusers' apply_rotary_emb) and Qwen-Image's (diffusers' RMSNorm, its complex RoPE), the
 text stream joined in front, and a2a.pack_head_chunks.
 
@@ -42,7 +42,7 @@ def _norm_pair(norm_class, dim: int, eps: float, rand, device, dtype) -> tuple:
 def flux_case(rand, device, dtype, batch, text_len, image_len, heads, dim, group_size, chunks):
     """FLUX: torch.nn.RMSNorm, one (cos, sin) table over text + image, image q/k/v as views of a fused to_qkv's
     output -> (pack's arguments, the reference's buffers)."""
-    from fastusp.processors import norm_rope_pack
+    from fastusp.models.flux import flux_rotation
 
     wide = rand(batch, image_len, 3 * heads * dim).to(dtype)  # a fused to_qkv's output: strided views
     image = wide.chunk(3, dim=-1)
@@ -50,7 +50,7 @@ def flux_case(rand, device, dtype, batch, text_len, image_len, heads, dim, group
     image_norms = _norm_pair(torch.nn.RMSNorm, dim, 1e-6, rand, device, dtype)
     text_norms = _norm_pair(torch.nn.RMSNorm, dim, 1e-5, rand, device, dtype)
     cos, sin = rand(text_len + image_len, dim), rand(text_len + image_len, dim)
-    rotation = norm_rope_pack.flux_rotation((cos, sin), text_len)
+    rotation = flux_rotation((cos, sin), text_len)
     return ((image, text, image_norms, text_norms, rotation, heads, group_size, chunks),
             reference(image, text, image_norms, text_norms, cos, sin, heads, group_size, chunks))
 
@@ -58,7 +58,7 @@ def flux_case(rand, device, dtype, batch, text_len, image_len, heads, dim, group
 def qwen_reference(image, text, image_norms, text_norms, image_freqs, text_freqs, heads, group_size, chunks):
     """Qwen-Image's processor: diffusers' RMSNorm per stream, RoPE on each stream's complex frequencies, joined."""
     from fastusp.distributed.ulysses import pack_head_chunks
-    from fastusp.processors.qwen_image import _rope
+    from fastusp.models.qwen_image import real_rope as _rope
 
     streams = []
     for qkv, norms, freqs in ((text, text_norms, text_freqs), (image, image_norms, image_freqs)):
@@ -72,14 +72,14 @@ def qwen_case(rand, device, dtype, batch, text_len, image_len, heads, dim, group
     tokens, as on a rank that holds none) -> (pack's arguments, the reference's buffers)."""
     from diffusers.models.normalization import RMSNorm
 
-    from fastusp.processors import norm_rope_pack
+    from fastusp.models.qwen_image import qwen_rotation
 
     image = tuple(rand(batch, image_len, heads * dim).to(dtype) for _ in range(3))
     text = tuple(rand(batch, text_len, heads * dim).to(dtype) for _ in range(3))
     image_norms, text_norms = (_norm_pair(RMSNorm, dim, 1e-6, rand, device, dtype) for _ in range(2))
     image_freqs, text_freqs = (torch.polar(torch.ones(n, dim // 2), rand(n, dim // 2).cpu()).to(device)
                                for n in (image_len, text_len))
-    rotation = norm_rope_pack.qwen_rotation((image_freqs, text_freqs))
+    rotation = qwen_rotation((image_freqs, text_freqs))
     return ((image, text, image_norms, text_norms, rotation, heads, group_size, chunks),
             qwen_reference(image, text, image_norms, text_norms, image_freqs, text_freqs, heads, group_size, chunks))
 
@@ -87,7 +87,7 @@ def qwen_case(rand, device, dtype, batch, text_len, image_len, heads, dim, group
 def mismatches(device: str, dtypes) -> list[str]:
     """Every case where the kernel's send buffers differ from the reference's by more than rounding, for FLUX's
     and Qwen-Image's norms and tables."""
-    from fastusp.processors import norm_rope_pack
+    from fastusp.kernels import norm_rope_pack
 
     bad = []
     for seed, make_case in enumerate((flux_case, qwen_case)):

@@ -1,6 +1,6 @@
 """End to end through real diffusers pipelines: fastusp.parallelize(pipe) on 2 CPU ranks == one process.
 
-Tiny random FluxPipeline / QwenImagePipeline (tests/tiny_pipelines.py), 32x48 images (96 image tokens), 2 steps.
+Tiny random FluxPipeline / QwenImagePipeline (fastusp/testing.py), 32x48 images (96 image tokens), 2 steps.
 Qwen-Image runs with true CFG: a padded positive prompt (mask with zeros -> attention bias) and a shorter negative
 prompt (all-ones mask, dropped by the pipeline), so each step makes two transformer calls with different layouts.
 """
@@ -11,7 +11,7 @@ import torch
 
 from _dist import run_distributed
 from _fake_graphs import compile_as_on_cuda, fake_cuda_graphs
-from tiny_pipelines import (prompt_kwargs, tiny_call_kwargs, tiny_controlnet_pipeline, tiny_flux2_pipeline,
+from fastusp.testing import (prompt_kwargs, tiny_call_kwargs, tiny_controlnet_pipeline, tiny_flux2_pipeline,
                             tiny_flux_pipeline, tiny_qwen_edit_pipeline, tiny_qwen_layered_pipeline, tiny_qwen_pipeline)
 
 H, W, STEPS = 32, 48, 2

@@ -14,10 +14,10 @@ import torch
 import fastusp
 from _dist import run_distributed
 from fastusp.quantization import DEFAULT_KEEP_BF16, LAYER_GROUPS, fp8_layer_names, getattr_path, is_quantized_weight
-from tiny_models import flux_inputs, qwen_inputs, random_lora_state_dict
-from tiny_models import tiny_flux as tiny_flux_float32
-from tiny_models import tiny_flux2 as tiny_flux2_float32
-from tiny_models import tiny_qwen as tiny_qwen_float32
+from fastusp.testing import flux_inputs, qwen_inputs, random_lora_state_dict
+from fastusp.testing import tiny_flux as tiny_flux_float32
+from fastusp.testing import tiny_flux2 as tiny_flux2_float32
+from fastusp.testing import tiny_qwen as tiny_qwen_float32
 
 pytest.importorskip("torchao")
 quantization = sys.modules["fastusp.quantization"]  # the module (fastusp.quantize is the function)
@@ -183,6 +183,28 @@ def test_parallel_float8_output_equals_the_single_process_one(cpu_float8, name, 
     outs = run_distributed(_quantized_forward, 2, build, inputs, 2, 1, quantize_first)
     for out in outs:  # bf16 attention over other shards: bf16's rounding, not float8's (~5e-2)
         assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+def _quantize_unlike_rank_0(quantize_first: bool) -> str:
+    lift_device_checks()
+    model = tiny_flux()
+    granularity = "row" if torch.distributed.get_rank() == 0 else "tensor"
+    try:
+        if quantize_first:
+            fastusp.quantize(model, "fp8", granularity=granularity)
+        fastusp.parallelize(model, ulysses=2)
+        if not quantize_first:
+            fastusp.quantize(model, "fp8", granularity=granularity)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize("quantize_first", [True, False], ids=["quantize-parallelize", "parallelize-quantize"])
+def test_ranks_that_quantize_differently_all_raise(quantize_first):
+    what = "settings of fastusp.parallelize" if quantize_first else "arguments of fastusp.quantize"
+    for rank, error in enumerate(run_distributed(_quantize_unlike_rank_0, 2, quantize_first, timeout=60)):
+        assert what in error and "granularity" in error and "rank 1" in error, f"rank {rank}: {error}"
 
 
 def test_lora_loads_and_applies_on_a_float8_base(cpu_float8):

@@ -6,7 +6,7 @@ import torch
 
 import fastusp
 from _dist import run_distributed
-from tiny_models import StubQwen3VLProcessor, qwen21_inputs, random_lora_state_dict, tiny_qwen21
+from fastusp.testing import StubQwen3VLProcessor, qwen21_inputs, random_lora_state_dict, tiny_qwen21
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2), (4, 1), (1, 4)]  # (ulysses, ring)
 # 4 text tokens, a 2x2 condition image (one slot), 5 text tokens, then a 4x6 target image: 37 tokens, uneven over

@@ -1,4 +1,4 @@
-"""fastusp's RoPE kernel (fastusp/processors/rope.py) against the ops it replaces: bitwise equal outputs.
+"""fastusp's RoPE kernel (fastusp/kernels/rope.py) against the ops it replaces: bitwise equal outputs.
 
 On CUDA the kernel itself runs (skipped without a GPU; the device runs it). On CPU it runs under Triton's interpreter
 where Triton is installed (CI's CPU-only torch has none: skipped there), in float32 and float16 only: the interpreter
@@ -14,8 +14,8 @@ def mismatches(device: str, dtypes) -> list[str]:
     """Every case where the kernel's output differs from diffusers' FLUX RoPE or fastusp's Qwen-Image RoPE."""
     from diffusers.models.embeddings import apply_rotary_emb
 
-    from fastusp.processors import rope
-    from fastusp.processors.qwen_image import _rope
+    from fastusp.kernels import rope
+    from fastusp.models.qwen_image import real_rope as _rope
 
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device)
@@ -45,7 +45,7 @@ def mismatches(device: str, dtypes) -> list[str]:
 
 
 def test_kernel_takes_only_what_its_32_bit_offsets_reach():
-    from fastusp.processors import rope
+    from fastusp.kernels import rope
 
     flux_4k = torch.empty(2, 66048, 24, 128, device="meta")  # FLUX 4096x4096 + 512 text, batch 2: 4.1e8 elements
     too_big = torch.empty(8, 66048, 48, 128, device="meta")  # 3.2e9

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from tiny_models import flux_inputs, qwen_inputs, tiny_qwen
+from fastusp.testing import flux_inputs, qwen_inputs, tiny_qwen
 
 
 def _tiny_flux_more_blocks():
@@ -110,7 +110,7 @@ def _controlnet_counts(ulysses: int):
     """A sharded FLUX ControlNet's residuals, and how many times this rank ran each of its modulation layers."""
     from diffusers import FluxControlNetPipeline
     from test_controlnet import controlnet_inputs, tiny_flux_controlnet
-    from tiny_pipelines import tiny_flux_pipeline
+    from fastusp.testing import tiny_flux_pipeline
 
     import fastusp
 

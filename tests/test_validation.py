@@ -8,7 +8,7 @@ import torch.distributed as dist
 import fastusp
 from _dist import run_distributed
 from fastusp import ParallelConfig
-from tiny_models import HEADS, tiny_flux, tiny_qwen
+from fastusp.testing import HEADS, tiny_flux, tiny_qwen
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -72,14 +72,14 @@ def test_unsupported_processor():
 
 def test_flux2_kv_cache_pipeline_is_refused():
     # Flux2KleinKVPipeline installs its own processors (reference keys / values cached across steps)
-    from tiny_pipelines import tiny_flux2_pipeline
+    from fastusp.testing import tiny_flux2_pipeline
 
     with pytest.raises(NotImplementedError, match="Flux2KVAttnProcessor"):
         fastusp.parallelize(tiny_flux2_pipeline(kv=True), ulysses=2)
 
 
 def _flux2_kv_cache_forward():
-    from tiny_models import flux2_inputs, tiny_flux2
+    from fastusp.testing import flux2_inputs, tiny_flux2
 
     model = fastusp.parallelize(tiny_flux2(), ulysses=2)
     try:
@@ -102,7 +102,7 @@ def test_graphs_only_compile_needs_cuda():
 
 
 def test_cuda_graphs_refuse_hooks_that_move_weights_inside_the_forward():
-    from tiny_pipelines import tiny_flux_pipeline
+    from fastusp.testing import tiny_flux_pipeline
 
     pipe = tiny_flux_pipeline()
     # hooks on every module that holds weights; nothing runs, so no GPU is needed to attach them
@@ -114,7 +114,7 @@ def test_cuda_graphs_refuse_hooks_that_move_weights_inside_the_forward():
 def test_cuda_graphs_take_a_pipeline_that_has_run_and_first_block_cache_but_no_other_cache():
     from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
     from fastusp.compile import _check_weights_stay_put
-    from tiny_pipelines import tiny_call_kwargs, tiny_flux_pipeline
+    from fastusp.testing import tiny_call_kwargs, tiny_flux_pipeline
 
     pipe = tiny_flux_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -133,7 +133,7 @@ def test_cuda_graphs_take_a_pipeline_that_has_run_and_first_block_cache_but_no_o
 def _graphs_then_cache() -> str:
     from _fake_graphs import compile_as_on_cuda, fake_cuda_graphs
     from diffusers.hooks import MagCacheConfig
-    from tiny_models import flux_inputs
+    from fastusp.testing import flux_inputs
 
     fake_cuda_graphs({})
     model = tiny_flux()
@@ -214,7 +214,7 @@ def test_parallelize_twice_is_refused():
 
 
 def _too_few_image_tokens():
-    from tiny_models import flux_inputs
+    from fastusp.testing import flux_inputs
 
     model = fastusp.parallelize(tiny_flux(), ulysses=2, ring=2)
     try:

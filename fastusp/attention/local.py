@@ -76,7 +76,7 @@ def attention_text_keys_apart(q, k, v, key_bias: torch.Tensor, text_lens: Sequen
     Why: a bias over all keys slows cuDNN's kernel down by 60%. H200, compiled, 4224 tokens as 4 ranks leave them:
     145 against 172 us with 6 heads, 78 against 89 us with 3 (unmasked: 107 and 55 us). Attending to each rank's
     image block apart, without the copy, took 146 against 174 us for 2 ranks' 6 heads but 169 and 98 us for 4 ranks
-    (benchmarks/results/2026-11-27-2xH200-p-t.md)."""
+    (benchmarks/results/2026-11-27-2xH200-masked-attention-head-chunks.md)."""
     starts = [sum(text_lens[:j]) + sum(image_lens[:j]) for j in range(len(text_lens))]
     image = [(s + t, i) for s, t, i in zip(starts, text_lens, image_lens)]
     text = list(zip(starts, text_lens))

@@ -30,6 +30,7 @@ class RingComm:
         if self._reqs is not None:
             raise RuntimeError("RingComm.send_recv called again before wait()")
         recv = buf.new_empty(recv_shape)
+        buf = buf.contiguous()  # a send reads storage: a view's logical order would be lost (no copy when contiguous)
         ops = [dist.P2POp(dist.isend, buf, self.next_rank, self.group),
                dist.P2POp(dist.irecv, recv, self.prev_rank, self.group)]
         self._reqs = dist.batch_isend_irecv(ops)

@@ -5,6 +5,7 @@ import contextlib
 import inspect
 from dataclasses import dataclass
 
+from .._forward import patch_attribute, record_change
 from ..config import ParallelConfig
 from ..sharding import SeqLayout
 
@@ -57,3 +58,22 @@ def require_context(context: USPContext | None, processor_cls: type) -> USPConte
         raise ValueError(f"{processor_cls.__name__} is made by fastusp.parallelize; load or unload adapters that "
                          f"change the attention processors (IP-Adapter) before calling fastusp.parallelize")
     return context
+
+
+def apply_usp_processors(model, spec, context: USPContext) -> None:
+    """Every attention layer of the model (a transformer, a ControlNet) gets fastusp's processor for it
+    (spec.usp_processors), and later processor changes are refused."""
+    original = model.attn_processors
+    model.set_attn_processor(spec.usp_processors(model, context))
+    record_change(model, lambda: model.set_attn_processor(original))
+    _refuse_processor_changes(model)
+
+
+def _refuse_processor_changes(model) -> None:
+    """A processor set after parallelize (set_attn_processor, diffusers' unload_ip_adapter) would run diffusers'
+    attention on this rank's tokens alone: refuse it rather than return a silently wrong image."""
+    def set_attn_processor(processor):
+        raise ValueError("this transformer is parallelized by fastusp: set attention processors, and load or unload "
+                         "adapters that change them (IP-Adapter), before fastusp.parallelize")
+
+    patch_attribute(model, "set_attn_processor", set_attn_processor)

@@ -1,6 +1,6 @@
 """CUDA float8 GEMMs (torchao) through fastusp: quantize, parallelize, compile and CUDA graphs, on one GPU.
 
-Launched by tests/gpu/test_gpu_parity.py as `torchrun --nproc-per-node 1 tests/gpu/fp8_worker.py` (compute capability
+Launched by tests/gpu/test_fp8_gpu.py as `torchrun --nproc-per-node 1 tests/gpu/fp8_worker.py` (compute capability
 8.9+). FLUX and Qwen-Image at real widths, two layers each (parity_worker.build). Checks, each one JSON line:
 - fastusp.quantize: every layer it names holds a float8 weight, the output moved from bf16 but within FP8_TOL;
 - quantized then parallelized, and parallelized then quantized, compiled (Inductor + whole-forward CUDA graphs): the

@@ -16,9 +16,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/: tiny_models
 import fastusp  # noqa: E402
-from tiny_models import flux_inputs, tiny_flux  # noqa: E402
+from fastusp.testing import flux_inputs, tiny_flux  # noqa: E402
 
 
 def main() -> None:

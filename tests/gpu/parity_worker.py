@@ -14,9 +14,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/: tiny_models' random IP-Adapter
 import fastusp  # noqa: E402
-from fastusp.processors import norm_rope_pack  # noqa: E402
+from fastusp.kernels import norm_rope_pack  # noqa: E402
 
 BF16_TOL, FP8_TOL = 2e-2, 6e-2  # relative L2 error of the transformer output
 
@@ -174,7 +173,7 @@ def check_ip_adapter(world: int, rank: int, device) -> int:
     compiled model is called with two different image-prompt embeddings: the first call captures the graph, the
     second replays it, so new embeddings must reach the graph (they sit inside joint_attention_kwargs, which
     diffusers' forward pops). Returns the number of failed checks."""
-    from tiny_models import random_ip_adapter_state_dict
+    from fastusp.testing import random_ip_adapter_state_dict
 
     def build_ip():
         model = build("flux", device)
@@ -215,7 +214,7 @@ def check_controlnet(world: int, rank: int, device) -> int:
     from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline,
                            QwenImageControlNetModel, QwenImageControlNetPipeline)
 
-    from tiny_pipelines import randomize_controlnet_outputs
+    from fastusp.testing import randomize_controlnet_outputs
 
     def build_pipe(name):
         model = build(name, device)
@@ -284,7 +283,7 @@ def check_lora(world: int, rank: int, device) -> int:
     Returns the number of failed checks."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    from tiny_models import random_lora_state_dict
+    from fastusp.testing import random_lora_state_dict
 
     x = inputs("flux", device, batch=1, image_hw=(33, 31), text_len=77)
     loras = {}
@@ -389,14 +388,15 @@ def run_checks() -> int:
 
 
 def pipeline_latents(name: str, device, degrees: dict | None, compiled: bool, offload: bool = False,
-                     calls: int = 1, steps: int = 3, setup=None) -> torch.Tensor:
+                     calls: int = 1, steps: int = 3, setup=None, batch: int = 1, guidance: bool = True) -> torch.Tensor:
     """`steps` steps of FluxPipeline / QwenImagePipeline (no VAE or text encoders) with true CFG. Qwen-Image: a
     100-token prompt padded to 60 real tokens and a 20-token negative prompt, so the two passes differ in shape; FLUX
     (which wants both the same shape, as T5 pads them): 77 tokens each. degrees: fastusp.parallelize(pipe, **degrees),
     None: one GPU. offload: enable_model_cpu_offload on this rank's GPU first. setup(pipe): called last, before the
-    calls. Returns the final latents of `calls` calls of the pipeline, stacked."""
+    calls. batch: prompts per call; guidance False: no negative prompt (one pass per step). Returns the final latents
+    of `calls` calls of the pipeline, stacked."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImage21Pipeline, QwenImagePipeline
-    from tiny_models import StubQwen3VLProcessor
+    from fastusp.testing import StubQwen3VLProcessor
 
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     g = torch.Generator(device=device).manual_seed(2)
@@ -404,24 +404,26 @@ def pipeline_latents(name: str, device, degrees: dict | None, compiled: bool, of
     if name == "flux":
         pipe = FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                             tokenizer_2=None, transformer=build("flux", device))
-        prompts = dict(prompt_embeds=rand(1, 77, 4096), pooled_prompt_embeds=rand(1, 768),
-                       negative_prompt_embeds=rand(1, 77, 4096), negative_pooled_prompt_embeds=rand(1, 768))
+        prompts = dict(prompt_embeds=rand(batch, 77, 4096), pooled_prompt_embeds=rand(batch, 768),
+                       negative_prompt_embeds=rand(batch, 77, 4096), negative_pooled_prompt_embeds=rand(batch, 768))
     elif name == "qwen21":  # the KV cache on: the first step fills it, the later ones read it
         pipe = QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
                                    processor=StubQwen3VLProcessor(), transformer=build("qwen21", device))
-        mask = torch.ones(1, 100, dtype=torch.bool, device=device)
+        mask = torch.ones(batch, 100, dtype=torch.bool, device=device)
         mask[:, 60:] = False
-        prompts = dict(prompt_embeds=rand(1, 100, 4096), prompt_embeds_mask=mask,
-                       negative_prompt_embeds=rand(1, 20, 4096),
-                       negative_prompt_embeds_mask=torch.ones(1, 20, dtype=torch.bool, device=device))
+        prompts = dict(prompt_embeds=rand(batch, 100, 4096), prompt_embeds_mask=mask,
+                       negative_prompt_embeds=rand(batch, 20, 4096),
+                       negative_prompt_embeds_mask=torch.ones(batch, 20, dtype=torch.bool, device=device))
     else:
         pipe = QwenImagePipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
                                  transformer=build("qwen", device))
-        mask = torch.ones(1, 100, dtype=torch.long, device=device)
+        mask = torch.ones(batch, 100, dtype=torch.long, device=device)
         mask[:, 60:] = 0
-        prompts = dict(prompt_embeds=rand(1, 100, 3584), prompt_embeds_mask=mask,
-                       negative_prompt_embeds=rand(1, 20, 3584),
-                       negative_prompt_embeds_mask=torch.ones(1, 20, dtype=torch.long, device=device))
+        prompts = dict(prompt_embeds=rand(batch, 100, 3584), prompt_embeds_mask=mask,
+                       negative_prompt_embeds=rand(batch, 20, 3584),
+                       negative_prompt_embeds_mask=torch.ones(batch, 20, dtype=torch.long, device=device))
+    if not guidance:
+        prompts = {key: value for key, value in prompts.items() if not key.startswith("negative_")}
     pipe.set_progress_bar_config(disable=True)
     if offload:
         pipe.enable_model_cpu_offload(gpu_id=device.index)
@@ -432,9 +434,9 @@ def pipeline_latents(name: str, device, degrees: dict | None, compiled: bool, of
     if setup is not None:
         setup(pipe)
     width = 480 if name == "qwen21" else 496  # Qwen-Image 2.1 wants multiples of 32 pixels
-    return torch.stack([pipe(**prompts, true_cfg_scale=4.0, height=512, width=width, num_inference_steps=steps,
-                             output_type="latent", generator=torch.Generator().manual_seed(0)).images.float()
-                        for _ in range(calls)])
+    return torch.stack([pipe(**prompts, true_cfg_scale=4.0 if guidance else 1.0, height=512, width=width,
+                             num_inference_steps=steps, output_type="latent",
+                             generator=torch.Generator().manual_seed(0)).images.float() for _ in range(calls)])
 
 
 def check_cfg_parallel(world: int, rank: int, device) -> int:
@@ -452,6 +454,14 @@ def check_cfg_parallel(world: int, rank: int, device) -> int:
             emit(rank, device, check="cfg_parallel", model=f"{name}-pipeline", world=world, **degrees,
                  compiled=compiled, rel_err=round(err, 5), ok=ok)
             torch._dynamo.reset()
+        # a batch without guidance: the second half of the ranks receives the first half's batched output
+        ref = pipeline_latents(name, device, None, False, batch=3, guidance=False)
+        out = pipeline_latents(name, device, dict(cfg=2, ulysses=world // 2), False, batch=3, guidance=False)
+        err = rel_err(out, ref)
+        ok = err < BF16_TOL and torch.isfinite(out).all().item()
+        failures += not ok
+        emit(rank, device, check="cfg_parallel", model=f"{name}-pipeline", world=world, batch=3, guidance=False,
+             rel_err=round(err, 5), ok=ok)
     return failures
 
 
