@@ -25,8 +25,10 @@ quantizing; the base layer then runs in float8 and the adapter in bf16 beside it
 torchao-quantized linear, TorchaoLoraLinear). fuse_lora then raises PEFT's error (it cannot re-quantize a merged
 float8 weight); quantizing a model that already holds LoRA layers raises ours.
 
-Memory: torchao's quantize_ walks the layers one at a time and each bf16 weight is released when its float8 copy
-replaces it, so quantizing holds at most the bf16 model plus one layer's float8 copy (and that layer's temporaries).
+Memory: torchao's quantize_ walks the layers one at a time and replaces each bf16 weight by its float8 copy, which
+should hold the bf16 model plus one layer's float8 copy. Not yet measured through fastusp: the earlier probe (every
+linear, torchao directly) peaked at about twice the bf16 model (FLUX 45 GB against 22.5), so the bf16 weights may
+live on until the end; benchmarks/step_latency.py --quant fp8 records quantize_peak_gb to check.
 """
 from __future__ import annotations
 
