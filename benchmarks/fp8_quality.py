@@ -58,11 +58,11 @@ def denoise(model, kw: dict, steps: int) -> torch.Tensor:
 
 def bf16_weight_share(model, keep_bf16) -> float:
     """Of the blocks' linear weights, the share (by parameters) that stays bf16."""
-    from fastusp.quantization import fp8_layer_names, getattr_path
+    from fastusp.quantization import fp8_layer_names
 
     everything = fp8_layer_names(model, ())
     kept = set(everything) - set(fp8_layer_names(model, keep_bf16))
-    size = lambda names: sum(getattr_path(model, n).weight.numel() for n in names)
+    size = lambda names: sum(model.get_submodule(n).weight.numel() for n in names)
     return size(kept) / size(everything)
 
 

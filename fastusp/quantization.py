@@ -83,7 +83,7 @@ def quantize(obj, mode: str = "fp8", *, granularity: str = "row", keep_bf16=DEFA
         raise ValueError(f"fastusp.quantize: no linear layer of {type(transformer).__name__} is left to quantize "
                          f"(keep_bf16={keep_bf16!r})")
     _check_ranks_agree(transformer, mode, granularity, keep_bf16)
-    dtypes = {getattr_path(transformer, n).weight.dtype for n in names}
+    dtypes = {transformer.get_submodule(n).weight.dtype for n in names}
     if granularity == "row" and dtypes != {torch.bfloat16}:
         raise ValueError(f"fastusp.quantize: per-row float8 scales need bf16 weights, got {sorted(map(str, dtypes))}; "
                          f"load the pipeline with torch_dtype=torch.bfloat16 (or pipe.to(torch.bfloat16)) first")
@@ -106,10 +106,10 @@ def fp8_layer_names(transformer, keep_bf16=DEFAULT_KEEP_BF16) -> list[str]:
     if not kinds:
         raise ValueError(f"fastusp.quantize: {type(transformer).__name__} declares no repeated blocks "
                          f"(_repeated_blocks), so fastusp does not know which of its layers to quantize")
-    blocks = [name for name, m in transformer.named_modules() if type(m).__name__ in kinds]
+    blocks = [(name, m) for name, m in transformer.named_modules() if type(m).__name__ in kinds]
     names = []
-    for block in blocks:
-        for name, module in getattr_path(transformer, block).named_modules(prefix=block):
+    for block_name, block in blocks:
+        for name, module in block.named_modules(prefix=block_name):
             if not isinstance(module, torch.nn.Linear) or any(fnmatch.fnmatchcase(name, p) for p in keep_bf16):
                 continue
             if module.in_features % 16 or module.out_features % 16:
@@ -122,11 +122,6 @@ def is_quantized_weight(tensor) -> bool:
     """A weight held as a tensor subclass (torchao's Float8Tensor, diffusers' TorchAoConfig models)."""
     return isinstance(tensor, torch.Tensor) and is_traceable_wrapper_subclass(tensor)
 
-
-def getattr_path(module, path: str):
-    for part in path.split(".") if path else []:
-        module = getattr(module, part)
-    return module
 
 
 def _float8_config(granularity: str):

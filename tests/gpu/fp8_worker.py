@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from parity_worker import BF16_TOL, build, inputs, rel_err  # noqa: E402  (puts the repository on sys.path)
 
 import fastusp  # noqa: E402
-from fastusp.quantization import fp8_layer_names, is_quantized_weight, getattr_path  # noqa: E402
+from fastusp.quantization import fp8_layer_names, is_quantized_weight  # noqa: E402
 
 FP8_TOL = 0.1  # two random layers, every block linear in float8: ~3e-2 expected
 
@@ -77,7 +77,7 @@ def main() -> int:
 
         model = fastusp.quantize(build(name, device), "fp8")
         names = fp8_layer_names(model, ())
-        quantized = all(is_quantized_weight(getattr_path(model, n).weight) for n in names)
+        quantized = all(is_quantized_weight(model.get_submodule(n).weight) for n in names)
         eager, _ = run(model, x, compiled=False)
         err = rel_err(eager, ref)
         ok &= emit(check="fp8 eager vs bf16", model=name, layers=len(names), rel_err=round(err, 5),
